@@ -1,0 +1,79 @@
+// Launch layer of the SM90 forward kernel: turns the torch-free FwdParams into the mainloop / epilogue
+// Arguments, builds the TMA descriptors, sizes the grid and shared memory, and launches on the caller's
+// stream. Instantiated once per (element type, compiled head dim) by hopper/instantiations/*.cu; both mask
+// policies are compiled into each instantiation and chosen here at run time.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "epilogue_fwd_sm90.h"
+#include "kernel_fwd_sm90.h"
+#include "mainloop_fwd_sm90.h"
+#include "params.h"
+#include "tile_config.h"
+
+namespace flash3 {
+
+template <class Element, int kHeadDim, bool kCausal>
+cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
+  using Config = TileConfigSm90<kHeadDim, kCausal>;
+  using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kCausal>;
+  using Epilogue = EpilogueFwdSm90<Element, Config::kBlockM, kHeadDim, typename Mainloop::TiledMmaPV>;
+  using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
+
+  bool const varlen_q = p.varlen.cu_seqlens_q != nullptr;
+  bool const varlen_k = p.varlen.cu_seqlens_k != nullptr;
+
+  typename Mainloop::Arguments mainloop_args;
+  mainloop_args.q = static_cast<Element const*>(p.q.ptr);
+  mainloop_args.k = static_cast<Element const*>(p.k.ptr);
+  mainloop_args.v = static_cast<Element const*>(p.v.ptr);
+  mainloop_args.shape_q = make_shape(varlen_q ? p.total_q : p.seqlen_q, p.head_dim, p.num_heads, varlen_q ? 1 : p.batch);
+  mainloop_args.stride_q = make_stride(p.q.row_stride, _1{}, p.q.head_stride, varlen_q ? int64_t(0) : p.q.batch_stride);
+  mainloop_args.shape_kv = make_shape(varlen_k ? p.total_k : p.seqlen_k, p.head_dim, p.num_heads_k, varlen_k ? 1 : p.batch);
+  mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
+  mainloop_args.stride_v = make_stride(p.v.row_stride, _1{}, p.v.head_stride, varlen_k ? int64_t(0) : p.v.batch_stride);
+  mainloop_args.softmax_scale = p.softmax_scale;
+
+  typename Epilogue::Arguments epilogue_args;
+  epilogue_args.out = static_cast<Element*>(p.out.ptr);
+  epilogue_args.out_batch_stride = p.out.batch_stride;
+  epilogue_args.out_row_stride = p.out.row_stride;
+  epilogue_args.out_head_stride = p.out.head_stride;
+  epilogue_args.lse = p.softmax_lse;
+  epilogue_args.lse_batch_stride = p.lse_batch_stride;
+  epilogue_args.lse_head_stride = p.lse_head_stride;
+  epilogue_args.head_dim_v = p.head_dim_v;
+
+  SeqlenArgs seqlen_args;
+  seqlen_args.cu_seqlens_q = p.varlen.cu_seqlens_q;
+  seqlen_args.cu_seqlens_k = p.varlen.cu_seqlens_k;
+  seqlen_args.seqused_q = p.varlen.seqused_q;
+  seqlen_args.seqused_k = p.varlen.seqused_k;
+  seqlen_args.seqlen_q = p.seqlen_q;
+  seqlen_args.seqlen_k = p.seqlen_k;
+
+  typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
+                                        seqlen_args};
+
+  int const num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
+  dim3 const grid = Kernel::grid(num_m_blocks, p.num_heads, p.batch);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) { return cudaSuccess; }
+  int const smem_size = Kernel::kSharedStorageSize;
+  auto kernel = &fwd_kernel_sm90_entry<Kernel>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
+  if (err != cudaSuccess) { return err; }
+  kernel<<<grid, Kernel::kNumThreads, smem_size, stream>>>(kernel_params);
+  return cudaGetLastError();
+}
+
+template <class Element, int kHeadDim>
+cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
+  return p.mask.is_causal() ? launch_fwd_sm90<Element, kHeadDim, true>(p, stream)
+                            : launch_fwd_sm90<Element, kHeadDim, false>(p, stream);
+}
+
+}  // namespace flash3

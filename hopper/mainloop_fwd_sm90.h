@@ -1,0 +1,260 @@
+// The attention mainloop of the SM90 forward kernel for one (query tile, head, sequence):
+//  - the producer side (`load`): TMA of the Q tile and of K/V blocks into the shared-memory pipelines,
+//    key blocks visited from the last to the first so that the boundary block (the one needing masks and
+//    the V tail fix-up) comes first;
+//  - the consumer side (`mma`): per key block, S = Q K^T on the tensor cores (SS WGMMA), mask, online
+//    softmax, O += P V with P taken straight from registers (RS WGMMA).
+// Each consumer warpgroup owns 64 query rows of the tile and runs the loop independently; they share the
+// K/V stages. Shapes in comments are per thread unless they say otherwise.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
+
+#include "cute_utils.h"
+#include "mask.h"
+#include "named_barrier.h"
+#include "pipeline.h"
+#include "seqlen.h"
+#include "softmax.h"
+
+namespace flash3 {
+
+using namespace cute;
+
+template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, bool kCausal_>
+struct MainloopFwdSm90 {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kCausal = kCausal_;
+  static constexpr int kNumConsumerWarpGroups = kBlockM / 64;
+  static constexpr int kNumMmaThreads = kNumConsumerWarpGroups * 128;
+
+  using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // (M, N, K) of S = Q K^T
+  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // (M, N, K) of O = P V
+  // One 64-row WGMMA atom per consumer warpgroup, stacked along M.
+  using WarpGroupLayout = Layout<Shape<Int<kNumConsumerWarpGroups>, _1, _1>>;
+  using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(),
+                                             WarpGroupLayout{}));
+  // P (A) from registers, K-major; V (B) is row-major (keys, d) in smem, i.e. MN-major for this GEMM.
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, GMMA::Major::MN>(),
+      WarpGroupLayout{}));
+
+  using SmemLayoutQ = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>(),
+      Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>(),
+      Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // V seen as the B operand of P V: (d, keys, stage), the same bytes as SmemLayoutKV.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{},
+      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+  };
+
+  using Pipeline = TmaPipeline<kStages>;
+  static constexpr uint32_t kTxBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTxBytesKV = kBlockN * kHeadDim * sizeof(Element);
+
+  // Global operands as TMA sees them: (rows, d, head, batch), d contiguous. For a packed (varlen) operand
+  // rows = total rows and batch = 1; the sequence offset is applied per tile.
+  using ShapeQKV = Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideQKV = Stride<int64_t, _1, int64_t, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{},
+                                          StrideQKV{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
+                                      select<0, 2>(TileShapeQK{}), _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
+                                       select<1, 2>(TileShapeQK{}), _1{}));
+
+  struct Arguments {
+    Element const* q;
+    Element const* k;
+    Element const* v;
+    ShapeQKV shape_q;  // (rows, head_dim, num_heads, batch)
+    StrideQKV stride_q;
+    ShapeQKV shape_kv;  // (rows, head_dim, num_heads_k, batch)
+    StrideQKV stride_k;
+    StrideQKV stride_v;
+    float softmax_scale;
+  };
+
+  struct Params {
+    TmaQ tma_q;
+    TmaKV tma_k;
+    TmaKV tma_v;
+    ShapeQKV shape_q;
+    ShapeQKV shape_kv;
+    int head_ratio;  // num_heads / num_heads_k: q heads sharing one kv head
+    float softmax_scale;
+    float scale_log2;  // softmax_scale * log2(e), folded into the exp2 of the softmax
+  };
+
+  static Params to_params(Arguments const& a) {
+    Tensor mQ = make_tensor(make_gmem_ptr(a.q), a.shape_q, a.stride_q);
+    Tensor mK = make_tensor(make_gmem_ptr(a.k), a.shape_kv, a.stride_k);
+    Tensor mV = make_tensor(make_gmem_ptr(a.v), a.shape_kv, a.stride_v);
+    Params p{make_tma_copy(SM90_TMA_LOAD{}, mQ, SmemLayoutQ{}, select<0, 2>(TileShapeQK{}), _1{}),
+             make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(SmemLayoutKV{}), select<1, 2>(TileShapeQK{}), _1{}),
+             make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(SmemLayoutKV{}), select<1, 2>(TileShapeQK{}), _1{}),
+             a.shape_q,
+             a.shape_kv,
+             get<2>(a.shape_q) / get<2>(a.shape_kv),
+             a.softmax_scale,
+             a.softmax_scale * float(M_LOG2E)};
+    return p;
+  }
+
+  __device__ static void prefetch_descriptors(Params const& p) {
+    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+  }
+
+  // Where one work tile's sequence lives: packed operands use batch coordinate 0 plus a row offset.
+  struct TileCoord {
+    int m_block;
+    int head;
+    int batch;
+  };
+
+  // Producer: called by one elected thread. Loads Q once, then K and V of blocks n_end-1 down to 0.
+  __device__ void load(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
+                       Pipeline const& pipe_v, typename Pipeline::State& state, TileCoord const& tile,
+                       SeqlenInfo const& seqlen, bool varlen_q, bool varlen_k, int n_end) const {
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});   // (N, d, PIPE)
+
+    int const head_k = tile.head / p.head_ratio;
+    Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
+                              p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, varlen_q ? 0 : tile.batch));
+    Tensor mK = domain_offset(make_coord(seqlen.offset_k, _0{}),
+                              p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, varlen_k ? 0 : tile.batch));
+    Tensor mV = domain_offset(make_coord(seqlen.offset_k, _0{}),
+                              p.tma_v.get_tma_tensor(p.shape_kv)(_, _, head_k, varlen_k ? 0 : tile.batch));
+    Tensor gQ = local_tile(mQ, select<0, 2>(TileShapeQK{}), make_coord(tile.m_block, _0{}));  // (M, d)
+    Tensor gK = local_tile(mK, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
+    Tensor gV = local_tile(mV, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
+
+    auto cta_q = p.tma_q.get_slice(_0{});
+    auto cta_k = p.tma_k.get_slice(_0{});
+    auto cta_v = p.tma_v.get_slice(_0{});
+    Tensor tQgQ = cta_q.partition_S(gQ);  // (TMA, TMA_M, TMA_D)
+    Tensor tQsQ = cta_q.partition_D(sQ);  // (TMA, TMA_M, TMA_D)
+    Tensor tKgK = cta_k.partition_S(gK);  // (TMA, TMA_N, TMA_D, n)
+    Tensor tKsK = cta_k.partition_D(sK);  // (TMA, TMA_N, TMA_D, PIPE)
+    Tensor tVgV = cta_v.partition_S(gV);  // (TMA, TMA_N, TMA_D, n)
+    Tensor tVsV = cta_v.partition_D(sV);  // (TMA, TMA_N, TMA_D, PIPE)
+
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
+    copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
+    for (int n = n_end - 1; n >= 0; --n) {
+      pipe_k.producer_acquire(state, kTxBytesKV);
+      copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), tKgK(_, _, _, n), tKsK(_, _, _, state.index));
+      pipe_v.producer_acquire(state, kTxBytesKV);
+      copy(p.tma_v.with(*pipe_v.full_barrier(state), 0), tVgV(_, _, _, n), tVsV(_, _, _, state.index));
+      state.advance();
+    }
+  }
+
+  // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next
+  // sequence, unused seqused_k rows, or NaN poison); P is 0 there but 0 * NaN is NaN, so those rows are
+  // zeroed in shared memory before any warpgroup's P V GEMM reads them.
+  __device__ void zero_v_tail(SharedStorage& smem, int stage, int first_row, int thread_idx) const {
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // (N, d, PIPE)
+    constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
+    int const num_chunks = (kBlockN - first_row) * kChunksPerRow;
+    for (int i = thread_idx; i < num_chunks; i += kNumMmaThreads) {
+      int const row = first_row + i / kChunksPerRow;
+      int const col = (i % kChunksPerRow) * 8;
+      *reinterpret_cast<uint4*>(&sV(row, col, stage)) = make_uint4(0, 0, 0, 0);
+    }
+    cutlass::arch::fence_view_async_shared();  // make the generic-proxy stores visible to WGMMA
+    named_barrier_sync<kNumMmaThreads>(FwdBarrier::VTailZeroed);
+  }
+
+  static constexpr int kRowsPerThread = 2;  // a 64-row WGMMA accumulator gives each thread 2 rows
+
+  // Consumer: thread_idx in [0, kNumMmaThreads). Accumulates the normalised O of this thread's rows into
+  // tOrO and returns their LSE.
+  template <class FragO>
+  __device__ void mma(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
+                      Pipeline const& pipe_v, typename Pipeline::State& state, FragO& tOrO,
+                      float (&lse)[kRowsPerThread], MaskPolicy<kBlockM, kBlockN, kCausal> const& mask,
+                      int n_end, int thread_idx) const {
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
+    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVt{});  // (d, N, PIPE)
+
+    TiledMmaQK mma_qk;
+    TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_slice(thread_idx);
+    auto thr_pv = mma_pv.get_slice(thread_idx);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) smem descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor cS = make_identity_tensor(select<0, 1>(TileShapeQK{}));  // (M, N) -> (row, col) in the tile
+    Tensor tScS = thr_qk.partition_C(cS);                          // (MMA, MMA_M, MMA_N)
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
+    Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
+
+    int const thread_in_wg = thread_idx % 128;
+    int const seqlen_k = mask.seqlen_k;
+    OnlineSoftmax<kRowsPerThread> softmax(p.scale_log2);
+    clear(tOrO);
+
+    cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, 0);
+
+    auto step = [&](int n, auto is_first, auto needs_mask) {
+      Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
+      pipe_k.consumer_wait(state);
+      warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/0>(mma_qk, tSrQ, tSrK(_, _, _, state.index), tSrS);
+      pipe_k.consumer_release(state, thread_in_wg);
+
+      Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
+      if constexpr (decltype(needs_mask)::value) { mask.apply(tSrS_rc, tScS_rc, n); }
+      float o_scale[kRowsPerThread];
+      softmax.template update<decltype(is_first)::value>(tSrS_rc, o_scale);
+      if constexpr (!decltype(is_first)::value) { OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale); }
+      Tensor rP = convert_fragment<Element>(tSrS);
+      Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // (MMA, MMA_M, MMA_K)
+
+      pipe_v.consumer_wait(state);
+      if (decltype(is_first)::value && (n + 1) * kBlockN > seqlen_k) {
+        zero_v_tail(smem, state.index, seqlen_k - n * kBlockN, thread_idx);
+      }
+      warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/0>(mma_pv, tOrP, tOrV(_, _, _, state.index), tOrO);
+      pipe_v.consumer_release(state, thread_in_wg);
+      state.advance();
+    };
+
+    // Masked blocks come first (top-down), then the ones every row sees entirely.
+    int const n_unmasked_end = mask.n_block_unmasked_end();
+    int n = n_end - 1;
+    if (n >= n_unmasked_end) {
+      step(n, cute::true_type{}, cute::true_type{});
+    } else {
+      step(n, cute::true_type{}, cute::false_type{});
+    }
+    for (--n; n >= n_unmasked_end; --n) { step(n, cute::false_type{}, cute::true_type{}); }
+    for (; n >= 0; --n) { step(n, cute::false_type{}, cute::false_type{}); }
+
+    float o_scale[kRowsPerThread];
+    softmax.finalize(p.softmax_scale, o_scale, lse);
+    OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale);
+  }
+};
+
+}  // namespace flash3

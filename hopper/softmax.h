@@ -1,0 +1,92 @@
+// Online softmax over the key blocks of one query tile, in registers.
+//
+// Lifecycle: construct with the scale, call `update<kFirst>` on each block's scores (it turns them into
+// unnormalised probabilities in place and returns how much to rescale O by), `rescale_o` on the output
+// accumulator, and `finalize` once at the end for 1/rowsum and the LSE.
+//
+// Numerics: exp(scale * (s - max)) is computed as exp2(s * scale_log2 - max * scale_log2), one FFMA and one
+// MUFU.EX2 per score. A row whose running max is -inf (no visible key yet) uses 0 as its max so that
+// -inf - -inf never produces NaN; such a row keeps sum 0 and finishes with O = 0 and LSE = -inf. Each thread
+// keeps partial row sums over its own columns; they are combined across the 4 threads sharing a row only in
+// finalize, which is exact because the rescale factors are identical across those threads.
+#pragma once
+
+#include <cmath>
+#include <cute/tensor.hpp>
+
+namespace flash3 {
+
+using namespace cute;
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];
+  float scale_log2;
+
+  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < kRows; ++m) {
+      row_max[m] = -INFINITY;
+      row_sum[m] = 0.f;
+    }
+  }
+
+  // The 4 threads of a quad own the same rows of a WGMMA accumulator.
+  __device__ static float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+  }
+  __device__ static float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffff, x, 1);
+    return x + __shfl_xor_sync(0xffffffff, x, 2);
+  }
+
+  // s: scores as (rows, cols). Replaces them by exp2 terms, updates max and sum, and writes the factor by
+  // which O accumulated so far must be scaled into `o_scale`.
+  template <bool kFirst, class TensorS>
+  __device__ void update(TensorS& s, float (&o_scale)[kRows]) {
+    static_assert(decltype(size<0>(s))::value == kRows);
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < kRows; ++m) {
+      float mx = row_max[m];
+      CUTLASS_PRAGMA_UNROLL
+      for (int n = 0; n < size<1>(s); ++n) { mx = fmaxf(mx, s(m, n)); }
+      mx = quad_max(mx);
+      float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+      o_scale[m] = kFirst ? 1.f : exp2f(row_max[m] * scale_log2 - mx_scaled);
+      row_max[m] = mx;
+      float sum = 0.f;
+      CUTLASS_PRAGMA_UNROLL
+      for (int n = 0; n < size<1>(s); ++n) {
+        s(m, n) = exp2f(s(m, n) * scale_log2 - mx_scaled);
+        sum += s(m, n);
+      }
+      row_sum[m] = kFirst ? sum : row_sum[m] * o_scale[m] + sum;
+    }
+  }
+
+  // o: output accumulator as (rows, cols).
+  template <class TensorO>
+  __device__ static void rescale_o(TensorO& o, float const (&o_scale)[kRows]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < kRows; ++m) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int n = 0; n < size<1>(o); ++n) { o(m, n) *= o_scale[m]; }
+    }
+  }
+
+  // Returns 1/rowsum in `o_scale` (0 for rows without any visible key) and the natural-log LSE of the
+  // scaled scores (-inf for those rows).
+  __device__ void finalize(float softmax_scale, float (&o_scale)[kRows], float (&lse)[kRows]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < kRows; ++m) {
+      float const sum = quad_sum(row_sum[m]);
+      bool const empty = sum == 0.f || sum != sum;
+      o_scale[m] = empty ? 0.f : 1.f / sum;
+      lse[m] = empty ? -INFINITY : row_max[m] * softmax_scale + logf(sum);
+    }
+  }
+};
+
+}  // namespace flash3
