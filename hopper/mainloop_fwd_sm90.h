@@ -160,13 +160,24 @@ struct MainloopFwdSm90 {
 
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
     copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
-    for (int n = n_end - 1; n >= 0; --n) {
+    // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
+    typename Pipeline::State state_v = state;
+    auto load_k = [&](int n) {
       pipe_k.producer_acquire(state, kTxBytesKV);
       copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), tKgK(_, _, _, n), tKsK(_, _, _, state.index));
-      pipe_v.producer_acquire(state, kTxBytesKV);
-      copy(p.tma_v.with(*pipe_v.full_barrier(state), 0), tVgV(_, _, _, n), tVsV(_, _, _, state.index));
       state.advance();
+    };
+    auto load_v = [&](int n) {
+      pipe_v.producer_acquire(state_v, kTxBytesKV);
+      copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), tVgV(_, _, _, n), tVsV(_, _, _, state_v.index));
+      state_v.advance();
+    };
+    load_k(n_end - 1);
+    for (int n = n_end - 2; n >= 0; --n) {
+      load_k(n);
+      load_v(n + 1);
     }
+    load_v(0);
   }
 
   // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next
@@ -187,11 +198,38 @@ struct MainloopFwdSm90 {
 
   static constexpr int kRowsPerThread = 2;  // a 64-row WGMMA accumulator gives each thread 2 rows
 
+  // Ping-pong between consumer warpgroups (FA3's "warp scheduler barrier"): a warpgroup waits for its turn
+  // before issuing its GEMMs and passes the turn on right after issuing them, so one warpgroup's GEMMs run
+  // while the other one does its softmax. Each barrier completes when its owner (128 threads) syncs and
+  // the previous warpgroup (128 threads) arrives.
+  static constexpr bool kPingPong = kNumConsumerWarpGroups == 2;
+  __device__ static FwdBarrier turn_barrier(int warp_group) {
+    return warp_group == 0 ? FwdBarrier::WarpGroupTurn1 : FwdBarrier::WarpGroupTurn2;
+  }
+  __device__ static void wait_turn(int warp_group) {
+    if constexpr (kPingPong) { named_barrier_sync<2 * 128>(turn_barrier(warp_group)); }
+  }
+  __device__ static void pass_turn(int warp_group) {
+    if constexpr (kPingPong) { named_barrier_arrive<2 * 128>(turn_barrier(1 - warp_group)); }
+  }
+  // The first warpgroup starts with the turn: the second one hands it over once, up front.
+  __device__ static void init_turns(int warp_group) {
+    if constexpr (kPingPong) {
+      if (warp_group == 1) { named_barrier_arrive<2 * 128>(turn_barrier(0)); }
+    }
+  }
+
   // Consumer: thread_idx in [0, kNumMmaThreads). Accumulates the normalised O of this thread's rows into
   // tOrO and returns their LSE.
+  //
+  // Software pipeline inside a warpgroup (FA3's intra-warpgroup overlap): while the tensor cores compute
+  // S_next = Q K_next^T and O += P V for the current block, the warpgroup runs the softmax of S_next on the
+  // CUDA cores; only then does it wait for O and rescale it. Order per step, for key blocks n > n_next:
+  //   issue S_next = Q K(n_next)^T; issue O += P(n) V(n); wait S_next; mask + softmax(S_next);
+  //   wait O; rescale O; P(n_next) = convert(S_next).
   template <class FragO>
   __device__ void mma(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
-                      Pipeline const& pipe_v, typename Pipeline::State& state, FragO& tOrO,
+                      Pipeline const& pipe_v, typename Pipeline::State& state_k, FragO& tOrO,
                       float (&lse)[kRowsPerThread], MaskPolicy<kBlockM, kBlockN, kCausal> const& mask,
                       int n_end, int thread_idx) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
@@ -211,45 +249,78 @@ struct MainloopFwdSm90 {
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
 
     int const thread_in_wg = thread_idx % 128;
+    int const warp_group = thread_idx / 128;
     int const seqlen_k = mask.seqlen_k;
+    int const n_unmasked_end = mask.n_block_unmasked_end();
     OnlineSoftmax<kRowsPerThread> softmax(p.scale_log2);
+    typename Pipeline::State state_v = state_k;  // V is consumed one block behind K
     clear(tOrO);
+    init_turns(warp_group);
 
     cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, 0);
 
-    auto step = [&](int n, auto is_first, auto needs_mask) {
-      Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
-      pipe_k.consumer_wait(state);
-      warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/0>(mma_qk, tSrQ, tSrK(_, _, _, state.index), tSrS);
-      pipe_k.consumer_release(state, thread_in_wg);
-
+    // First block: S = Q K^T alone, then its softmax gives the first P.
+    int n = n_end - 1;
+    Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
+    pipe_k.consumer_wait(state_k);
+    wait_turn(warp_group);
+    warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/-1>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS);
+    pass_turn(warp_group);
+    warpgroup_wait<0>();
+    pipe_k.consumer_release(state_k, thread_in_wg);
+    state_k.advance();
+    {
       Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
-      if constexpr (decltype(needs_mask)::value) { mask.apply(tSrS_rc, tScS_rc, n); }
+      if (n >= n_unmasked_end) { mask.apply(tSrS_rc, tScS_rc, n); }
       float o_scale[kRowsPerThread];
-      softmax.template update<decltype(is_first)::value>(tSrS_rc, o_scale);
-      if constexpr (!decltype(is_first)::value) { OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale); }
-      Tensor rP = convert_fragment<Element>(tSrS);
-      Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // (MMA, MMA_M, MMA_K)
+      softmax.template update</*kFirst=*/true>(tSrS_rc, o_scale);
+    }
+    Tensor rP = convert_fragment<Element>(tSrS);                            // P of block n
+    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // (MMA, MMA_M, MMA_K)
 
-      pipe_v.consumer_wait(state);
-      if (decltype(is_first)::value && (n + 1) * kBlockN > seqlen_k) {
-        zero_v_tail(smem, state.index, seqlen_k - n * kBlockN, thread_idx);
-      }
-      warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/0>(mma_pv, tOrP, tOrV(_, _, _, state.index), tOrO);
-      pipe_v.consumer_release(state, thread_in_wg);
-      state.advance();
+    // The boundary block is the first one; fix up its V tail before any warpgroup multiplies by it.
+    // Outside the ping-pong turns, so the two warpgroups can meet at the barrier inside zero_v_tail.
+    if ((n + 1) * kBlockN > seqlen_k) {
+      pipe_v.consumer_wait(state_v);
+      zero_v_tail(smem, state_v.index, seqlen_k - n * kBlockN, thread_idx);
+    }
+
+    auto step = [&](int n_next, auto needs_mask) {
+      Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
+      pipe_k.consumer_wait(state_k);
+      pipe_v.consumer_wait(state_v);
+      wait_turn(warp_group);
+      warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/-1>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS);
+      warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/-1>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO);
+      pass_turn(warp_group);
+      warpgroup_wait<1>();  // S_next is ready; P V may still be running
+      pipe_k.consumer_release(state_k, thread_in_wg);
+      state_k.advance();
+      Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
+      if constexpr (decltype(needs_mask)::value) { mask.apply(tSrS_rc, tScS_rc, n_next); }
+      float o_scale[kRowsPerThread];
+      softmax.template update</*kFirst=*/false>(tSrS_rc, o_scale);
+      warpgroup_wait<0>();  // O += P V done: V can be released and P overwritten
+      pipe_v.consumer_release(state_v, thread_in_wg);
+      state_v.advance();
+      OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale);
+      Tensor rP_next = convert_fragment<Element>(tSrS);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(rP); ++i) { rP(i) = rP_next(i); }
     };
 
     // Masked blocks come first (top-down), then the ones every row sees entirely.
-    int const n_unmasked_end = mask.n_block_unmasked_end();
-    int n = n_end - 1;
-    if (n >= n_unmasked_end) {
-      step(n, cute::true_type{}, cute::true_type{});
-    } else {
-      step(n, cute::true_type{}, cute::false_type{});
-    }
-    for (--n; n >= n_unmasked_end; --n) { step(n, cute::false_type{}, cute::true_type{}); }
-    for (; n >= 0; --n) { step(n, cute::false_type{}, cute::false_type{}); }
+    for (--n; n >= n_unmasked_end; --n) { step(n, cute::true_type{}); }
+    for (; n >= 0; --n) { step(n, cute::false_type{}); }
+
+    // Last block's P V.
+    pipe_v.consumer_wait(state_v);
+    wait_turn(warp_group);
+    warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/-1>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO);
+    pass_turn(warp_group);
+    warpgroup_wait<0>();
+    pipe_v.consumer_release(state_v, thread_in_wg);
+    state_v.advance();
 
     float o_scale[kRowsPerThread];
     softmax.finalize(p.softmax_scale, o_scale, lse);
