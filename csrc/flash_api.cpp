@@ -1,0 +1,344 @@
+// flash_api.cpp: the one C++ file that includes torch. It registers the `flash_attn3::fwd` operator schema and
+// its CUDA implementation, re-checks the arguments that Python has already validated (cheaply, with messages
+// that name the argument and the rule, so that a direct `torch.ops.flash_attn3.fwd` call with bad input raises
+// a Python exception instead of faulting on the device), rejects features the kernels do not implement yet
+// with NotImplementedError, translates tensors into the torch-free `flash3::FwdParams`, and calls
+// `flash3::run_fwd` on the current stream, turning its Status into an exception. It never synchronises the
+// host, so the op can be captured in a CUDA graph. It also defines the empty Python module `flash_attn3._C`,
+// whose only purpose is that `import flash_attn3._C` loads this library and runs the static registrations.
+// Python.h first: it sets feature macros that must precede the standard headers.
+#include <Python.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "../hopper/api.h"
+#include "../hopper/params.h"
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int64_t kMaxHeadDim = 256;
+// TMA (which loads Q/K/V and stores O) needs 16-byte aligned base addresses and non-unit strides.
+constexpr int64_t kTmaAlignBytes = 16;
+
+// Per-device facts the op needs on every call. Read once per device with cudaDeviceGetAttribute rather than
+// through ATen's device-properties cache: that header drags in cuBLAS/cuSPARSE/cuSOLVER headers, which a
+// minimal CUDA toolkit does not ship and this file has no other use for.
+struct DeviceInfo {
+  int num_sms = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+};
+
+void check_cuda(cudaError_t err, char const* what) {
+  TORCH_CHECK(err == cudaSuccess, "flash_attn3 fwd: CUDA error in ", what, ": ", cudaGetErrorString(err));
+}
+
+DeviceInfo const& device_info(c10::DeviceIndex device) {
+  static std::array<DeviceInfo, C10_COMPILE_TIME_MAX_GPUS> infos;
+  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "flash_attn3 fwd: bad CUDA device index ", device);
+  // call_once lets a throwing initialiser be retried by the next call, so a failed query is not cached.
+  std::call_once(once[device], [device] {
+    DeviceInfo info;
+    check_cuda(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+    check_cuda(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device), "capability");
+    check_cuda(cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, device), "capability");
+    infos[device] = info;
+  });
+  return infos[device];
+}
+
+// The params struct holds 32-bit sizes; anything larger would wrap silently in the kernel's index maths.
+int32_t to_int32(int64_t value, char const* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int32_t>::max(), "flash_attn3 fwd: ", name,
+              " must be in [0, 2^31), got ", value);
+  return static_cast<int32_t>(value);
+}
+
+void check_same_device(at::Tensor const& t, char const* name, at::Tensor const& q) {
+  TORCH_CHECK(t.is_cuda(), "flash_attn3 fwd: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == q.device(), "flash_attn3 fwd: ", name, " must be on the same device as q (", q.device(),
+              "), got ", t.device());
+}
+
+void check_shape(at::Tensor const& t, char const* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "flash_attn3 fwd: ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+// An attention operand: (batch, row, head, dim) dense or (total, head, dim) packed, last dim contiguous.
+void check_operand(at::Tensor const& t, char const* name, int64_t rank) {
+  TORCH_CHECK(t.dim() == rank, "flash_attn3 fwd: ", name, " must be ", rank, "-D (",
+              rank == 4 ? "batch, seqlen, heads, head_dim" : "total_tokens, heads, head_dim", "), got ", t.dim(),
+              "-D");
+  TORCH_CHECK(t.stride(-1) == 1, "flash_attn3 fwd: ", name,
+              " must have a contiguous last dimension (stride(-1) == 1), got strides ", t.strides());
+}
+
+// The stride the kernel is given for dimension i. A size-1 dimension is never stepped over, so torch may
+// leave any value there (as_strided, some views); it is replaced by the stride a packed layout would have,
+// which keeps TMA descriptors valid without changing a single address.
+int64_t effective_stride(at::Tensor const& t, int64_t i) {
+  if (i + 1 == t.dim() || t.size(i) != 1) return t.stride(i);
+  return t.size(i + 1) * effective_stride(t, i + 1);
+}
+
+// Checked after the head-dim rules, whose message is the more useful one when both fail.
+void check_tma_aligned(at::Tensor const& t, char const* name) {
+  auto const elt = static_cast<int64_t>(t.element_size());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % kTmaAlignBytes == 0, "flash_attn3 fwd: ", name,
+              " must start at a 16-byte aligned address (TMA requirement)");
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    TORCH_CHECK((effective_stride(t, i) * elt) % kTmaAlignBytes == 0, "flash_attn3 fwd: ", name,
+                " strides must be multiples of 16 bytes except the last (TMA requirement), got strides ", t.strides(),
+                " for element size ", elt);
+  }
+}
+
+// Sequence metadata: int32 device arrays read directly by the kernel, so they must be dense.
+void check_metadata(OptTensor const& t, char const* name, int64_t expected_len, char const* len_rule,
+                    at::Tensor const& q) {
+  if (!t.has_value()) return;
+  check_same_device(*t, name, q);
+  TORCH_CHECK(t->scalar_type() == at::kInt, "flash_attn3 fwd: ", name, " must be int32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), "flash_attn3 fwd: ", name,
+              " must be a contiguous 1-D tensor, got shape ",
+              t->sizes(), " strides ", t->strides());
+  TORCH_CHECK(t->size(0) == expected_len, "flash_attn3 fwd: ", name, " must have ", expected_len, " entries (",
+              len_rule, "), got ", t->size(0));
+}
+
+flash3::Operand operand(at::Tensor const& t) {
+  flash3::Operand op;
+  op.ptr = t.data_ptr();
+  if (t.dim() == 4) {
+    op.batch_stride = effective_stride(t, 0);
+    op.row_stride = effective_stride(t, 1);
+    op.head_stride = effective_stride(t, 2);
+  } else {  // packed varlen: sequences are located through cu_seqlens, not a batch stride
+    op.batch_stride = 0;
+    op.row_stride = effective_stride(t, 0);
+    op.head_stride = effective_stride(t, 1);
+  }
+  return op;
+}
+
+flash3::DType to_dtype(at::ScalarType t) {
+  if (t == at::kHalf) return flash3::DType::kFloat16;
+  if (t == at::kBFloat16) return flash3::DType::kBFloat16;
+  TORCH_CHECK(t == at::kFloat8_e4m3fn, "flash_attn3 fwd: q must be float16, bfloat16 or float8_e4m3fn, got ", t);
+  return flash3::DType::kFloat8E4M3;
+}
+
+void not_implemented_if(bool used, char const* feature) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!used, "flash_attn3: ", feature, " is not implemented yet");
+}
+
+void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tensor& out, at::Tensor& softmax_lse,
+         OptTensor const& cu_seqlens_q, OptTensor const& cu_seqlens_k, OptTensor const& seqused_q,
+         OptTensor const& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, OptTensor const& page_table,
+         OptTensor const& kv_batch_idx, OptTensor const& leftpad_k, OptTensor const& q_descale,
+         OptTensor const& k_descale, OptTensor const& v_descale, double softmax_scale, int64_t window_size_left,
+         int64_t window_size_right, double softcap, int64_t num_splits, int64_t pack_gqa, int64_t sm_margin) {
+  // ---- devices and dtypes ----
+  TORCH_CHECK(q.is_cuda(), "flash_attn3 fwd: q must be a CUDA tensor, got device ", q.device());
+  check_same_device(k, "k", q);
+  check_same_device(v, "v", q);
+  check_same_device(out, "out", q);
+  check_same_device(softmax_lse, "softmax_lse", q);
+  flash3::DType const dtype = to_dtype(q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "flash_attn3 fwd: q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  bool const is_fp8 = dtype == flash3::DType::kFloat8E4M3;
+  at::ScalarType const out_type = is_fp8 ? at::kBFloat16 : q.scalar_type();
+  TORCH_CHECK(out.scalar_type() == out_type, "flash_attn3 fwd: out must have dtype ", out_type,
+              is_fp8 ? " (bfloat16 for float8 inputs)" : " (the dtype of q)", ", got ", out.scalar_type());
+  TORCH_CHECK(softmax_lse.scalar_type() == at::kFloat, "flash_attn3 fwd: softmax_lse must be float32, got ",
+              softmax_lse.scalar_type());
+
+  // ---- features the kernels do not have yet: fail loudly rather than compute something else ----
+  not_implemented_if(page_table.has_value(), "paged KV (page_table)");
+  not_implemented_if(kv_batch_idx.has_value(), "kv_batch_idx");
+  not_implemented_if(leftpad_k.has_value(), "leftpad_k");
+  not_implemented_if(is_fp8 || q_descale.has_value() || k_descale.has_value() || v_descale.has_value(),
+                     "float8 attention (q/k/v descale)");
+  not_implemented_if(softcap != 0.0, "softcap");
+  not_implemented_if(num_splits > 1, "split-KV (num_splits > 1)");
+  // Windows arrive normalised: causal is (-1, 0); anything else bounded is a local window.
+  not_implemented_if(window_size_left >= 0 || window_size_right > 0, "local (sliding window) attention");
+
+  // ---- ranks and shapes ----
+  bool const varlen_q = cu_seqlens_q.has_value();
+  bool const varlen_k = cu_seqlens_k.has_value();
+  check_operand(q, "q", varlen_q ? 3 : 4);
+  check_operand(k, "k", varlen_k ? 3 : 4);
+  check_operand(v, "v", varlen_k ? 3 : 4);
+  check_operand(out, "out", varlen_q ? 3 : 4);
+
+  TORCH_CHECK(!varlen_q || (cu_seqlens_q->dim() == 1 && cu_seqlens_q->size(0) >= 2),
+              "flash_attn3 fwd: cu_seqlens_q must be 1-D with batch + 1 >= 2 entries, got shape ",
+              varlen_q ? cu_seqlens_q->sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!varlen_k || (cu_seqlens_k->dim() == 1 && cu_seqlens_k->size(0) >= 2),
+              "flash_attn3 fwd: cu_seqlens_k must be 1-D with batch + 1 >= 2 entries, got shape ",
+              varlen_k ? cu_seqlens_k->sizes() : at::IntArrayRef{});
+  int64_t const batch = varlen_q ? cu_seqlens_q->size(0) - 1 : q.size(0);
+  int64_t const batch_k = varlen_k ? cu_seqlens_k->size(0) - 1 : k.size(0);
+  TORCH_CHECK(batch == batch_k, "flash_attn3 fwd: q and k must have the same batch size, got ", batch, " and ", batch_k,
+              varlen_q || varlen_k ? " (batch of a varlen operand is cu_seqlens.size(0) - 1)" : "");
+  check_metadata(cu_seqlens_q, "cu_seqlens_q", batch + 1, "batch + 1", q);
+  check_metadata(cu_seqlens_k, "cu_seqlens_k", batch + 1, "batch + 1", q);
+  check_metadata(seqused_q, "seqused_q", batch, "batch", q);
+  check_metadata(seqused_k, "seqused_k", batch, "batch", q);
+
+  int64_t const total_q = varlen_q ? q.size(0) : q.size(0) * q.size(1);
+  int64_t const total_k = varlen_k ? k.size(0) : k.size(0) * k.size(1);
+  int64_t const seqlen_q = varlen_q ? max_seqlen_q : q.size(1);
+  int64_t const seqlen_k = varlen_k ? max_seqlen_k : k.size(1);
+  TORCH_CHECK(!varlen_q || max_seqlen_q >= 0, "flash_attn3 fwd: max_seqlen_q must be >= 0 with cu_seqlens_q, got ",
+              max_seqlen_q);
+  TORCH_CHECK(!varlen_k || max_seqlen_k >= 0, "flash_attn3 fwd: max_seqlen_k must be >= 0 with cu_seqlens_k, got ",
+              max_seqlen_k);
+  // A longer "longest sequence" than the packed rows is a caller bug that would size the grid wrongly.
+  TORCH_CHECK(!varlen_q || max_seqlen_q <= total_q, "flash_attn3 fwd: max_seqlen_q (", max_seqlen_q,
+              ") exceeds the packed q rows (", total_q, ")");
+  TORCH_CHECK(!varlen_k || max_seqlen_k <= total_k, "flash_attn3 fwd: max_seqlen_k (", max_seqlen_k,
+              ") exceeds the packed k rows (", total_k, ")");
+  int64_t const num_heads = q.size(-2);
+  int64_t const num_heads_k = k.size(-2);
+  int64_t const head_dim = q.size(-1);
+  int64_t const head_dim_v = v.size(-1);
+
+  if (varlen_k) {
+    check_shape(k, "k", {total_k, num_heads_k, head_dim});
+    check_shape(v, "v", {total_k, num_heads_k, head_dim_v});
+  } else {
+    check_shape(k, "k", {batch, seqlen_k, num_heads_k, head_dim});
+    check_shape(v, "v", {batch, seqlen_k, num_heads_k, head_dim_v});
+  }
+  if (varlen_q) {
+    check_shape(out, "out", {total_q, num_heads, head_dim_v});
+    check_shape(softmax_lse, "softmax_lse", {num_heads, total_q});
+  } else {
+    check_shape(out, "out", {batch, seqlen_q, num_heads, head_dim_v});
+    check_shape(softmax_lse, "softmax_lse", {batch, num_heads, seqlen_q});
+  }
+  // The kernel steps through LSE rows with a unit stride and uses the tensor's own batch/head strides.
+  TORCH_CHECK(softmax_lse.stride(-1) == 1,
+              "flash_attn3 fwd: softmax_lse must have a contiguous last dimension, got strides ",
+              softmax_lse.strides());
+
+  // ---- heads and head dims ----
+  TORCH_CHECK(num_heads_k == 0 ? num_heads == 0 : num_heads % num_heads_k == 0,
+              "flash_attn3 fwd: the number of q heads (", num_heads,
+              ") must be a multiple of the number of k/v heads (", num_heads_k, ")");
+  TORCH_CHECK(head_dim > 0 && head_dim <= kMaxHeadDim && head_dim % 8 == 0,
+              "flash_attn3 fwd: head_dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", head_dim);
+  TORCH_CHECK(head_dim_v > 0 && head_dim_v <= kMaxHeadDim && head_dim_v % 8 == 0,
+              "flash_attn3 fwd: head_dim of v must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", head_dim_v);
+  not_implemented_if(head_dim_v != head_dim, "a v head_dim different from the q/k head_dim");
+  check_tma_aligned(q, "q");
+  check_tma_aligned(k, "k");
+  check_tma_aligned(v, "v");
+  check_tma_aligned(out, "out");
+
+  // ---- scalar options ----
+  TORCH_CHECK(pack_gqa >= -1 && pack_gqa <= 1, "flash_attn3 fwd: pack_gqa must be -1 (heuristic), 0 or 1, got ",
+              pack_gqa);
+  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn3 fwd: softmax_scale must be finite, got ", softmax_scale);
+
+  c10::cuda::CUDAGuard const guard(q.device());
+  DeviceInfo const& dev = device_info(q.get_device());
+  TORCH_CHECK(dev.cc_major == 9 && dev.cc_minor == 0,
+              "flash_attn3 fwd: the kernels are built for SM90 (Hopper); device ", q.device(), " is sm_", dev.cc_major,
+              dev.cc_minor);
+  TORCH_CHECK(sm_margin >= 0 && sm_margin < dev.num_sms, "flash_attn3 fwd: sm_margin must be in [0, ", dev.num_sms,
+              ") on this device, got ", sm_margin);
+
+  // ---- nothing to compute: no launch (a zero-sized grid or TMA box is an error, not a no-op) ----
+  if (total_q == 0 || num_heads == 0) return;
+  if (total_k == 0) {
+    // Every row sees no keys. Same convention as the kernel's empty rows: O = 0, LSE = -inf.
+    out.zero_();
+    softmax_lse.fill_(-std::numeric_limits<float>::infinity());
+    return;
+  }
+
+  flash3::FwdParams params;
+  params.dtype = dtype;
+  params.out_dtype = to_dtype(out_type);
+  params.q = operand(q);
+  params.k = operand(k);
+  params.v = operand(v);
+  params.out = operand(out);
+  params.softmax_lse = softmax_lse.data_ptr<float>();
+  params.lse_batch_stride = varlen_q ? 0 : softmax_lse.stride(0);
+  params.lse_head_stride = varlen_q ? softmax_lse.stride(0) : softmax_lse.stride(1);
+  params.batch = to_int32(batch, "batch size");
+  params.seqlen_q = to_int32(seqlen_q, "seqlen_q");
+  params.seqlen_k = to_int32(seqlen_k, "seqlen_k");
+  params.total_q = to_int32(total_q, "total q tokens");
+  params.total_k = to_int32(total_k, "total k tokens");
+  params.num_heads = to_int32(num_heads, "num_heads");
+  params.num_heads_k = to_int32(num_heads_k, "num_heads_k");
+  params.head_dim = static_cast<int32_t>(head_dim);
+  params.head_dim_v = static_cast<int32_t>(head_dim_v);
+  params.varlen.cu_seqlens_q = varlen_q ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
+  params.varlen.cu_seqlens_k = varlen_k ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
+  params.varlen.seqused_q = seqused_q.has_value() ? seqused_q->data_ptr<int32_t>() : nullptr;
+  params.varlen.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int32_t>() : nullptr;
+  params.mask.window_left = static_cast<int32_t>(window_size_left < 0 ? -1 : window_size_left);
+  params.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
+  params.softmax_scale = static_cast<float>(softmax_scale);
+  params.softcap = static_cast<float>(softcap);
+  params.num_sms = dev.num_sms - static_cast<int>(sm_margin);
+  // pack_gqa has no field: the kernel's heuristic decides packing. It is validated above so the schema keeps
+  // FA3's meaning and a later override can use it without changing callers.
+
+  cudaError_t cuda_err = cudaSuccess;
+  flash3::Status const status = flash3::run_fwd(params, c10::cuda::getCurrentCUDAStream().stream(), &cuda_err);
+  TORCH_CHECK_NOT_IMPLEMENTED(status != flash3::Status::kNotCompiled, "flash_attn3 fwd: ",
+                              flash3::status_string(status), ": ", flash3::last_error_detail(), " (dtype ",
+                              q.scalar_type(), ", head_dim ", head_dim, ", causal ",
+                              params.mask.is_causal() ? "true" : "false", ")");
+  TORCH_CHECK(status != flash3::Status::kCudaError, "flash_attn3 fwd: CUDA error: ", cudaGetErrorString(cuda_err));
+  TORCH_CHECK(status != flash3::Status::kInvalidArgument, "flash_attn3 fwd: invalid argument: ",
+              flash3::last_error_detail());
+  TORCH_CHECK(status == flash3::Status::kSuccess, "flash_attn3 fwd: unexpected status ", static_cast<int>(status),
+              " from run_fwd: ", flash3::status_string(status));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flash_attn3, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) softmax_lse, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
+      "int max_seqlen_q, int max_seqlen_k, "
+      "Tensor? page_table, Tensor? kv_batch_idx, Tensor? leftpad_k, "
+      "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
+      "float softmax_scale, int window_size_left, int window_size_right, float softcap, "
+      "int num_splits, int pack_gqa, int sm_margin) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(flash_attn3, CUDA, m) { m.impl("fwd", &fwd); }
+
+// `flash_attn3._C` is a Python module only so that importing it loads this shared library; the operators
+// are reached through torch.ops.flash_attn3, so the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                               nullptr /* methods */, nullptr /* slots */, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

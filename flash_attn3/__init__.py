@@ -1,0 +1,28 @@
+"""flash_attn3: FlashAttention forward kernels for NVIDIA Hopper (SM90), drop-in compatible with
+FlashAttention-3's `flash_attn_interface` functions.
+
+`flash_attn3.reference` holds a plain-PyTorch reference of every feature; it works without the compiled
+extension (e.g. on CPU). `flash_attn3._ops.HAS_EXTENSION` says whether the CUDA extension loaded.
+"""
+from flash_attn3 import reference
+from flash_attn3.interface import (
+    flash_attn_combine,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    get_scheduler_metadata,
+    varlen_fwd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "flash_attn_combine",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "get_scheduler_metadata",
+    "reference",
+    "varlen_fwd",
+    "__version__",
+]

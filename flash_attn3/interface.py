@@ -1,0 +1,293 @@
+"""Public forward functions, signature-compatible with FlashAttention-3's `flash_attn_interface`.
+
+Each function validates every argument (flash_attn3._checks; device rule last), raises NotImplementedError
+for what this build did not compile or this version does not implement, allocates `out` and `softmax_lse`,
+and calls the one C++ op `torch.ops.flash_attn3.fwd` positionally. No kernel selection and no host sync
+happens here, so every call can be captured in a CUDA graph and traced by torch.compile (through the fake
+registered in flash_attn3._ops). Only the forward pass exists; there is no autograd.
+
+Layouts (b = batch, s_q/s_k = sequence lengths, h/h_k = query/key heads, d/dv = head dims):
+dense q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, dv); packed variable-length q (total_q, h, d)
+with int32 cu_seqlens_q (b + 1,); out has q's layout with dv; softmax_lse is float32 natural-log
+(b, h, s_q) dense or (h, total_q) varlen. Causal and local masks are aligned to the bottom-right corner:
+query i of a sequence sees keys [i + s_k - s_q - left, i + s_k - s_q + right].
+"""
+from __future__ import annotations
+
+import torch
+
+from flash_attn3 import _checks, _ops
+
+
+def _run_fwd(q, k, v, problem, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+             seqused_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None,
+             k_descale=None, v_descale=None, softcap=0.0, num_splits=1, sm_margin=0):
+    """Checks that the extension and the needed kernels exist, allocates the outputs, calls the op."""
+    _ops.require_extension()
+    _checks.check_supported(problem, _ops.BUILD, inputs=(q, k, v))
+    if out is None:
+        out = torch.empty(problem.out_shape, dtype=problem.out_dtype, device=q.device)
+    softmax_lse = torch.empty(problem.lse_shape, dtype=torch.float32, device=q.device)
+    _ops.fwd(q, k, v, out, softmax_lse,
+             cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+             problem.seqlen_q, problem.seqlen_k,
+             page_table, kv_batch_idx, leftpad_k,
+             q_descale, k_descale, v_descale,
+             problem.softmax_scale, problem.window_left, problem.window_right, float(softcap),
+             num_splits, problem.pack_gqa, sm_margin)
+    return out, softmax_lse
+
+
+def _check_common_extras(qv, attention_chunk, **flags):
+    _checks.check_tensor("qv", qv, optional=True)
+    _checks.check_int("attention_chunk", attention_chunk, 0)
+    for name, flag in flags.items():
+        _checks.check_bool(name, flag)
+
+
+def _reject_unimplemented(qv, attention_chunk):
+    if qv is not None:
+        raise _checks.not_implemented("qv (the extra query of MLA-style absorbed decoding)")
+    if attention_chunk != 0:
+        raise _checks.not_implemented("attention_chunk != 0 (chunked attention)")
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):  # noqa: E501
+    """Attention over dense batches: softmax(q kᵀ · softmax_scale) v, per head.
+
+    Args:
+        q: (batch, seqlen_q, num_heads, head_dim), float16 / bfloat16 / float8_e4m3fn, last dim contiguous.
+        k: (batch, seqlen_k, num_heads_k, head_dim), same dtype; num_heads % num_heads_k == 0 (GQA/MQA:
+            query head i uses key head i // (num_heads / num_heads_k)).
+        v: (batch, seqlen_k, num_heads_k, head_dim_v), same dtype.
+        softmax_scale: scale of q kᵀ; default head_dim ** -0.5.
+        causal: bottom-right aligned causal mask (same as window_size=(left, 0)).
+        qv: not implemented (raises NotImplementedError when given).
+        q_descale, k_descale, v_descale: float32 (batch, num_heads_k) dequantisation scales, fp8 only.
+        window_size: (left, right) local window, -1 = unbounded; query i sees keys
+            [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right].
+        attention_chunk: only 0 is implemented.
+        softcap: if > 0, scores become tanh(score · softmax_scale / softcap) · softcap before masking.
+        num_splits: 1 = no split-KV; 0 = heuristic; > 1 (up to 256) forces that many splits.
+        pack_gqa: None = heuristic; True/False force packing the query heads of one key head into one tile.
+        deterministic: accepted for compatibility; affects only a backward pass, which does not exist here.
+        sm_margin: SMs to leave free for concurrent kernels (e.g. communication).
+        return_attn_probs: also return softmax_lse (FA3 returns the LSE, never the probability matrix).
+
+    Returns:
+        out (batch, seqlen_q, num_heads, head_dim_v) in q's dtype (bfloat16 for fp8 inputs), or
+        (out, softmax_lse) with softmax_lse float32 (batch, num_heads, seqlen_q) if return_attn_probs.
+        Rows that see no key give out = 0 and softmax_lse = -inf.
+    """
+    _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
+    problem = _checks.check_fwd(
+        q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        sm_margin=sm_margin, extra_tensors={"qv": qv})
+    _reject_unimplemented(qv, attention_chunk)
+    out, softmax_lse = _run_fwd(q, k, v, problem, q_descale=q_descale, k_descale=k_descale,
+                                v_descale=v_descale, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin)
+    return (out, softmax_lse) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):  # noqa: E501
+    """Attention over packed variable-length sequences.
+
+    Sequence i occupies rows [cu_seqlens_q[i], cu_seqlens_q[i + 1]) of q and [cu_seqlens_k[i],
+    cu_seqlens_k[i + 1]) of k and v; masks are aligned per sequence.
+
+    Args:
+        q: (total_q, num_heads, head_dim); or dense (batch, seqlen_q, num_heads, head_dim) if cu_seqlens_q
+            is None.
+        k, v: (total_k, num_heads_k, head_dim / head_dim_v); or dense 4-D if cu_seqlens_k is None.
+        cu_seqlens_q, cu_seqlens_k: int32 contiguous (batch + 1,) prefix sums of the sequence lengths.
+        max_seqlen_q, max_seqlen_k: Python ints, the longest sequence (required with the matching
+            cu_seqlens; used for grid sizing; never read back from the GPU). Ignored for a dense side.
+        seqused_q, seqused_k: optional int32 (batch,): only the first seqused[i] rows of sequence i are used;
+            output rows beyond them are not written.
+        Other arguments: as in flash_attn_func.
+
+    Returns:
+        out (total_q, num_heads, head_dim_v), or (out, softmax_lse) with softmax_lse float32
+        (num_heads, total_q) if return_attn_probs.
+    """
+    _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
+    problem = _checks.check_fwd(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, q_descale=q_descale,
+        k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        sm_margin=sm_margin, extra_tensors={"qv": qv})
+    _reject_unimplemented(qv, attention_chunk)
+    out, softmax_lse = _run_fwd(
+        q, k, v, problem, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softcap=softcap,
+        num_splits=num_splits, sm_margin=sm_margin)
+    return (out, softmax_lse) if return_attn_probs else out
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False):  # noqa: E501
+    """Attention of new queries against a KV cache (inference decode / prefill with a cache).
+
+    Args:
+        q: (batch, seqlen_q, num_heads, head_dim), or (total_q, num_heads, head_dim) with cu_seqlens_q
+            (int32 (batch + 1,)) and max_seqlen_q.
+        k_cache, v_cache: (batch_cache, seqlen_cache, num_heads_k, head_dim / head_dim_v); with page_table,
+            (num_pages, page_size, num_heads_k, head_dim / head_dim_v) with any page size.
+        k, v: new keys/values to append in place at cache_seqlens; not implemented (NotImplementedError).
+        qv, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved: not implemented (rotary needs k/v).
+        cache_seqlens: int or int32 (batch,): valid cache length of each batch entry, counted from index 0
+            of the cache row (so including cache_leftpad). Default: the whole cache.
+        cache_batch_idx: int32 (batch,): cache row (or page-table row) of each batch entry.
+        cache_leftpad: int32 (batch,): first valid cache index of each batch entry.
+        page_table: int32 (batch, max_pages): page indices into k_cache/v_cache; the cache of batch entry i
+            is the concatenation of its pages, max_pages * page_size positions.
+        cu_seqlens_k_new: varlen layout of k/v (only with k/v).
+        scheduler_metadata: not implemented (must be None).
+        num_splits: 0 = heuristic (default), 1 = no split-KV, > 1 (up to 256) forced.
+        Other arguments: as in flash_attn_func.
+
+    Returns:
+        out with q's layout and head_dim_v, or, if return_softmax_lse, the FA3 4-tuple
+        (out, softmax_lse, out_accum, softmax_lse_accum) where the two accumulators are empty float32
+        tensors (split-KV partials are not exposed).
+    """
+    _checks.check_tensor("k", k, optional=True)
+    _checks.check_tensor("v", v, optional=True)
+    _checks.check_tensor("cu_seqlens_k_new", cu_seqlens_k_new, optional=True)
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("rotary_seqlens", rotary_seqlens),
+                    ("scheduler_metadata", scheduler_metadata)):
+        _checks.check_tensor(name, t, optional=True)
+    _check_common_extras(qv, attention_chunk, rotary_interleaved=rotary_interleaved,
+                         return_softmax_lse=return_softmax_lse)
+    if (k is None) != (v is None):
+        raise ValueError("k, v: the new keys and values must be given together")
+    if k is not None and cache_seqlens is None:
+        raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
+    if cu_seqlens_k_new is not None and k is None:
+        raise ValueError("cu_seqlens_k_new: only valid together with new k, v")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos, rotary_sin: must be given together")
+    if rotary_cos is not None and k is None:
+        raise ValueError("rotary_cos: rotary embedding is applied to appended keys; it requires new k, v")
+    if rotary_seqlens is not None and rotary_cos is None:
+        raise ValueError("rotary_seqlens: only valid together with rotary_cos / rotary_sin")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _checks.check_tensor(name, t)
+        _checks.check_last_dim_contiguous(name, t)
+
+    seqused_k = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    cache_seqlens_int = None if cache_seqlens is None or seqused_k is not None else cache_seqlens
+    if cache_seqlens_int is not None:
+        _checks.check_int("cache_seqlens", cache_seqlens_int, 0)
+    names = {"k": "k_cache", "v": "v_cache", "seqused_k": "cache_seqlens", "kv_batch_idx": "cache_batch_idx",
+             "leftpad_k": "cache_leftpad"}
+    extra = {"k": k, "v": v, "qv": qv, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin,
+             "rotary_seqlens": rotary_seqlens, "cu_seqlens_k_new": cu_seqlens_k_new,
+             "scheduler_metadata": scheduler_metadata}
+    problem = _checks.check_fwd(
+        q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+        page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale,
+        k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        sm_margin=sm_margin, cache_seqlens_int=cache_seqlens_int, names=names, extra_tensors=extra)
+    _reject_unimplemented(qv, attention_chunk)
+    if k is not None:
+        raise NotImplementedError(
+            "k, v: appending new keys/values to the cache (append_kv) is not implemented in flash_attn3 yet; "
+            "write them into k_cache/v_cache and raise cache_seqlens instead")
+    if scheduler_metadata is not None:
+        raise _checks.not_implemented("scheduler_metadata")
+    if cache_seqlens_int is not None:
+        # A tensor built on the device from a Python int: no host sync, graph-capturable.
+        seqused_k = torch.full((problem.batch,), int(cache_seqlens_int), dtype=torch.int32, device=q.device)
+        problem.features.add("varlen")
+    out, softmax_lse = _run_fwd(
+        q, k_cache, v_cache, problem, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, page_table=page_table,
+        kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale, k_descale=k_descale,
+        v_descale=v_descale, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin)
+    if not return_softmax_lse:
+        return out
+    empty = torch.empty(0, dtype=torch.float32, device=q.device)
+    return out, softmax_lse, empty, empty
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, seqused_q=None, seqused_k=None, out=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, num_splits=1, pack_gqa=None, sm_margin=0):  # noqa: E501
+    """Thin mirror of the C++ op `flash_attn3::fwd`, for callers that manage buffers themselves.
+
+    Accepts every layout of the op (dense or packed q; dense, packed or paged k/v), validates like the
+    other functions, writes into `out` if given (q's dtype, bfloat16 for fp8; q's layout with head_dim_v;
+    last dim contiguous), and returns (out, softmax_lse) with softmax_lse float32 (batch, num_heads,
+    seqlen_q) dense or (num_heads, total_q) packed. seqused_k plays the role of cache_seqlens.
+    """
+    problem = _checks.check_fwd(
+        q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table,
+        kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale,
+        v_descale=v_descale, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin)
+    return _run_fwd(
+        q, k, v, problem, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k,
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softcap=softcap, num_splits=num_splits,
+        sm_margin=sm_margin)
+
+
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """Merges split-KV partial results: lse = logsumexp_i(lse_i), out = Σ_i exp(lse_i - lse) · out_i.
+
+    Args:
+        out_partial: float32 (num_splits, batch, seqlen, num_heads, head_dim) or (num_splits, total_q,
+            num_heads, head_dim), last dim contiguous; num_splits <= 256.
+        lse_partial: float32 (num_splits, batch, seqlen, num_heads) (or varlen (num_splits, total_q,
+            num_heads)) with stride(-2) == 1 (sequence-contiguous).
+        out: optional output buffer; out_dtype: float32 (default), float16 or bfloat16.
+
+    Returns:
+        (out, lse). Not implemented in this version: validates the arguments, then raises
+        NotImplementedError. flash_attn3.reference.combine_ref computes the same result in PyTorch.
+    """
+    _checks.check_tensor("out_partial", out_partial)
+    _checks.check_tensor("lse_partial", lse_partial)
+    _checks.check_tensor("out", out, optional=True)
+    if out_dtype is not None and out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype: must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
+    for name, t in (("out_partial", out_partial), ("lse_partial", lse_partial)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: must have dtype torch.float32, got {t.dtype}")
+    if out_partial.dim() not in (4, 5):
+        raise ValueError("out_partial: must be 5-D (num_splits, batch, seqlen, num_heads, head_dim) or 4-D "
+                         f"(num_splits, total_q, num_heads, head_dim), got shape {tuple(out_partial.shape)}")
+    if tuple(lse_partial.shape) != tuple(out_partial.shape[:-1]):
+        raise ValueError(f"lse_partial: shape {tuple(lse_partial.shape)} must be out_partial's shape without "
+                         f"the head dim, {tuple(out_partial.shape[:-1])}")
+    _checks.check_int("num_splits (out_partial.shape[0])", out_partial.shape[0], 1, _checks.MAX_SPLITS)
+    _checks.check_last_dim_contiguous("out_partial", out_partial)
+    if lse_partial.shape[-2] > 1 and lse_partial.stride(-2) != 1:
+        raise ValueError("lse_partial: the sequence dimension must be contiguous (stride(-2) == 1), got stride "
+                         f"{lse_partial.stride(-2)}")
+    out_dtype = out_dtype or torch.float32
+    if out is not None:
+        if out.dtype != out_dtype:
+            raise TypeError(f"out: dtype {out.dtype} must be {out_dtype}")
+        if tuple(out.shape) != tuple(out_partial.shape[1:]):
+            raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(out_partial.shape[1:])}")
+        _checks.check_last_dim_contiguous("out", out)
+    _checks.check_devices({"out_partial": out_partial, "lse_partial": lse_partial, "out": out})
+    raise _checks.not_implemented("flash_attn_combine (the split-KV combine kernel)")
+
+
+def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim, cache_seqlens, qkv_dtype=torch.bfloat16, headdim_v=None, cu_seqlens_q=None, cu_seqlens_k_new=None, cache_leftpad=None, page_size=None, max_seqlen_k_new=0, causal=False, window_size=(-1, -1), attention_chunk=0, has_softcap=False, num_splits=0, pack_gqa=None, sm_margin=0):  # noqa: E501
+    """Precomputes the varlen tile schedule of a later flash_attn_with_kvcache call (FA3 API).
+
+    Not implemented in this version: validates the scalar arguments, then raises NotImplementedError.
+    flash_attn_with_kvcache schedules itself when scheduler_metadata is None.
+    """
+    for name, x in (("batch_size", batch_size), ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k),
+                    ("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv), ("headdim", headdim),
+                    ("max_seqlen_k_new", max_seqlen_k_new), ("attention_chunk", attention_chunk),
+                    ("sm_margin", sm_margin)):
+        _checks.check_int(name, x, 0)
+    _checks.check_int("num_splits", num_splits, 0, _checks.MAX_SPLITS)
+    _checks.check_tensor("cache_seqlens", cache_seqlens)
+    raise _checks.not_implemented("get_scheduler_metadata")

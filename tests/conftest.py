@@ -1,0 +1,70 @@
+"""Shared pytest setup: the `gpu` marker and the reason GPU tests are skipped on this machine.
+
+Tests marked `@pytest.mark.gpu` (or using the `gpu` fixture) run only with a CUDA device of compute
+capability 9.0 and a loaded flash_attn3._C; otherwise they are skipped with the reason, which `-rs` (set in
+pytest.ini) prints in the summary. Nothing is seeded globally: every test draws fresh random inputs, and
+the autouse `seed` fixture draws a fresh seed per test and reports it with a failure so it can be replayed.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+def gpu_skip_reason() -> str | None:
+    """Why GPU tests cannot run here, or None if they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device available (torch.cuda.is_available() is False)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"flash_attn3 kernels need SM90 (Hopper); device 0 is sm_{major}{minor}"
+    from flash_attn3 import _ops
+
+    if not _ops.HAS_EXTENSION:
+        return f"flash_attn3._C did not load: {_ops.LOAD_ERROR}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    checked = False
+    for item in items:
+        if "gpu" not in item.keywords:
+            continue
+        if not checked:
+            reason, checked = gpu_skip_reason(), True
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def gpu():
+    """The CUDA device for tests that need the kernels; skips (with the reason) when they cannot run."""
+    reason = gpu_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """A fresh seed per test (never a fixed one), applied to torch's and Python's RNGs and printed with a
+    failure so the failing inputs can be replayed."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    random.seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            report.sections.append(("seed", f"torch.manual_seed({seeds[0]}); random.seed({seeds[0]}) reproduces "
+                                            "this test's inputs"))

@@ -1,0 +1,242 @@
+"""GPU tests of the op as a PyTorch citizen: the `flash_attn3::fwd` schema, fake and dispatch registration
+(torch.library.opcheck), torch.compile, CUDA-graph capture, non-default streams, and the C++ argument checks
+that protect a direct `torch.ops.flash_attn3.fwd` call (clear exceptions, never a device fault).
+
+The module skips (with the reason) unless an SM90 GPU and the compiled extension are both present.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (the forward kernels need an SM90 GPU)"
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):
+        return f"the forward kernels are built for SM90 (Hopper); this GPU is sm_{cap[0]}{cap[1]}"
+    try:
+        from flash_attn3 import _ops
+    except Exception as exc:  # the package may be mid-development; never fail collection on it
+        return f"flash_attn3 is not importable: {type(exc).__name__}: {exc}"
+    if not getattr(_ops, "HAS_EXTENSION", False):
+        return f"flash_attn3._C is not built or failed to load: {getattr(_ops, 'LOAD_ERROR', None)}"
+    return None
+
+
+pytestmark = pytest.mark.gpu
+
+_SKIP_REASON = _skip_reason()
+if _SKIP_REASON is not None:
+    pytest.skip(_SKIP_REASON, allow_module_level=True)
+
+from flash_attn3 import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+
+DEVICE = "cuda"
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _cu_seqlens(lengths):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+
+
+def _op_args(q, k, v, *, out=None, lse=None, cu_q=None, cu_k=None, seqused_q=None, seqused_k=None, max_q=None,
+             max_k=None, page_table=None, scale=None, window=(-1, -1), softcap=0.0, num_splits=1, pack_gqa=-1,
+             sm_margin=0):
+    """The 24 positional arguments of flash_attn3::fwd, with FA3's defaults. Outputs are zero-filled, not
+    empty: opcheck compares mutated buffers across runs, and rows the op leaves unwritten (unused seqused_q
+    rows) would otherwise hold uninitialised memory that may be NaN."""
+    varlen_q = cu_q is not None
+    if out is None:
+        out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse_shape = (q.shape[1], q.shape[0]) if varlen_q else (q.shape[0], q.shape[2], q.shape[1])
+        lse = torch.zeros(lse_shape, dtype=torch.float32, device=q.device)
+    max_q = max_q if max_q is not None else (0 if varlen_q else q.shape[1])
+    max_k = max_k if max_k is not None else (0 if cu_k is not None else k.shape[1])
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    return [q, k, v, out, lse, cu_q, cu_k, seqused_q, seqused_k, max_q, max_k, page_table, None, None, None, None,
+            None, scale, window[0], window[1], softcap, num_splits, pack_gqa, sm_margin]
+
+
+def _dense(b=2, s_q=113, s_k=239, h=4, h_k=2, d=128, dtype=torch.bfloat16):
+    return (torch.randn(b, s_q, h, d, device=DEVICE, dtype=dtype),
+            torch.randn(b, s_k, h_k, d, device=DEVICE, dtype=dtype),
+            torch.randn(b, s_k, h_k, d, device=DEVICE, dtype=dtype))
+
+
+def _varlen(lq, lk, h=4, h_k=2, d=128, dtype=torch.bfloat16):
+    q = torch.randn(sum(lq), h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(sum(lk), h_k, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(sum(lk), h_k, d, device=DEVICE, dtype=dtype)
+    return q, k, v, _cu_seqlens(lq), _cu_seqlens(lk)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opcheck
+
+
+def _opcheck_cases():
+    q, k, v = _dense()
+    yield "dense", _op_args(q, k, v)
+    yield "dense_causal_mqa", _op_args(*_dense(s_q=239, s_k=113, h=8, h_k=1, d=64, dtype=torch.float16),
+                                       window=(-1, 0))
+    lq, lk = [17, 0, 113], [239, 0, 5]
+    q, k, v, cu_q, cu_k = _varlen(lq, lk)
+    yield "varlen", _op_args(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lq), max_k=max(lk))
+    used = torch.tensor([9, 0, 100], dtype=torch.int32, device=DEVICE)
+    yield "varlen_causal_seqused", _op_args(q, k, v, cu_q=cu_q, cu_k=cu_k, seqused_q=used, max_q=max(lq),
+                                            max_k=max(lk), window=(-1, 0))
+
+
+@pytest.mark.parametrize("case", ["dense", "dense_causal_mqa", "varlen", "varlen_causal_seqused"])
+def test_opcheck(case):
+    args = dict(_opcheck_cases())[case]
+    torch.library.opcheck(torch.ops.flash_attn3.fwd.default, args, test_utils=OPCHECK_UTILS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile, CUDA graphs, streams
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    q, k, v = _dense(s_q=239, s_k=1024)
+
+    def attn(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+
+    compiled = torch.compile(attn, fullgraph=True)
+    out_c, lse_c = compiled(q, k, v)
+    out_e, lse_e = attn(q, k, v)
+    # Same kernel on the same inputs: the forward pass is deterministic, so the bits must agree.
+    assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+
+
+def test_cuda_graph_capture_and_replay_varlen():
+    lq, lk = [113, 1, 0, 239, 17], [239, 17, 0, 1023, 1]
+    q, k, v, cu_q, cu_k = _varlen(lq, lk, h=6, h_k=3, d=96, dtype=torch.float16)
+    max_q, max_k = max(lq), max(lk)
+
+    def attn():
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_attn_probs=True)
+
+    # Warm up on a side stream (first-call work such as attribute setup must not land in the capture).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = attn()
+
+    # New data, and new lengths with the same totals and maxima: the op must read its metadata on the device
+    # at replay time, not bake in what it saw at capture.
+    perm_q, perm_k = [lq[i] for i in (3, 0, 2, 4, 1)], [lk[i] for i in (3, 0, 2, 4, 1)]
+    for replay in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        if replay == 1:
+            cu_q.copy_(_cu_seqlens(perm_q))
+            cu_k.copy_(_cu_seqlens(perm_k))
+        graph.replay()
+        out_e, lse_e = attn()
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e), f"replay {replay} differs from eager"
+
+
+def test_runs_on_the_current_stream():
+    """The op must launch on the caller's current stream. On a side stream we sleep, then overwrite q, then
+    call the op: launched on that stream it sees the new q; launched on another stream it would run during the
+    sleep and read the old q."""
+    q, k, v = _dense(s_q=1024, s_k=1024)
+    q_new = torch.randn_like(q)
+    expected = flash_attn_func(q_new, k, v)
+    q_live = q.clone()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time, far longer than the launch below
+        q_live.copy_(q_new)
+        out = flash_attn_func(q_live, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# C++ checks of a direct op call: a clear exception naming the argument, and a healthy device afterwards
+
+
+def _bad_calls():
+    q, k, v = _dense()
+    lq, lk = [17, 5], [113, 0]
+    vq, vk, vv, cu_q, cu_k = _varlen(lq, lk)
+    return {
+        "cu_seqlens_int64": (RuntimeError, "cu_seqlens_q must be int32",
+                             _op_args(vq, vk, vv, cu_q=cu_q.long(), cu_k=cu_k, max_q=17, max_k=113)),
+        "cu_seqlens_k_batch": (RuntimeError, "same batch size",
+                               _op_args(vq, vk, vv, cu_q=cu_q, cu_k=torch.cat([cu_k, cu_k[-1:]]), max_q=17,
+                                        max_k=113)),
+        "seqused_k_length": (RuntimeError, "seqused_k must have 2 entries",
+                             _op_args(vq, vk, vv, cu_q=cu_q, cu_k=cu_k, max_q=17, max_k=113,
+                                      seqused_k=torch.zeros(3, dtype=torch.int32, device=DEVICE))),
+        "heads_not_multiple": (RuntimeError, "multiple of the number of k/v heads",
+                               _op_args(q[:, :, :3], k, v)),
+        "last_dim_strided": (RuntimeError, "q must have a contiguous last dimension",
+                             _op_args(torch.randn(2, 113, 4, 256, device=DEVICE, dtype=q.dtype)[..., ::2], k, v)),
+        "head_dim_too_big": (RuntimeError, "head_dim must be a multiple of 8",
+                             _op_args(*_dense(d=264))),
+        "head_dim_not_multiple_of_8": (RuntimeError, "head_dim must be a multiple of 8",
+                                       _op_args(*_dense(d=60))),
+        "k_dtype": (RuntimeError, "same dtype", _op_args(q, k.half(), v)),
+        "k_on_cpu": (RuntimeError, "k must be a CUDA tensor", _op_args(q, k.cpu(), v)),
+        "out_dtype": (RuntimeError, "out must have dtype",
+                      _op_args(q, k, v, out=torch.empty(q.shape, dtype=torch.float32, device=DEVICE))),
+        "lse_shape": (RuntimeError, "softmax_lse must have shape",
+                      _op_args(q, k, v, lse=torch.empty(2, 4, 112, device=DEVICE))),
+        "k_batch": (RuntimeError, "same batch size", _op_args(q, k[:1], v[:1])),
+        "pack_gqa": (RuntimeError, "pack_gqa", _op_args(q, k, v, pack_gqa=2)),
+        "sm_margin": (RuntimeError, "sm_margin", _op_args(q, k, v, sm_margin=100_000)),
+        "misaligned": (RuntimeError, "16-byte aligned",
+                       _op_args(torch.randn(2 * 113 * 4 * 128 + 1, device=DEVICE, dtype=q.dtype)[1:]
+                                .view(2, 113, 4, 128), k, v)),
+        "page_table": (NotImplementedError, "paged KV",
+                       _op_args(q, k, v, page_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))),
+        "softcap": (NotImplementedError, "softcap", _op_args(q, k, v, softcap=30.0)),
+        "num_splits": (NotImplementedError, "num_splits", _op_args(q, k, v, num_splits=3)),
+        "local_window": (NotImplementedError, "local", _op_args(q, k, v, window=(64, 0))),
+        "fp8": (NotImplementedError, "float8",
+                _op_args(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)),
+                         out=torch.empty(q.shape, dtype=torch.bfloat16, device=DEVICE))),
+    }
+
+
+BAD_CASES = ["cu_seqlens_int64", "cu_seqlens_k_batch", "seqused_k_length", "heads_not_multiple", "last_dim_strided",
+             "head_dim_too_big", "head_dim_not_multiple_of_8", "k_dtype", "k_on_cpu", "out_dtype", "lse_shape",
+             "k_batch", "pack_gqa", "sm_margin", "misaligned", "page_table", "softcap", "num_splits",
+             "local_window", "fp8"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_op_rejects_bad_arguments(case):
+    exc, message, args = _bad_calls()[case]
+    with pytest.raises(exc, match=message):
+        torch.ops.flash_attn3.fwd(*args)
+    torch.cuda.synchronize()  # no asynchronous fault was left behind
+
+
+def test_empty_problems_launch_nothing_and_fill_empty_rows():
+    """total_q == 0 returns at once; total_k == 0 gives out 0 and LSE -inf on every row."""
+    q, k, v, cu_q, cu_k = _varlen([0, 0], [5, 3])
+    torch.ops.flash_attn3.fwd(*_op_args(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=0, max_k=5))
+    q, k, v, cu_q, cu_k = _varlen([7, 2], [0, 0])
+    out = torch.full((9, 4, 128), math.nan, dtype=q.dtype, device=DEVICE)
+    lse = torch.full((4, 9), math.nan, device=DEVICE)
+    torch.ops.flash_attn3.fwd(*_op_args(q, k, v, out=out, lse=lse, cu_q=cu_q, cu_k=cu_k, max_q=7, max_k=0))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert (lse == -math.inf).all()
