@@ -145,11 +145,21 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def short_name(demangled: str, width: int = 72) -> str:
-    """The kernel class with its first template arguments: 'flash3::FwdKernelSm90<cutlass::half_t, 128, ...'."""
-    inner = re.sub(r"^(void )?cutlass::device_kernel<(.*)>\(.*$", r"\2", demangled)
-    inner = re.sub(r"\(.*$", "", inner) if inner == demangled else inner
-    return inner if len(inner) <= width else inner[: width - 3] + "..."
+def short_name(demangled: str, width: int = 80) -> str:
+    """A readable prefix of a kernel's name: no namespaces, no parameter list, no launch wrapper, e.g.
+    'FwdKernelSm90<MainloopFwdSm90<bfloat16_t, 96, 128, 128, 2, true>, EpilogueFwdSm90<...'."""
+    depth, end = 0, len(demangled)
+    for i, ch in enumerate(demangled):  # cut the parameter list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0 and i > 0:
+            end = i
+            break
+    name = re.sub(r"\b[A-Za-z_]\w*::", "", demangled[:end].removeprefix("void "))
+    wrapper = re.match(r"^(\w*(?:_entry|device_kernel))<(.*)>$", name)
+    if wrapper:  # a __global__ trampoline templated on the kernel class: show the class
+        name = wrapper.group(2).strip()
+    return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def main() -> int:

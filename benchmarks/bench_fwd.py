@@ -1,0 +1,360 @@
+"""Forward-attention benchmark: flash_attn3 against cuDNN and FlashAttention-2 (both through torch SDPA), and
+FlashAttention-3 itself when `flash_attn_interface` is importable, in one run on one GPU.
+
+Conventions follow FlashAttention-3's hopper/benchmark_attn.py (shared/research/fa3.md section 6.1):
+FLOPs = 2·b·h·s_q·avg_s_k·(d + d_v) with avg_s_k = s_k, or (max(0, s_k - s_q) + s_k) / 2 when causal;
+TFLOPS = FLOPs / median time. Each case cycles through enough input sets to exceed twice the L2 cache, so
+no call finds its inputs in L2. A case whose call takes under ~50 us is timed by replaying a CUDA graph of
+those calls (launch overhead would otherwise dominate); longer ones are timed call by call with CUDA events.
+
+Grids: `paper` (b·s = 16k tokens, hidden 2048 so h = 2048/d, d in {64, 128, 256}, causal and not, s from 512
+to 16k), `headline` (bf16, d 128, b 2, s 8192, h 16, non-causal), `production` (the four cases of the
+standalone guide, run through the varlen API), `all`. A kernel that is not built prints "not built".
+
+Writes an aligned table to stdout, a CSV (default benchmarks/results/fwd_<date>_<device>.csv) and, with
+--plot, a PNG of the paper grid.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMALL_CASE_MS = 0.05  # below this, time by CUDA-graph replay
+PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+PAPER_TOKENS, PAPER_HIDDEN = 16384, 2048
+BACKENDS = ("flash_attn3", "cudnn", "fa2", "fa3")
+
+
+@dataclass(frozen=True)
+class Case:
+    group: str
+    dtype: str  # "bf16", "fp16", "fp8"
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    heads_k: int
+    head_dim: int
+    causal: bool
+    varlen: bool = False
+
+    @property
+    def label(self) -> str:
+        heads = f"{self.heads}" if self.heads == self.heads_k else f"{self.heads}/{self.heads_k}"
+        seq = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}x{self.seqlen_k}"
+        return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{self.head_dim}"
+                f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}")
+
+    def flops(self) -> float:
+        avg_sk = (max(0, self.seqlen_k - self.seqlen_q) + self.seqlen_k) / 2 if self.causal else self.seqlen_k
+        return 2.0 * self.batch * self.heads * self.seqlen_q * avg_sk * (2 * self.head_dim)
+
+
+def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
+    cases = []
+    if grid in ("paper", "all"):
+        seqlens = (1024, 8192) if quick else PAPER_SEQLENS
+        hdims = (128,) if quick else (64, 128, 256)
+        for d in hdims:
+            for causal in (False, True):
+                for s in seqlens:
+                    h = PAPER_HIDDEN // d
+                    cases.append(Case("paper", dtype, PAPER_TOKENS // s, s, s, h, h, d, causal))
+    if grid in ("headline", "all"):
+        cases.append(Case("headline", "bf16", 2, 8192, 8192, 16, 16, 128, False))
+    if grid in ("production", "all"):
+        cases += [
+            Case("production", "fp8", 3, 1680, 1680, 16, 16, 80, False, varlen=True),
+            Case("production", "fp8", 84, 64, 64, 16, 16, 80, False, varlen=True),
+            Case("production", "fp16", 1, 1285, 1285, 16, 2, 80, True, varlen=True),
+            Case("production", "fp16", 1, 1, 2048, 16, 2, 80, True, varlen=True),
+        ]
+    return cases
+
+
+class NotBuilt(Exception):
+    pass
+
+
+class Unsupported(Exception):
+    pass
+
+
+def make_backends(torch):
+    """name -> factory(case, q, k, v, cu_q, cu_k) returning a no-argument callable that runs one forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    def ours(case, q, k, v, cu_q, cu_k):
+        import flash_attn3
+
+        if case.varlen:
+            qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
+            return lambda: flash_attn3.flash_attn_varlen_func(
+                qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
+        return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal)
+
+    def fa3(case, q, k, v, cu_q, cu_k):
+        try:
+            import flash_attn_interface
+        except ImportError as e:
+            raise Unsupported("flash_attn_interface not installed") from e
+        if case.varlen:
+            qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
+            return lambda: flash_attn_interface.flash_attn_varlen_func(
+                qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
+        return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal)
+
+    def sdpa(backend):
+        def factory(case, q, k, v, cu_q, cu_k):
+            if case.dtype == "fp8":
+                raise Unsupported("no fp8 in torch SDPA")
+            # SDPA wants (b, h, s, d): transposed views, no copies. Its is_causal is top-left aligned; FA's is
+            # bottom-right, which for one query row (decode) means no mask, and otherwise needs a bias.
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            mask, is_causal = None, case.causal
+            if case.causal and case.seqlen_q != case.seqlen_k:
+                is_causal = False
+                if case.seqlen_q > 1:
+                    from torch.nn.attention.bias import causal_lower_right
+                    mask = causal_lower_right(case.seqlen_q, case.seqlen_k)
+            gqa = case.heads != case.heads_k
+
+            def run():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal,
+                                                          enable_gqa=gqa)
+            return run
+        return factory
+
+    return {"flash_attn3": ours, "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+            "fa2": sdpa(SDPBackend.FLASH_ATTENTION), "fa3": fa3}
+
+
+def make_inputs(torch, case: Case, device):
+    """One input set: q (b, s_q, h, d), k and v (b, s_k, h_k, d), and the cu_seqlens of equal lengths."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[case.dtype]
+    q = torch.randn(case.batch, case.seqlen_q, case.heads, case.head_dim, device=device, dtype=dt)
+    k = torch.randn(case.batch, case.seqlen_k, case.heads_k, case.head_dim, device=device, dtype=dt)
+    v = torch.randn_like(k)
+    if case.dtype == "fp8":
+        q, k, v = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
+    ar = torch.arange(case.batch + 1, device=device, dtype=torch.int32)
+    return q, k, v, ar * case.seqlen_q, ar * case.seqlen_k
+
+
+def time_eager(torch, fns, iters: int) -> float:
+    """Median over `iters` rounds of the per-call time, cycling through the input sets."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(iters * len(fns)):
+        start.record()
+        fns[i % len(fns)]()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def time_graph(torch, fns, iters: int) -> float:
+    """Median over `iters` replays of one CUDA graph that calls each input set once; per-call time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as graph capture requires
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / len(fns))
+    return statistics.median(times)
+
+
+def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
+    """Returns {backend: (status, ms, tflops, note)} and the max |flash_attn3 - SDPA| if both ran."""
+    device = torch.device("cuda")
+    elem = 1 if case.dtype == "fp8" else 2
+    set_bytes = elem * case.head_dim * (2 * case.batch * case.seqlen_q * case.heads
+                                        + 2 * case.batch * case.seqlen_k * case.heads_k)
+    n_sets = max(1, min(64, math.ceil(2 * l2_bytes / set_bytes)))
+    sets = [make_inputs(torch, case, device) for _ in range(n_sets)]
+    results, outputs = {}, {}
+    for name, factory in backends.items():
+        try:
+            try:
+                fns = [factory(case, *s) for s in sets]
+                out = fns[0]()  # first call: compile/plan, and catch "not built" before timing
+            except NotImplementedError as e:
+                raise NotBuilt(str(e)) from e
+            torch.cuda.synchronize()
+            outputs[name] = out[0] if isinstance(out, tuple) else out
+            for f in fns[:3]:
+                f()
+            first = time_eager(torch, fns[:1], 3)
+            note = ""
+            if first < SMALL_CASE_MS:
+                try:
+                    ms = time_graph(torch, fns, iters)
+                    note = f"graph x{n_sets}"
+                except Exception as e:  # a backend that cannot be captured is timed eagerly
+                    torch.cuda.synchronize()
+                    ms = time_eager(torch, fns, iters)
+                    note = f"eager (graph capture failed: {type(e).__name__})"
+            else:
+                ms = time_eager(torch, fns, iters)
+            results[name] = ("ok", ms, case.flops() / (ms * 1e-3) / 1e12, note)
+        except NotBuilt:
+            results[name] = ("not built", None, None, "")
+        except Unsupported as e:
+            results[name] = ("n/a", None, None, str(e))
+        except Exception as e:
+            msg = re.sub(r"\s+", " ", str(e)).strip()
+            results[name] = ("error", None, None, f"{type(e).__name__}: {msg[:100]}")
+            torch.cuda.synchronize()
+    diff = None
+    ours = outputs.get("flash_attn3")
+    ref = outputs.get("cudnn", outputs.get("fa2"))
+    if ours is not None and ref is not None:
+        ref = ref.transpose(1, 2)  # back to (b, s, h, d)
+        diff = (ours.float().reshape(ref.shape) - ref.float()).abs().max().item()
+    del sets, outputs
+    return results, diff
+
+
+def device_tag(torch) -> str:
+    name = torch.cuda.get_device_name().replace("NVIDIA", "").strip()
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "gpu"
+
+
+def write_plot(path: Path, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib not installed, no plot written")
+        return
+    paper = [r for r in rows if r["group"] == "paper" and r["status"] == "ok"]
+    panels = sorted({(int(r["head_dim"]), r["causal"] == "True") for r in paper})
+    if not panels:
+        print("--plot: no paper-grid results to plot")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (d, causal) in zip(axes[0], panels):
+        for backend in BACKENDS:
+            pts = sorted((int(r["seqlen_q"]), float(r["tflops"])) for r in paper
+                         if r["backend"] == backend and int(r["head_dim"]) == d and (r["causal"] == "True") == causal)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"d={d}{' causal' if causal else ''}")
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel("TFLOPS")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"forward, {paper[0]['dtype']}, {paper[0]['device']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", choices=("paper", "headline", "production", "all"), default="all")
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="dtype of the paper grid")
+    ap.add_argument("--hdim", help="comma-separated head dims to keep, e.g. 64,128 (default: all)")
+    ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
+    ap.add_argument("--iters", type=int, default=30, help="timed rounds per case and backend")
+    ap.add_argument("--quick", action="store_true", help="d 128 and s in {1k, 8k} only, 10 rounds")
+    ap.add_argument("--csv", type=Path, help="CSV path (default: benchmarks/results/fwd_<date>_<device>.csv)")
+    ap.add_argument("--plot", type=Path, help="write a PNG of the paper grid here (needs matplotlib)")
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_fwd: a CUDA GPU is required", file=sys.stderr)
+        return 1
+    cases = build_cases(args.grid, args.dtype, args.quick)
+    if args.hdim:
+        keep = {int(x) for x in args.hdim.split(",")}
+        cases = [c for c in cases if c.head_dim in keep]
+    if args.causal != "both":
+        cases = [c for c in cases if c.causal == (args.causal == "yes")]
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(wanted) - set(BACKENDS)
+    if unknown or not cases:
+        print(f"bench_fwd: unknown backend(s) {sorted(unknown)}" if unknown else "bench_fwd: no case selected",
+              file=sys.stderr)
+        return 2
+    backends = {k: v for k, v in make_backends(torch).items() if k in wanted}
+    iters = 10 if args.quick else args.iters
+
+    props = torch.cuda.get_device_properties(0)
+    l2_bytes = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
+    date = datetime.date.today().isoformat()
+    dev = device_tag(torch)
+    csv_path = args.csv or RESULTS / f"fwd_{date}_{dev}.csv"
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+          f"L2 {l2_bytes >> 20} MB | {len(cases)} cases | median of {iters} rounds")
+
+    width = max(len(c.label) for c in cases)
+    head = f"{'case':<{width}}" + "".join(f" | {b:>20}" for b in backends) + " | max|diff|"
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for case in cases:
+        results, diff = bench_case(torch, case, backends, iters, l2_bytes)
+        cells = []
+        for name in backends:
+            status, ms, tflops, note = results[name]
+            cells.append(f"{tflops:7.1f} TF {ms:8.4f} ms" if status == "ok" else status)
+            rows.append({"date": date, "device": dev, "group": case.group, "dtype": case.dtype, "batch": case.batch,
+                         "seqlen_q": case.seqlen_q, "seqlen_k": case.seqlen_k, "heads": case.heads,
+                         "heads_k": case.heads_k, "head_dim": case.head_dim, "causal": str(case.causal),
+                         "varlen": str(case.varlen), "backend": name, "status": status,
+                         "ms": f"{ms:.5f}" if ms is not None else "", "tflops": f"{tflops:.2f}" if tflops else "",
+                         "max_diff_vs_sdpa": f"{diff:.3e}" if diff is not None and name == "flash_attn3" else "",
+                         "note": note, "torch": torch.__version__})
+        print(f"{case.label:<{width}}" + "".join(f" | {c:>20}" for c in cells)
+              + f" | {'' if diff is None else f'{diff:.1e}'}", flush=True)
+        for name in backends:
+            status, _, _, note = results[name]
+            if status in ("error",):
+                print(f"    {name}: {note}", flush=True)
+
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"csv: {csv_path}")
+    if args.plot:
+        write_plot(args.plot, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
