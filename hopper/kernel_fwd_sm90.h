@@ -1,5 +1,5 @@
-// The SM90 forward kernel: orchestration only. One CTA computes one (query tile, head, sequence) work tile
-// with one producer warpgroup (one thread issues all TMA loads) and kBlockM / 64 consumer warpgroups
+// The SM90 forward kernel: orchestration only. A persistent CTA walks (query tile, head, sequence) work
+// tiles with one producer warp (one elected lane issues all TMA loads) and kBlockM / 64 consumer warpgroups
 // (WGMMA + softmax). It sets up shared storage, barriers and pipelines, splits the roles, redistributes
 // registers with setmaxnreg, and hands each role to the mainloop / epilogue. No attention math here.
 #pragma once
@@ -12,6 +12,7 @@
 #include "mask.h"
 #include "named_barrier.h"
 #include "seqlen.h"
+#include "tile_scheduler.h"
 
 namespace flash3 {
 
@@ -38,17 +39,35 @@ struct FwdKernelSm90 {
   };
   static constexpr int kSharedStorageSize = sizeof(SharedStorage);
 
+  using Scheduler = StaticPersistentScheduler</*kHeaviestFirst=*/Mainloop::kCausal>;
+
   struct Params {
     typename Mainloop::Params mainloop;
     typename Epilogue::Params epilogue;
     SeqlenArgs seqlen;
+    Scheduler scheduler;
   };
 
-  // Grid: (m blocks, heads, batch). Causal tiles lower in the sequence have less work, so the heaviest
-  // (last) m blocks are launched first.
-  static dim3 grid(int num_m_blocks, int num_heads, int batch) { return dim3(num_m_blocks, num_heads, batch); }
-  __device__ static int m_block_of(int block_x) {
-    return Mainloop::kCausal ? int(gridDim.x) - 1 - block_x : block_x;
+  // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
+  static dim3 grid(Scheduler const& scheduler, int num_sms) {
+    return dim3(scheduler.num_tiles() < num_sms ? scheduler.num_tiles() : num_sms);
+  }
+
+  // What both roles derive identically for a tile, so they agree on which tiles carry work.
+  struct TileWork {
+    TileCoord tile;
+    SeqlenInfo seqlen;
+    MaskPolicy<kBlockM, Mainloop::kBlockN, Mainloop::kCausal> mask;
+    int n_end;
+    // Varlen grids are sized by the longest sequence: tiles past this sequence's end have no rows at all.
+    __device__ bool has_rows() const { return tile.m_block * kBlockM < seqlen.seqlen_q; }
+  };
+  __device__ static TileWork work_of(Params const& params, int idx) {
+    TileCoord const tile = params.scheduler.tile(idx);
+    SeqlenInfo const seqlen(params.seqlen, tile.batch);
+    MaskPolicy<kBlockM, Mainloop::kBlockN, Mainloop::kCausal> const mask{seqlen.seqlen_q, seqlen.seqlen_k,
+                                                                         tile.m_block};
+    return {tile, seqlen, mask, mask.n_block_end()};
   }
 
   __device__ void operator()(Params const& params, char* smem_raw) const {
@@ -65,16 +84,9 @@ struct FwdKernelSm90 {
     }
     __syncthreads();
 
-    typename Mainloop::TileCoord const tile{m_block_of(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
-    SeqlenInfo const seqlen(params.seqlen, tile.batch);
-    // Varlen grids are sized by the longest sequence; tiles past this sequence's end have nothing to do.
-    if (tile.m_block * kBlockM >= seqlen.seqlen_q) { return; }
     bool const varlen_q = params.seqlen.cu_seqlens_q != nullptr;
     bool const varlen_k = params.seqlen.cu_seqlens_k != nullptr;
-    MaskPolicy<kBlockM, Mainloop::kBlockN, Mainloop::kCausal> const mask{seqlen.seqlen_q, seqlen.seqlen_k,
-                                                                         tile.m_block};
-    int const n_end = mask.n_block_end();
-
+    int const num_tiles = params.scheduler.num_tiles();
     Mainloop mainloop;
     Pipeline const pipe_k{&smem.pipeline_k};
     Pipeline const pipe_v{&smem.pipeline_v};
@@ -82,23 +94,37 @@ struct FwdKernelSm90 {
 
     if (warp_group == static_cast<int>(Role::Producer)) {
       cutlass::arch::warpgroup_reg_dealloc<Registers::kProducer>();
-      if (warp_idx == 0 && n_end > 0 && cute::elect_one_sync()) {
-        mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, tile, seqlen,
-                      varlen_q, varlen_k, n_end);
+      if (warp_idx != 0) { return; }  // one warp issues all loads
+      bool q_loaded = false;
+      for (int idx = blockIdx.x; idx < num_tiles; idx += gridDim.x) {
+        TileWork const w = work_of(params, idx);
+        if (!w.has_rows() || w.n_end <= 0) { continue; }
+        mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
+                      varlen_q, varlen_k, w.n_end, /*wait_q_free=*/q_loaded);
+        q_loaded = true;
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();
       int const thread_idx = int(threadIdx.x) - 128;
-      if (n_end <= 0) {
-        Epilogue::store_zero(params.epilogue, thread_idx, tile.m_block, tile.head, tile.batch, varlen_q, seqlen);
-        return;
+      Mainloop::init_turns(thread_idx / 128);
+      uint32_t q_phase = 0;
+      for (int idx = blockIdx.x; idx < num_tiles; idx += gridDim.x) {
+        TileWork const w = work_of(params, idx);
+        if (!w.has_rows()) { continue; }
+        if (w.n_end <= 0) {
+          Epilogue::store_zero(params.epilogue, thread_idx, w.tile.m_block, w.tile.head, w.tile.batch, varlen_q,
+                               w.seqlen);
+          continue;
+        }
+        typename Mainloop::TiledMmaPV mma_pv;
+        Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Mainloop::TileShapePV{}));
+        float lse[Mainloop::kRowsPerThread];
+        mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, q_phase, pipe_k, pipe_v, state, tOrO, lse,
+                     w.mask, w.n_end, thread_idx);
+        q_phase ^= 1;
+        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, w.tile.m_block, w.tile.head, w.tile.batch, varlen_q,
+                        w.seqlen);
       }
-      typename Mainloop::TiledMmaPV mma_pv;
-      Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Mainloop::TileShapePV{}));
-      float lse[Mainloop::kRowsPerThread];
-      mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, tOrO, lse, mask, n_end,
-                   thread_idx);
-      Epilogue::store(params.epilogue, tOrO, lse, thread_idx, tile.m_block, tile.head, tile.batch, varlen_q, seqlen);
     }
   }
 };

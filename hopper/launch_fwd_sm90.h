@@ -56,12 +56,20 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   seqlen_args.seqlen_q = p.seqlen_q;
   seqlen_args.seqlen_k = p.seqlen_k;
 
-  typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
-                                        seqlen_args};
-
   int const num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
-  dim3 const grid = Kernel::grid(num_m_blocks, p.num_heads, p.batch);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) { return cudaSuccess; }
+  typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch};
+  if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
+  typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
+                                        seqlen_args, scheduler};
+
+  int num_sms = p.num_sms;
+  if (num_sms <= 0) {  // callers without a device query of their own (the standalone runner)
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) { err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device); }
+    if (err != cudaSuccess) { return err; }
+  }
+  dim3 const grid = Kernel::grid(scheduler, num_sms);
   int const smem_size = Kernel::kSharedStorageSize;
   auto kernel = &fwd_kernel_sm90_entry<Kernel>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);

@@ -19,6 +19,7 @@
 #include "pipeline.h"
 #include "seqlen.h"
 #include "softmax.h"
+#include "tile_scheduler.h"
 
 namespace flash3 {
 
@@ -122,17 +123,11 @@ struct MainloopFwdSm90 {
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
   }
 
-  // Where one work tile's sequence lives: packed operands use batch coordinate 0 plus a row offset.
-  struct TileCoord {
-    int m_block;
-    int head;
-    int batch;
-  };
-
-  // Producer: called by one elected thread. Loads Q once, then K and V of blocks n_end-1 down to 0.
+  // Producer: called by the whole producer warp; one elected lane issues. Loads Q (once the consumers are
+  // done with the previous tile's Q), then K and V of blocks n_end-1 down to 0.
   __device__ void load(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
                        Pipeline const& pipe_v, typename Pipeline::State& state, TileCoord const& tile,
-                       SeqlenInfo const& seqlen, bool varlen_q, bool varlen_k, int n_end) const {
+                       SeqlenInfo const& seqlen, bool varlen_q, bool varlen_k, int n_end, bool wait_q_free) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});   // (N, d, PIPE)
@@ -158,18 +153,26 @@ struct MainloopFwdSm90 {
     Tensor tVgV = cta_v.partition_S(gV);  // (TMA, TMA_N, TMA_D, n)
     Tensor tVsV = cta_v.partition_D(sV);  // (TMA, TMA_N, TMA_D, PIPE)
 
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
-    copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
+    bool const leader = cute::elect_one_sync();
+    if (wait_q_free) { named_barrier_sync<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty); }
+    if (leader) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
+      copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
+    }
     // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
     typename Pipeline::State state_v = state;
     auto load_k = [&](int n) {
-      pipe_k.producer_acquire(state, kTxBytesKV);
-      copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), tKgK(_, _, _, n), tKsK(_, _, _, state.index));
+      if (leader) {
+        pipe_k.producer_acquire(state, kTxBytesKV);
+        copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), tKgK(_, _, _, n), tKsK(_, _, _, state.index));
+      }
       state.advance();
     };
     auto load_v = [&](int n) {
-      pipe_v.producer_acquire(state_v, kTxBytesKV);
-      copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), tVgV(_, _, _, n), tVsV(_, _, _, state_v.index));
+      if (leader) {
+        pipe_v.producer_acquire(state_v, kTxBytesKV);
+        copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), tVgV(_, _, _, n), tVsV(_, _, _, state_v.index));
+      }
       state_v.advance();
     };
     load_k(n_end - 1);
@@ -227,10 +230,11 @@ struct MainloopFwdSm90 {
   // CUDA cores; only then does it wait for O and rescale it. Order per step, for key blocks n > n_next:
   //   issue S_next = Q K(n_next)^T; issue O += P(n) V(n); wait S_next; mask + softmax(S_next);
   //   wait O; rescale O; P(n_next) = convert(S_next).
+  // q_phase: parity of this tile's Q load on barrier_q (the n-th Q load of the CTA completes phase n % 2).
   template <class FragO>
-  __device__ void mma(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
-                      Pipeline const& pipe_v, typename Pipeline::State& state_k, FragO& tOrO,
-                      float (&lse)[kRowsPerThread], MaskPolicy<kBlockM, kBlockN, kCausal> const& mask,
+  __device__ void mma(Params const& p, SharedStorage& smem, uint64_t& barrier_q, uint32_t q_phase,
+                      Pipeline const& pipe_k, Pipeline const& pipe_v, typename Pipeline::State& state_k,
+                      FragO& tOrO, float (&lse)[kRowsPerThread], MaskPolicy<kBlockM, kBlockN, kCausal> const& mask,
                       int n_end, int thread_idx) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
@@ -255,9 +259,8 @@ struct MainloopFwdSm90 {
     OnlineSoftmax<kRowsPerThread> softmax(p.scale_log2);
     typename Pipeline::State state_v = state_k;  // V is consumed one block behind K
     clear(tOrO);
-    init_turns(warp_group);
 
-    cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, 0);
+    cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, q_phase);
 
     // First block: S = Q K^T alone, then its softmax gives the first P.
     int n = n_end - 1;
@@ -312,6 +315,9 @@ struct MainloopFwdSm90 {
     // Masked blocks come first (top-down), then the ones every row sees entirely.
     for (--n; n >= n_unmasked_end; --n) { step(n, cute::true_type{}); }
     for (; n >= 0; --n) { step(n, cute::false_type{}); }
+
+    // Every Q K^T of this tile has completed: the producer may load the next tile's Q.
+    named_barrier_arrive<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty);
 
     // Last block's P V.
     pipe_v.consumer_wait(state_v);

@@ -13,6 +13,8 @@ enum class FwdBarrier : int {
   // Ping-pong between consumer warpgroups: warpgroup i may issue its GEMMs (one id per warpgroup).
   WarpGroupTurn1 = 1,
   WarpGroupTurn2 = 2,
+  // Consumers (arrive) -> producer warp (sync): every Q K^T of the tile is done, smem Q may be overwritten.
+  QueryEmpty = 3,
 };
 
 template <int kNumThreads>
