@@ -145,6 +145,8 @@ fi
 GENCODE="-gencode=arch=compute_90a,code=sm_90a"
 # -lineinfo keeps source lines for ncu and compute-sanitizer at no runtime cost.
 NVCC_FLAGS="$GENCODE -std=c++17 --expt-relaxed-constexpr -O3 -DNDEBUG --use_fast_math -lineinfo -Xcompiler -fPIC"
+# WGMMA N sizes that are not multiples of 32 (the 176-wide key blocks) exist in CuTe only behind this switch.
+NVCC_FLAGS+=" -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED"
 NVCC_FLAGS+=" -Xptxas -v -I hopper -I $CUTLASS_INC $DEFINES ${NVCC_EXTRA_FLAGS:-}"
 
 [[ $CLEAN -eq 1 ]] && rm -rf "$BUILD"

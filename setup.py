@@ -86,6 +86,8 @@ def extension_modules():
         "--use_fast_math",
         "-lineinfo",
         "-Xptxas=-v",  # registers / spills per kernel in the build log; tools/check_sass.py reads them
+        # WGMMA N sizes that are not multiples of 32 (the 176-wide key blocks) exist only behind this switch.
+        "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
         # torch's defaults disable half operators for its own reasons; CUTLASS's numeric types want them.
         "-U__CUDA_NO_HALF_OPERATORS__",
         "-U__CUDA_NO_HALF_CONVERSIONS__",

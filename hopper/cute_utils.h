@@ -54,6 +54,20 @@ __host__ __device__ constexpr auto acc_as_operand_a(Layout const& l) {
                      coalesce(make_layout(get<2, 1>(v), get<2>(l))));
 }
 
+// Converts a register fragment elementwise into an existing fragment of the same size (no second copy
+// stays live, which matters for register pressure inside the mainloop).
+template <class EngineSrc, class LayoutSrc, class EngineDst, class LayoutDst>
+__device__ __forceinline__ void convert_fragment_into(Tensor<EngineSrc, LayoutSrc> const& src,
+                                                      Tensor<EngineDst, LayoutDst>& dst) {
+  using From = typename EngineSrc::value_type;
+  using To = typename EngineDst::value_type;
+  constexpr int N = decltype(size(src))::value;
+  static_assert(N == decltype(size(dst))::value);
+  cutlass::NumericArrayConverter<To, From, N> convert;
+  *reinterpret_cast<cutlass::Array<To, N>*>(dst.data()) =
+      convert(*reinterpret_cast<cutlass::Array<From, N> const*>(src.data()));
+}
+
 // Converts a register fragment elementwise to `To`, keeping its layout.
 template <class To, class Engine, class Layout>
 __device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& src) {

@@ -122,8 +122,10 @@ struct FwdKernelSm90 {
         mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, q_phase, pipe_k, pipe_v, state, tOrO, lse,
                      w.mask, w.n_end, thread_idx);
         q_phase ^= 1;
-        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, w.tile.m_block, w.tile.head, w.tile.batch, varlen_q,
-                        w.seqlen);
+        // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.
+        TileWork const we = work_of(params, idx);
+        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile.m_block, we.tile.head, we.tile.batch,
+                        varlen_q, we.seqlen);
       }
     }
   }

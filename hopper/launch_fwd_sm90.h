@@ -57,7 +57,12 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   seqlen_args.seqlen_k = p.seqlen_k;
 
   int const num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
-  typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch};
+  // K + V of one (head, batch): what a causal L2 section keeps cached. A quarter of H100's 50 MB L2 leaves
+  // room for Q, O and the other SMs' traffic. GQA heads sharing a kv head are adjacent, so this overcounts.
+  int64_t const kv_bytes_per_head = int64_t(p.seqlen_k) * (p.head_dim + p.head_dim_v) * sizeof(Element);
+  int const heads_per_section =
+      Kernel::Scheduler::heads_per_l2_section(p.num_heads, p.batch, kv_bytes_per_head, int64_t(12) << 20);
+  typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch, heads_per_section};
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
                                         seqlen_args, scheduler};

@@ -35,6 +35,14 @@ struct MainloopFwdSm90 {
   static constexpr bool kCausal = kCausal_;
   static constexpr int kNumConsumerWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumConsumerWarpGroups * 128;
+#if defined(CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)
+  static constexpr bool kExtendedMmaShapes = true;
+#else
+  static constexpr bool kExtendedMmaShapes = false;
+#endif
+  // Without the switch CuTe's selector silently falls back to N = 16 atoms for such widths (5x slower).
+  static_assert(kBlockN % 32 == 0 || kExtendedMmaShapes,
+                "kBlockN not a multiple of 32 needs -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED");
 
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // (M, N, K) of S = Q K^T
   using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // (M, N, K) of O = P V
@@ -307,9 +315,7 @@ struct MainloopFwdSm90 {
       pipe_v.consumer_release(state_v, thread_in_wg);
       state_v.advance();
       OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale);
-      Tensor rP_next = convert_fragment<Element>(tSrS);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(rP); ++i) { rP(i) = rP_next(i); }
+      convert_fragment_into(tSrS, rP);  // P of block n_next
     };
 
     // Masked blocks come first (top-down), then the ones every row sees entirely.

@@ -2,10 +2,15 @@
 // blockIdx.x, blockIdx.x + gridDim.x, ... so the next tile's loads overlap the current tile's epilogue and
 // the per-CTA set-up (barrier init, descriptor prefetch) is paid once per SM instead of once per tile.
 //
-// Tile order: non-causal tiles all cost the same, so m blocks are innermost and neighbouring CTAs share one
-// (head, batch)'s K/V in L2. Causal tiles cost in proportion to their m block, so the order is m block
-// outermost, heaviest first (longest-processing-time first), which evens out the per-SM totals.
+// Tile order. Non-causal tiles all cost the same: m blocks are innermost, so CTAs running at the same time
+// share one (head, batch)'s K/V in L2. Causal tiles cost in proportion to their m block: heads are cut into
+// sections whose K/V fit in a share of L2, and inside a section the order is m block outermost, heaviest
+// first (longest-processing-time first, which evens out per-SM totals) while the section's K/V stay
+// cached across its m blocks. (b, s=512, causal) measured 20% slower with one global LPT order, which
+// re-reads K/V from HBM for every m block.
 #pragma once
+
+#include <cstdint>
 
 namespace flash3 {
 
@@ -20,19 +25,33 @@ struct StaticPersistentScheduler {
   int num_m_blocks;
   int num_heads;
   int batch;
+  int heads_per_section;  // (head, batch) pairs per L2 section; used when kHeaviestFirst
 
   __host__ __device__ int num_tiles() const { return num_m_blocks * num_heads * batch; }
 
   __device__ TileCoord tile(int idx) const {
+    int hb, m;
     if constexpr (kHeaviestFirst) {
-      int const per_m = num_heads * batch;
-      int const m = idx / per_m;
-      int const hb = idx - m * per_m;
-      return {num_m_blocks - 1 - m, hb % num_heads, hb / num_heads};
+      int const section_tiles = heads_per_section * num_m_blocks;
+      int const section = idx / section_tiles;
+      int const within = idx - section * section_tiles;
+      int const num_hb = num_heads * batch;
+      int const heads_here = min(heads_per_section, num_hb - section * heads_per_section);
+      int const m_rank = within / heads_here;
+      m = num_m_blocks - 1 - m_rank;
+      hb = section * heads_per_section + (within - m_rank * heads_here);
     } else {
-      int const hb = idx / num_m_blocks;
-      return {idx - hb * num_m_blocks, hb % num_heads, hb / num_heads};
+      hb = idx / num_m_blocks;
+      m = idx - hb * num_m_blocks;
     }
+    return {m, hb % num_heads, hb / num_heads};
+  }
+
+  // Sections hold as many (head, batch) pairs as fit `l2_budget_bytes` of K + V.
+  static int heads_per_l2_section(int num_heads, int batch, int64_t kv_bytes_per_head, int64_t l2_budget_bytes) {
+    int64_t fit = kv_bytes_per_head > 0 ? l2_budget_bytes / kv_bytes_per_head : 1;
+    int64_t const num_hb = int64_t(num_heads) * batch;
+    return int(fit < 1 ? 1 : (fit > num_hb ? num_hb : fit));
   }
 };
 
