@@ -96,7 +96,9 @@ struct FwdKernelSm90 {
       cutlass::arch::warpgroup_reg_dealloc<Registers::kProducer>();
       if (warp_idx != 0) { return; }  // one warp issues all loads
       bool q_loaded = false;
-      for (int idx = blockIdx.x; idx < num_tiles; idx += gridDim.x) {
+      for (int round = 0;; ++round) {
+        int const idx = Scheduler::tile_index(round, blockIdx.x, gridDim.x);
+        if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows() || w.n_end <= 0) { continue; }
         mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
@@ -108,7 +110,9 @@ struct FwdKernelSm90 {
       int const thread_idx = int(threadIdx.x) - 128;
       Mainloop::init_turns(thread_idx / 128);
       uint32_t q_phase = 0;
-      for (int idx = blockIdx.x; idx < num_tiles; idx += gridDim.x) {
+      for (int round = 0;; ++round) {
+        int const idx = Scheduler::tile_index(round, blockIdx.x, gridDim.x);
+        if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }
         if (w.n_end <= 0) {
