@@ -307,6 +307,14 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   // pack_gqa has no field: the kernel's heuristic decides packing. It is validated above so the schema keeps
   // FA3's meaning and a later override can use it without changing callers.
 
+  // Causal and varlen tiles differ in cost: give the kernel a zeroed tile counter so it schedules them
+  // dynamically. Stream-ordered allocation + memset, so this stays CUDA-graph capturable.
+  at::Tensor tile_counter;
+  if (params.mask.is_causal() || varlen_q || varlen_k) {
+    tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
+    params.tile_counter = tile_counter.data_ptr<int32_t>();
+  }
+
   cudaError_t cuda_err = cudaSuccess;
   flash3::Status const status = flash3::run_fwd(params, c10::cuda::getCurrentCUDAStream().stream(), &cuda_err);
   TORCH_CHECK_NOT_IMPLEMENTED(status != flash3::Status::kNotCompiled, "flash_attn3 fwd: ",

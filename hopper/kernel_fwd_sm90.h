@@ -34,12 +34,15 @@ struct FwdKernelSm90 {
   struct SharedStorage {
     typename Mainloop::SharedStorage mainloop;
     alignas(16) uint64_t barrier_q;
+    int tile_index;  // mailbox: the tile the consumers take next
     typename Pipeline::Storage pipeline_k;
     typename Pipeline::Storage pipeline_v;
   };
   static constexpr int kSharedStorageSize = sizeof(SharedStorage);
 
-  using Scheduler = StaticPersistentScheduler</*kHeaviestFirst=*/Mainloop::kCausal>;
+  using Scheduler = PersistentScheduler</*kHeaviestFirst=*/Mainloop::kCausal>;
+  // The producer warp decides each CTA's next tile and posts it in shared memory for the consumers.
+  static constexpr int kMailboxThreads = 32 + Mainloop::kNumMmaThreads;
 
   struct Params {
     typename Mainloop::Params mainloop;
@@ -96,22 +99,30 @@ struct FwdKernelSm90 {
       cutlass::arch::warpgroup_reg_dealloc<Registers::kProducer>();
       if (warp_idx != 0) { return; }  // one warp issues all loads
       bool q_loaded = false;
+      int idx = blockIdx.x;
       for (int round = 0;; ++round) {
-        int const idx = Scheduler::tile_index(round, blockIdx.x, gridDim.x);
+        if (round > 0) { named_barrier_sync<kMailboxThreads>(FwdBarrier::TileIndexEmpty); }
+        if (cute::elect_one_sync()) { smem.tile_index = idx; }
+        __syncwarp();
+        named_barrier_arrive<kMailboxThreads>(FwdBarrier::TileIndexFull);
         if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
-        if (!w.has_rows() || w.n_end <= 0) { continue; }
-        mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
-                      varlen_q, varlen_k, w.n_end, /*wait_q_free=*/q_loaded);
-        q_loaded = true;
+        if (w.has_rows() && w.n_end > 0) {
+          mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
+                        varlen_q, varlen_k, w.n_end, /*wait_q_free=*/q_loaded);
+          q_loaded = true;
+        }
+        idx = params.scheduler.next_tile(round);
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();
       int const thread_idx = int(threadIdx.x) - 128;
       Mainloop::init_turns(thread_idx / 128);
       uint32_t q_phase = 0;
-      for (int round = 0;; ++round) {
-        int const idx = Scheduler::tile_index(round, blockIdx.x, gridDim.x);
+      for (;;) {
+        named_barrier_sync<kMailboxThreads>(FwdBarrier::TileIndexFull);
+        int const idx = smem.tile_index;
+        named_barrier_arrive<kMailboxThreads>(FwdBarrier::TileIndexEmpty);
         if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }

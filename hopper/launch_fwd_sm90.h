@@ -62,7 +62,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   int64_t const kv_bytes_per_head = int64_t(p.seqlen_k) * (p.head_dim + p.head_dim_v) * sizeof(Element);
   int const heads_per_section =
       Kernel::Scheduler::heads_per_l2_section(p.num_heads, p.batch, kv_bytes_per_head, int64_t(12) << 20);
-  typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch, heads_per_section};
+  typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch, heads_per_section, p.tile_counter};
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
                                         seqlen_args, scheduler};

@@ -66,6 +66,10 @@ struct FwdParams {
   float softcap = 0.f;  // 0 = off
 
   int32_t num_sms = 0;  // multiprocessors available to this call (device count minus sm_margin)
+
+  // Optional workspace: one zeroed int32 the kernel uses as a tile counter, so that causal and varlen
+  // problems (tiles of unequal cost) are scheduled dynamically; null selects the static schedule.
+  int32_t* tile_counter = nullptr;
 };
 
 // Status codes of the torch-free API. csrc/ turns them into Python exceptions with the message from

@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include <cute/arch/cluster_sm90.hpp>  // elect_one_sync
+
 namespace flash3 {
 
 struct TileCoord {
@@ -25,11 +27,15 @@ struct TileCoord {
 };
 
 template <bool kHeaviestFirst>
-struct StaticPersistentScheduler {
+struct PersistentScheduler {
   int num_m_blocks;
   int num_heads;
   int batch;
   int heads_per_section;  // (head, batch) pairs per L2 section; used when kHeaviestFirst
+  // Zeroed int32 in global memory, or null. When set, tiles after each CTA's first are taken from this
+  // counter (work stealing), so an SM that drew light tiles takes more of them: static rounds cannot
+  // balance causal tiles whose cost sawtooth drifts against the round (see the serpentine note above).
+  int* tile_counter;
 
   __host__ __device__ int num_tiles() const { return num_m_blocks * num_heads * batch; }
 
@@ -55,6 +61,16 @@ struct StaticPersistentScheduler {
       m = idx - hb * num_m_blocks;
     }
     return {m, hb % num_heads, hb / num_heads};
+  }
+
+  // The tile a CTA's producer warp takes after the one it started in `round` (whole warp calls it).
+  __device__ int next_tile(int round) const {
+    if (tile_counter != nullptr) {
+      int claimed = 0;  // one lane claims; the others hold 0, so the max broadcasts the claim
+      if (cute::elect_one_sync()) { claimed = atomicAdd(tile_counter, 1); }
+      return int(gridDim.x) + int(__reduce_max_sync(0xffffffff, unsigned(claimed)));
+    }
+    return tile_index(round + 1, blockIdx.x, gridDim.x);
   }
 
   // Sections hold as many (head, batch) pairs as fit `l2_budget_bytes` of K + V.
