@@ -100,19 +100,20 @@ struct FwdKernelSm90 {
       if (warp_idx != 0) { return; }  // one warp issues all loads
       bool q_loaded = false;
       int idx = blockIdx.x;
-      for (int round = 0;; ++round) {
-        if (round > 0) { named_barrier_sync<kMailboxThreads>(FwdBarrier::TileIndexEmpty); }
+      for (bool first = true;; first = false) {
+        if (!first) { named_barrier_sync<kMailboxThreads>(FwdBarrier::TileIndexEmpty); }
         if (cute::elect_one_sync()) { smem.tile_index = idx; }
         __syncwarp();
         named_barrier_arrive<kMailboxThreads>(FwdBarrier::TileIndexFull);
         if (idx >= num_tiles) { break; }
+        int const next = params.scheduler.claim_next_tile(idx);
         TileWork const w = work_of(params, idx);
         if (w.has_rows() && w.n_end > 0) {
           mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
                         varlen_q, varlen_k, w.n_end, /*wait_q_free=*/q_loaded);
           q_loaded = true;
         }
-        idx = params.scheduler.next_tile(round);
+        idx = next;
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();

@@ -1,17 +1,16 @@
-// Persistent tile scheduler: the grid holds at most one CTA per SM and each CTA walks one tile per round,
-// so the next tile's loads overlap the current tile's epilogue and the per-CTA set-up (barrier init,
-// descriptor prefetch) is paid once per SM instead of once per tile. Rounds alternate direction
-// (serpentine): in round r CTA c takes tile r * G + c, or r * G + (G - 1 - c) when r is odd, so over a list
-// sorted heaviest first a CTA that got a heavy tile in one round gets a light one in the next. Plain
-// striding measured 23% slower on (b 1, s 16k, causal), where one-head L2 sections make the per-round cost
-// a sawtooth that striding never evens out.
+// Persistent tile scheduler: the grid holds at most one CTA per SM and each CTA walks several tiles, so
+// the next tile's loads overlap the current tile's epilogue and the per-CTA set-up (barrier init,
+// descriptor prefetch) is paid once per SM instead of once per tile. Each CTA starts at tile blockIdx.x;
+// after that it either strides by gridDim.x (static: every tile costs the same) or claims the next
+// unclaimed tile from a global counter (dynamic: causal and varlen tiles of unequal cost).
 //
 // Tile order. Non-causal tiles all cost the same: m blocks are innermost, so CTAs running at the same time
 // share one (head, batch)'s K/V in L2. Causal tiles cost in proportion to their m block: heads are cut into
 // sections whose K/V fit in a share of L2, and inside a section the order is m block outermost, heaviest
-// first (longest-processing-time first, which evens out per-SM totals) while the section's K/V stay
-// cached across its m blocks. (b, s=512, causal) measured 20% slower with one global LPT order, which
-// re-reads K/V from HBM for every m block.
+// first (longest-processing-time first), while the section's K/V stay cached across its m blocks.
+// Measured on H100 (benchmarks/NOTES.md): one global heaviest-first order re-reads K/V from HBM for every
+// m block (b 32, s 512, causal: -20%); sections with static striding leave some SMs with twice the work
+// of others on (b 1, s 16k, causal: 416 vs 578 TFLOPS); sections with the dynamic counter: 614.
 #pragma once
 
 #include <cstdint>
@@ -32,18 +31,11 @@ struct PersistentScheduler {
   int num_heads;
   int batch;
   int heads_per_section;  // (head, batch) pairs per L2 section; used when kHeaviestFirst
-  // Zeroed int32 in global memory, or null. When set, tiles after each CTA's first are taken from this
-  // counter (work stealing), so an SM that drew light tiles takes more of them: static rounds cannot
-  // balance causal tiles whose cost sawtooth drifts against the round (see the serpentine note above).
+  // Zeroed int32 in global memory, or null. When set, tiles after each CTA's first are claimed from this
+  // counter, so an SM that drew light tiles takes more of them.
   int* tile_counter;
 
   __host__ __device__ int num_tiles() const { return num_m_blocks * num_heads * batch; }
-
-  // Tile index of CTA `cta` (of `num_ctas`) in round `round`; indices grow with the round, so the first
-  // index past num_tiles() ends the CTA's walk.
-  __device__ static int tile_index(int round, int cta, int num_ctas) {
-    return round * num_ctas + ((round & 1) ? num_ctas - 1 - cta : cta);
-  }
 
   __device__ TileCoord tile(int idx) const {
     int hb, m;
@@ -63,14 +55,15 @@ struct PersistentScheduler {
     return {m, hb % num_heads, hb / num_heads};
   }
 
-  // The tile a CTA's producer warp takes after the one it started in `round` (whole warp calls it).
-  __device__ int next_tile(int round) const {
+  // The tile this CTA's producer warp takes after its current one (the whole warp calls it). Called before
+  // the current tile's loads are issued, so the atomic's round trip overlaps them.
+  __device__ int claim_next_tile(int current) const {
     if (tile_counter != nullptr) {
       int claimed = 0;  // one lane claims; the others hold 0, so the max broadcasts the claim
       if (cute::elect_one_sync()) { claimed = atomicAdd(tile_counter, 1); }
       return int(gridDim.x) + int(__reduce_max_sync(0xffffffff, unsigned(claimed)));
     }
-    return tile_index(round + 1, blockIdx.x, gridDim.x);
+    return current + int(gridDim.x);
   }
 
   // Sections hold as many (head, batch) pairs as fit `l2_budget_bytes` of K + V.
