@@ -34,15 +34,18 @@ struct FwdKernelSm90 {
   struct SharedStorage {
     typename Mainloop::SharedStorage mainloop;
     alignas(16) uint64_t barrier_q;
-    int tile_index;  // mailbox: the tile the consumers take next
+    alignas(8) uint64_t mailbox_full;
+    alignas(8) uint64_t mailbox_empty;
+    int tile_index;  // mailbox slot: the tile the consumers take next
     typename Pipeline::Storage pipeline_k;
     typename Pipeline::Storage pipeline_v;
   };
   static constexpr int kSharedStorageSize = sizeof(SharedStorage);
 
   using Scheduler = PersistentScheduler</*kHeaviestFirst=*/Mainloop::kCausal>;
-  // The producer warp decides each CTA's next tile and posts it in shared memory for the consumers.
-  static constexpr int kMailboxThreads = 32 + Mainloop::kNumMmaThreads;
+  // The producer warp decides each CTA's next tile and posts it in a one-slot shared-memory mailbox guarded
+  // by two mbarriers (arrive = release, wait = acquire): "full" after the producer wrote the slot, "empty"
+  // after every consumer thread read it. Mailbox round r completes phase r of each.
 
   struct Params {
     typename Mainloop::Params mainloop;
@@ -83,6 +86,8 @@ struct FwdKernelSm90 {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.barrier_q, 1);
       Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups);
       Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups);
+      cutlass::arch::ClusterBarrier::init(&smem.mailbox_full, 1);
+      cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads);
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
@@ -100,11 +105,13 @@ struct FwdKernelSm90 {
       if (warp_idx != 0) { return; }  // one warp issues all loads
       bool q_loaded = false;
       int idx = blockIdx.x;
-      for (bool first = true;; first = false) {
-        if (!first) { named_barrier_sync<kMailboxThreads>(FwdBarrier::TileIndexEmpty); }
-        if (cute::elect_one_sync()) { smem.tile_index = idx; }
+      for (uint32_t round = 0;; ++round) {
+        if (round > 0) { cutlass::arch::ClusterBarrier::wait(&smem.mailbox_empty, (round - 1) & 1); }
+        if (cute::elect_one_sync()) {
+          smem.tile_index = idx;
+          cutlass::arch::ClusterBarrier::arrive(&smem.mailbox_full);
+        }
         __syncwarp();
-        named_barrier_arrive<kMailboxThreads>(FwdBarrier::TileIndexFull);
         if (idx >= num_tiles) { break; }
         int const next = params.scheduler.claim_next_tile(idx);
         TileWork const w = work_of(params, idx);
@@ -120,10 +127,10 @@ struct FwdKernelSm90 {
       int const thread_idx = int(threadIdx.x) - 128;
       Mainloop::init_turns(thread_idx / 128);
       uint32_t q_phase = 0;
-      for (;;) {
-        named_barrier_sync<kMailboxThreads>(FwdBarrier::TileIndexFull);
+      for (uint32_t round = 0;; ++round) {
+        cutlass::arch::ClusterBarrier::wait(&smem.mailbox_full, round & 1);
         int const idx = smem.tile_index;
-        named_barrier_arrive<kMailboxThreads>(FwdBarrier::TileIndexEmpty);
+        cutlass::arch::ClusterBarrier::arrive(&smem.mailbox_empty);
         if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }

@@ -15,10 +15,6 @@ enum class FwdBarrier : int {
   WarpGroupTurn2 = 2,
   // Consumers (arrive) -> producer warp (sync): every Q K^T of the tile is done, smem Q may be overwritten.
   QueryEmpty = 3,
-  // Tile mailbox in shared memory, producer warp <-> consumers: the next tile index is written (full) and
-  // has been read (empty).
-  TileIndexFull = 4,
-  TileIndexEmpty = 5,
 };
 
 template <int kNumThreads>
