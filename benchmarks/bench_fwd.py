@@ -260,18 +260,20 @@ def write_plot(path: Path, rows: list[dict]) -> None:
         print("--plot: no paper-grid results to plot")
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    # One colour per backend in every panel: panels where a backend has no rows must not shift the others.
+    colors = {b: plt.get_cmap("tab10")(i) for i, b in enumerate(BACKENDS)}
     for ax, (d, causal) in zip(axes[0], panels):
         for backend in BACKENDS:
             pts = sorted((int(r["seqlen_q"]), float(r["tflops"])) for r in paper
                          if r["backend"] == backend and int(r["head_dim"]) == d and (r["causal"] == "True") == causal)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend, color=colors[backend])
         ax.set_xscale("log", base=2)
         ax.set_title(f"d={d}{' causal' if causal else ''}")
         ax.set_xlabel("seqlen")
         ax.set_ylabel("TFLOPS")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(f"forward, {paper[0]['dtype']}, {paper[0]['device']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="d 128 and s in {1k, 8k} only, 10 rounds")
     ap.add_argument("--csv", type=Path, help="CSV path (default: benchmarks/results/fwd_<date>_<device>.csv)")
     ap.add_argument("--plot", type=Path, help="write a PNG of the paper grid here (needs matplotlib)")
+    ap.add_argument("--replot", type=Path, metavar="CSV",
+                    help="no GPU needed: redraw --plot from an earlier run's CSV and exit")
     args = ap.parse_args()
+
+    if args.replot:
+        import csv
+
+        with open(args.replot, newline="") as f:
+            write_plot(args.plot or args.replot.with_suffix(".png"), list(csv.DictReader(f)))
+        return 0
 
     import torch
 

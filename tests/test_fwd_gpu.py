@@ -19,24 +19,11 @@ import pytest
 import torch
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device (the forward kernels need an SM90 GPU)"
-    cap = torch.cuda.get_device_capability()
-    if cap != (9, 0):
-        return f"the forward kernels are built for SM90 (Hopper); this GPU is sm_{cap[0]}{cap[1]}"
-    try:
-        from flash_attn3 import _ops
-    except Exception as exc:  # the package may be mid-development; never fail collection on it
-        return f"flash_attn3 is not importable: {type(exc).__name__}: {exc}"
-    if not getattr(_ops, "HAS_EXTENSION", False):
-        return f"flash_attn3._C is not built or failed to load: {getattr(_ops, 'LOAD_ERROR', None)}"
-    return None
-
+from _gpu import skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.gpu
 
-_SKIP_REASON = _skip_reason()
+_SKIP_REASON = skip_reason()
 if _SKIP_REASON is not None:
     pytest.skip(_SKIP_REASON, allow_module_level=True)
 
