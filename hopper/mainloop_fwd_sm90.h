@@ -3,9 +3,10 @@
 //    key blocks visited from the last to the first so that the boundary block (the one needing masks and
 //    the V tail fix-up) comes first;
 //  - the consumer side (`mma`): per key block, S = Q K^T on the tensor cores (SS WGMMA), mask, online
-//    softmax, O += P V with P taken straight from registers (RS WGMMA).
-// Each consumer warpgroup owns 64 query rows of the tile and runs the loop independently; they share the
-// K/V stages. Shapes in comments are per thread unless they say otherwise.
+//    softmax, O += P V with P taken straight from registers (RS WGMMA), software-pipelined so the softmax
+//    of one block runs while the tensor cores work on the next (see `mma`).
+// Each consumer warpgroup owns 64 query rows of the tile; the warpgroups share the K/V stages and take
+// turns issuing GEMMs (ping-pong). Shapes in comments are per thread unless they say otherwise.
 #pragma once
 
 #include <cute/tensor.hpp>

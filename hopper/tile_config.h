@@ -28,8 +28,10 @@ struct TileConfigSm90<96, kCausal> {
 
 // hdim 128, non-causal: 128x176, 2 stages = 32 + 176 KB = 208 KB. Wider key blocks cut the per-block
 // fixed costs (barrier waits, row max/sum shuffles, O rescale) relative to GEMM work; 176 is the widest
-// that fits: 128x192 would need 224 KB plus barriers, over the 227 KB cap. S (88 regs), the next S during
-// the overlap, P (44) and O (64) still fit the 240-register consumer budget without spills.
+// that fits: 128x192 would need 224 KB plus barriers, over the 227 KB cap. S (88 regs), P (44) and O (64)
+// are live together while the overlapped GEMMs run; that fits the 240-register consumer budget only because
+// the kernel re-derives the tile's coordinates after the mainloop instead of keeping them live (48 bytes of
+// spills otherwise). Needs CuTe's extended WGMMA shapes (N = 176 is not a multiple of 32).
 template <>
 struct TileConfigSm90<128, false> {
   static constexpr int kBlockM = 128;
