@@ -245,6 +245,20 @@ def device_tag(torch) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "gpu"
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"csv: {path}")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_plot(path: Path, rows: list[dict]) -> None:
     try:
         import matplotlib
@@ -297,10 +311,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.replot:
-        import csv
-
-        with open(args.replot, newline="") as f:
-            write_plot(args.plot or args.replot.with_suffix(".png"), list(csv.DictReader(f)))
+        write_plot(args.plot or args.replot.with_suffix(".png"), read_csv(args.replot))
         return 0
 
     import torch
@@ -356,12 +367,7 @@ def main() -> int:
             if status in ("error",):
                 print(f"    {name}: {note}", flush=True)
 
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"csv: {csv_path}")
+    write_csv(csv_path, rows)
     if args.plot:
         write_plot(args.plot, rows)
     return 0

@@ -1,0 +1,51 @@
+"""CPU checks of the benchmark script's non-GPU paths (CSV round trip, re-plotting), so a broken results
+writer is caught here rather than after a benchmark run on the GPU machine."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_fwd", ROOT / "benchmarks" / "bench_fwd.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_fwd"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows():
+    rows = []
+    for backend, tflops in (("flash_attn3", 600.0), ("cudnn", 580.5)):
+        for seqlen in (512, 1024):
+            rows.append({"date": "2026-11-22", "device": "H100", "group": "paper", "dtype": "bf16", "batch": 2,
+                         "seqlen_q": seqlen, "seqlen_k": seqlen, "heads": 16, "heads_k": 16, "head_dim": 128,
+                         "causal": False, "varlen": False, "backend": backend, "status": "ok", "ms": 1.0,
+                         "tflops": tflops + seqlen, "max_diff_vs_sdpa": "", "note": "", "torch": "x"})
+    return rows
+
+
+def test_csv_round_trip(tmp_path):
+    bench = _load_bench()
+    path = tmp_path / "results" / "fwd.csv"
+    bench.write_csv(path, _rows())
+    back = bench.read_csv(path)
+    assert len(back) == 4
+    assert {r["backend"] for r in back} == {"flash_attn3", "cudnn"}
+    assert float(back[0]["tflops"]) == pytest.approx(1112.0)
+
+
+def test_replot_writes_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = _load_bench()
+    csv_path = tmp_path / "fwd.csv"
+    bench.write_csv(csv_path, _rows())
+    png = tmp_path / "fwd.png"
+    monkeypatch.setattr(sys, "argv", ["bench_fwd.py", "--replot", str(csv_path), "--plot", str(png)])
+    assert bench.main() == 0
+    assert png.exists() and png.stat().st_size > 1000
