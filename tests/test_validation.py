@@ -561,16 +561,20 @@ def test_public_api():
     assert _ops.HAS_EXTENSION or _ops.LOAD_ERROR
 
 
-# The op schema exactly as csrc/flash_api.cpp declares it, registered here under a test namespace with a CPU
-# implementation backed by the reference, so opcheck can run the fake against the real signature on CPU.
-SCHEMA_TEXT = (
-    "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) softmax_lse, "
-    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, "
-    "int max_seqlen_q, int max_seqlen_k, "
-    "Tensor? page_table, Tensor? kv_batch_idx, Tensor? leftpad_k, "
-    "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
-    "float softmax_scale, int window_size_left, int window_size_right, float softcap, "
-    "int num_splits, int pack_gqa, int sm_margin) -> ()")
+# The op schema as csrc/flash_api.cpp declares it (read from the source, so a schema change there is tested
+# here), registered under a test namespace with a CPU implementation backed by the reference, so opcheck
+# can run the fake against the real signature on CPU.
+def _schema_from_source() -> str:
+    import re
+    from pathlib import Path
+
+    cpp = (Path(__file__).resolve().parent.parent / "csrc" / "flash_api.cpp").read_text()
+    body = re.search(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', cpp)
+    assert body, "csrc/flash_api.cpp: no m.def(...) schema found"
+    return "".join(re.findall(r'"([^"]*)"', body.group(1)))
+
+
+SCHEMA_TEXT = _schema_from_source()
 
 
 @pytest.fixture(scope="module")
