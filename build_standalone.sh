@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # build_standalone.sh: builds the forward kernels with nvcc alone (no torch, no Python build system) into
-# build_standalone/test_varlen_inference, a static-cudart command-line runner. It compiles hopper/*.cu (the
-# dispatch in api.cu and any other torch-free sources), the instantiation files that tools/kernels.py selects
-# (FLASH_ATTN3_DTYPES / FLASH_ATTN3_HDIMS), and hopper/standalone/test_varlen_inference.cu, one translation
-# unit per process, with ninja when it is installed (incremental, header dependencies tracked) or xargs -P.
-# Every TU's `-Xptxas -v` report (registers, spills) is collected in build_standalone/ptxas.log.
+#   build_standalone/test_varlen_inference  the command-line runner (static cudart; standalone guide's CLI)
+#   build_standalone/libflash_attn3.so      the torch-free library: C API in hopper/flash_attn3.h (and the
+#                                           guide's mha_fwd_standalone in hopper/flash_api_standalone.h)
+#   build_standalone/flash3_example         hopper/standalone/example.c, a C program linked against the .so
+# It compiles hopper/*.cu (dispatch, C API), the instantiation files that tools/kernels.py selects
+# (FLASH_ATTN3_DTYPES / FLASH_ATTN3_HDIMS) and the runner, one translation unit per process, with ninja when
+# it is installed (incremental, header dependencies tracked) or xargs -P. Every TU's `-Xptxas -v` report
+# (registers, spills) is collected in build_standalone/ptxas.log.
 #
 # Usage: bash build_standalone.sh [--objects-only] [--check] [-j N] [--clean]
 #        bash build_standalone.sh --print-cuda-home | --print-cutlass
@@ -17,17 +20,18 @@ PYTHON="${PYTHON:-python3}"
 JOBS="${MAX_JOBS:-2}"  # each kernel TU peaks at 4-6 GB (shared/research/build.md section 3)
 
 usage() {
-  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
 Options:
-  --objects-only     compile every TU, do not link (a compile check; no standalone main needed)
+  --objects-only     compile every TU, do not link (a compile check)
   --check            after building, run tools/check_sass.py on the result (HGMMA present, no spills)
   -j N               parallel compiles (default: $MAX_JOBS, else 2)
   --clean            remove build_standalone/ first
   --print-cuda-home  print the CUDA toolkit root this script would use, then exit
   --print-cutlass    print the CUTLASS include directory this script would use, then exit
-Environment: CUDA_HOME, CUTLASS_DIR, MAX_JOBS, FLASH_ATTN3_DTYPES, FLASH_ATTN3_HDIMS, PYTHON, NVCC_EXTRA_FLAGS
+Environment: CUDA_HOME, CUTLASS_DIR, MAX_JOBS, FLASH_ATTN3_DTYPES, FLASH_ATTN3_HDIMS, PYTHON, NVCC_EXTRA_FLAGS,
+             CC (the C compiler of the example; default cc)
 EOF
 }
 
@@ -135,12 +139,15 @@ cd "$ROOT"
 [[ -f hopper/api.cu ]] || die "hopper/api.cu does not exist yet: the forward dispatch has not been written, so there is nothing to compile"
 mapfile -t INSTANTIATIONS < <("$PYTHON" tools/kernels.py --sources)
 DEFINES="$("$PYTHON" tools/kernels.py --defines)"
-SOURCES=(hopper/*.cu "${INSTANTIATIONS[@]}")
+LIB_SOURCES=(hopper/*.cu "${INSTANTIATIONS[@]}")
 MAIN=hopper/standalone/test_varlen_inference.cu
+EXAMPLE=hopper/standalone/example.c
+SOURCES=("${LIB_SOURCES[@]}")
 if [[ $OBJECTS_ONLY -eq 0 ]]; then
   [[ -f "$MAIN" ]] || die "$MAIN is missing (use --objects-only for a compile check)"
   SOURCES+=("$MAIN")
 fi
+CC_BIN="${CC:-cc}"
 
 GENCODE="-gencode=arch=compute_90a,code=sm_90a"
 # -lineinfo keeps source lines for ncu and compute-sanitizer at no runtime cost.
@@ -164,7 +171,16 @@ obj_of() { # hopper/instantiations/x.cu -> build_standalone/obj/x.o
 
 OBJECTS=()
 for src in "${SOURCES[@]}"; do OBJECTS+=("$(obj_of "$src")"); done
+LIB_OBJECTS=("${OBJECTS[@]:0:${#LIB_SOURCES[@]}}")
 EXE="$BUILD/test_varlen_inference"
+LIB="$BUILD/libflash_attn3.so"
+EXAMPLE_EXE="$BUILD/flash3_example"
+# The runner links cudart statically (a self-contained binary). The library links the shared cudart so that a
+# program linking both it and libcudart (the example) has one CUDA runtime, and finds it through its rpath.
+CUDA_LIB="$CUDA_HOME/lib64"
+[[ -d "$CUDA_LIB" ]] || CUDA_LIB="$CUDA_HOME/lib"
+LINK_LIB="\$nvcc $GENCODE -shared -cudart shared -Xlinker -rpath,$CUDA_LIB \$in -o \$out"
+LINK_EXAMPLE="$CC_BIN -std=c99 -O2 -Wall -Wextra -I $ROOT/hopper -I $CUDA_HOME/include \$in -L $BUILD -lflash_attn3 -L $CUDA_LIB -lcudart -Wl,-rpath,$BUILD -Wl,-rpath,$CUDA_LIB -lm -o \$out"
 START=$SECONDS
 
 if command -v ninja >/dev/null 2>&1; then
@@ -181,12 +197,20 @@ if command -v ninja >/dev/null 2>&1; then
     echo "rule link"
     echo "  command = \$nvcc $GENCODE -cudart static \$in -o \$out"
     echo "  description = link \$out"
+    echo "rule link_lib"
+    echo "  command = $LINK_LIB"
+    echo "  description = link \$out"
+    echo "rule c_example"
+    echo "  command = $LINK_EXAMPLE"
+    echo "  description = cc \$in"
     for i in "${!SOURCES[@]}"; do
       echo "build ${OBJECTS[$i]}: cu $ROOT/${SOURCES[$i]}"
     done
     if [[ $OBJECTS_ONLY -eq 0 ]]; then
       echo "build $EXE: link ${OBJECTS[*]}"
-      echo "default $EXE"
+      echo "build $LIB: link_lib ${LIB_OBJECTS[*]}"
+      echo "build $EXAMPLE_EXE: c_example $ROOT/$EXAMPLE | $LIB"
+      echo "default $EXE $LIB $EXAMPLE_EXE"
     else
       echo "default ${OBJECTS[*]}"
     fi
@@ -202,6 +226,9 @@ else
       $NVCC $NVCC_FLAGS -c "$0" -o "$1" > "$1.log" 2>&1 || { cat "$1.log"; echo "FAILED: $0" >&2; exit 255; }'
   if [[ $OBJECTS_ONLY -eq 0 ]]; then
     "$NVCC" $GENCODE -cudart static "${OBJECTS[@]}" -o "$EXE"
+    # The link commands are written with ninja's $in/$out/$nvcc, which bash expands from the environment.
+    in="${LIB_OBJECTS[*]}" out="$LIB" nvcc="$NVCC" bash -c "$LINK_LIB"
+    in="$ROOT/$EXAMPLE" out="$EXAMPLE_EXE" bash -c "$LINK_EXAMPLE"
   fi
 fi
 
@@ -211,7 +238,7 @@ for i in "${!SOURCES[@]}"; do
   { echo "### ${SOURCES[$i]}"; cat "${OBJECTS[$i]}.log" 2>/dev/null || true; } >>"$BUILD/ptxas.log"
 done
 echo "== built in $((SECONDS - START)) s; ptxas report: ${BUILD#"$ROOT"/}/ptxas.log"
-[[ $OBJECTS_ONLY -eq 0 ]] && echo "   executable: ${EXE#"$ROOT"/}"
+[[ $OBJECTS_ONLY -eq 0 ]] && echo "   runner: ${EXE#"$ROOT"/} | library: ${LIB#"$ROOT"/} | C example: ${EXAMPLE_EXE#"$ROOT"/}"
 
 if [[ $CHECK -eq 1 ]]; then
   if [[ $OBJECTS_ONLY -eq 1 ]]; then

@@ -103,10 +103,15 @@ def make_backends(torch):
         return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal)
 
     def fa3(case, q, k, v, cu_q, cu_k):
+        # FA3 proper (flash_attn_interface), or its PyPI forward-only build fa3-fwd, whose module is the same
+        # interface under another name (it needs a flash_attn_config.py beside it: tools/gpu_check.sh adds one).
         try:
             import flash_attn_interface
-        except ImportError as e:
-            raise Unsupported("flash_attn_interface not installed") from e
+        except ImportError:
+            try:
+                import fa3_fwd_interface as flash_attn_interface
+            except ImportError as e:
+                raise Unsupported("neither flash_attn_interface nor fa3_fwd_interface is installed") from e
         if case.varlen:
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn_interface.flash_attn_varlen_func(

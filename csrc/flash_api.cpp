@@ -128,19 +128,21 @@ flash3::Operand operand(at::Tensor const& t) {
     op.batch_stride = effective_stride(t, 0);
     op.row_stride = effective_stride(t, 1);
     op.head_stride = effective_stride(t, 2);
+    op.rows = to_int32(t.size(1), "seqlen");
   } else {  // packed varlen: sequences are located through cu_seqlens, not a batch stride
     op.batch_stride = 0;
     op.row_stride = effective_stride(t, 0);
     op.head_stride = effective_stride(t, 1);
+    op.rows = to_int32(t.size(0), "total tokens");
   }
   return op;
 }
 
 flash3::DType to_dtype(at::ScalarType t) {
-  if (t == at::kHalf) return flash3::DType::kFloat16;
-  if (t == at::kBFloat16) return flash3::DType::kBFloat16;
+  if (t == at::kHalf) return FLASH3_FLOAT16;
+  if (t == at::kBFloat16) return FLASH3_BFLOAT16;
   TORCH_CHECK(t == at::kFloat8_e4m3fn, "flash_attn3 fwd: q must be float16, bfloat16 or float8_e4m3fn, got ", t);
-  return flash3::DType::kFloat8E4M3;
+  return FLASH3_FLOAT8_E4M3;
 }
 
 void not_implemented_if(bool used, char const* feature) {
@@ -163,12 +165,31 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "flash_attn3 fwd: q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
               ", ", v.scalar_type());
-  bool const is_fp8 = dtype == flash3::DType::kFloat8E4M3;
+  bool const is_fp8 = dtype == FLASH3_FLOAT8_E4M3;
   at::ScalarType const out_type = is_fp8 ? at::kBFloat16 : q.scalar_type();
   TORCH_CHECK(out.scalar_type() == out_type, "flash_attn3 fwd: out must have dtype ", out_type,
               is_fp8 ? " (bfloat16 for float8 inputs)" : " (the dtype of q)", ", got ", out.scalar_type());
   TORCH_CHECK(softmax_lse.scalar_type() == at::kFloat, "flash_attn3 fwd: softmax_lse must be float32, got ",
               softmax_lse.scalar_type());
+
+  // ---- scalar ranges: the op is reachable directly (torch.ops, compiled graphs), so Python's checks are
+  // repeated here rather than trusted ----
+  TORCH_CHECK(num_splits >= 0 && num_splits <= 256,
+              "flash_attn3 fwd: num_splits must be in [0, 256] (0 = heuristic, 1 = no split), got ", num_splits);
+  TORCH_CHECK(pack_gqa >= -1 && pack_gqa <= 1, "flash_attn3 fwd: pack_gqa must be -1 (heuristic), 0 or 1, got ",
+              pack_gqa);
+  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn3 fwd: softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_attn3 fwd: softcap must be finite and >= 0 (0 = off), got ",
+              softcap);
+  TORCH_CHECK(window_size_left >= -1 && window_size_right >= -1,
+              "flash_attn3 fwd: window_size_left/right must be >= -1 (-1 = unbounded), got (", window_size_left, ", ",
+              window_size_right, ")");
+  TORCH_CHECK(window_size_left <= std::numeric_limits<int32_t>::max() &&
+                  window_size_right <= std::numeric_limits<int32_t>::max(),
+              "flash_attn3 fwd: window_size_left/right must be < 2^31, got (", window_size_left, ", ",
+              window_size_right, ")");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "flash_attn3 fwd: max_seqlen_q/k must be >= 0, got ",
+              max_seqlen_q, " and ", max_seqlen_k);
 
   // ---- features the kernels do not have yet: fail loudly rather than compute something else ----
   not_implemented_if(page_table.has_value(), "paged KV (page_table)");
@@ -208,10 +229,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   int64_t const total_k = varlen_k ? k.size(0) : k.size(0) * k.size(1);
   int64_t const seqlen_q = varlen_q ? max_seqlen_q : q.size(1);
   int64_t const seqlen_k = varlen_k ? max_seqlen_k : k.size(1);
-  TORCH_CHECK(!varlen_q || max_seqlen_q >= 0, "flash_attn3 fwd: max_seqlen_q must be >= 0 with cu_seqlens_q, got ",
-              max_seqlen_q);
-  TORCH_CHECK(!varlen_k || max_seqlen_k >= 0, "flash_attn3 fwd: max_seqlen_k must be >= 0 with cu_seqlens_k, got ",
-              max_seqlen_k);
   // A longer "longest sequence" than the packed rows is a caller bug that would size the grid wrongly.
   TORCH_CHECK(!varlen_q || max_seqlen_q <= total_q, "flash_attn3 fwd: max_seqlen_q (", max_seqlen_q,
               ") exceeds the packed q rows (", total_q, ")");
@@ -255,11 +272,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   check_tma_aligned(v, "v");
   check_tma_aligned(out, "out");
 
-  // ---- scalar options ----
-  TORCH_CHECK(pack_gqa >= -1 && pack_gqa <= 1, "flash_attn3 fwd: pack_gqa must be -1 (heuristic), 0 or 1, got ",
-              pack_gqa);
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn3 fwd: softmax_scale must be finite, got ", softmax_scale);
-
   c10::cuda::CUDAGuard const guard(q.device());
   DeviceInfo const& dev = device_info(q.get_device());
   TORCH_CHECK(dev.cc_major == 9 && dev.cc_minor == 0,
@@ -268,14 +280,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   TORCH_CHECK(sm_margin >= 0 && sm_margin < dev.num_sms, "flash_attn3 fwd: sm_margin must be in [0, ", dev.num_sms,
               ") on this device, got ", sm_margin);
 
-  // ---- nothing to compute: no launch (a zero-sized grid or TMA box is an error, not a no-op) ----
+  // ---- nothing to compute: no launch (run_fwd itself handles K without rows) ----
   if (total_q == 0 || num_heads == 0) return;
-  if (total_k == 0) {
-    // Every row sees no keys. Same convention as the kernel's empty rows: O = 0, LSE = -inf.
-    out.zero_();
-    softmax_lse.fill_(-std::numeric_limits<float>::infinity());
-    return;
-  }
 
   flash3::FwdParams params;
   params.dtype = dtype;
@@ -284,14 +290,10 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.k = operand(k);
   params.v = operand(v);
   params.out = operand(out);
-  params.softmax_lse = softmax_lse.data_ptr<float>();
-  params.lse_batch_stride = varlen_q ? 0 : softmax_lse.stride(0);
-  params.lse_head_stride = varlen_q ? softmax_lse.stride(0) : softmax_lse.stride(1);
+  params.lse.ptr = softmax_lse.data_ptr<float>();
+  params.lse.batch_stride = varlen_q ? 0 : softmax_lse.stride(0);
+  params.lse.head_stride = varlen_q ? softmax_lse.stride(0) : softmax_lse.stride(1);
   params.batch = to_int32(batch, "batch size");
-  params.seqlen_q = to_int32(seqlen_q, "seqlen_q");
-  params.seqlen_k = to_int32(seqlen_k, "seqlen_k");
-  params.total_q = to_int32(total_q, "total q tokens");
-  params.total_k = to_int32(total_k, "total k tokens");
   params.num_heads = to_int32(num_heads, "num_heads");
   params.num_heads_k = to_int32(num_heads_k, "num_heads_k");
   params.head_dim = static_cast<int32_t>(head_dim);
@@ -300,6 +302,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.varlen.cu_seqlens_k = varlen_k ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
   params.varlen.seqused_q = seqused_q.has_value() ? seqused_q->data_ptr<int32_t>() : nullptr;
   params.varlen.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int32_t>() : nullptr;
+  params.varlen.max_seqlen_q = varlen_q ? to_int32(max_seqlen_q, "max_seqlen_q") : 0;
+  params.varlen.max_seqlen_k = varlen_k ? to_int32(max_seqlen_k, "max_seqlen_k") : 0;
   params.mask.window_left = static_cast<int32_t>(window_size_left < 0 ? -1 : window_size_left);
   params.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
   params.softmax_scale = static_cast<float>(softmax_scale);
@@ -311,21 +315,21 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   // Causal and varlen tiles differ in cost: give the kernel a zeroed tile counter so it schedules them
   // dynamically. Stream-ordered allocation + memset, so this stays CUDA-graph capturable.
   at::Tensor tile_counter;
-  if (params.mask.is_causal() || varlen_q || varlen_k) {
+  if (flash3::is_causal(params.mask) || varlen_q || varlen_k) {
     tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
     params.tile_counter = tile_counter.data_ptr<int32_t>();
   }
 
   cudaError_t cuda_err = cudaSuccess;
   flash3::Status const status = flash3::run_fwd(params, c10::cuda::getCurrentCUDAStream().stream(), &cuda_err);
-  TORCH_CHECK_NOT_IMPLEMENTED(status != flash3::Status::kNotCompiled, "flash_attn3 fwd: ",
+  TORCH_CHECK_NOT_IMPLEMENTED(status != FLASH3_NOT_COMPILED, "flash_attn3 fwd: ",
                               flash3::status_string(status), ": ", flash3::last_error_detail(), " (dtype ",
                               q.scalar_type(), ", head_dim ", head_dim, ", causal ",
-                              params.mask.is_causal() ? "true" : "false", ")");
-  TORCH_CHECK(status != flash3::Status::kCudaError, "flash_attn3 fwd: CUDA error: ", cudaGetErrorString(cuda_err));
-  TORCH_CHECK(status != flash3::Status::kInvalidArgument, "flash_attn3 fwd: invalid argument: ",
+                              flash3::is_causal(params.mask) ? "true" : "false", ")");
+  TORCH_CHECK(status != FLASH3_CUDA_ERROR, "flash_attn3 fwd: CUDA error: ", cudaGetErrorString(cuda_err));
+  TORCH_CHECK(status != FLASH3_INVALID_ARGUMENT, "flash_attn3 fwd: invalid argument: ",
               flash3::last_error_detail());
-  TORCH_CHECK(status == flash3::Status::kSuccess, "flash_attn3 fwd: unexpected status ", static_cast<int>(status),
+  TORCH_CHECK(status == FLASH3_SUCCESS, "flash_attn3 fwd: unexpected status ", static_cast<int>(status),
               " from run_fwd: ", flash3::status_string(status));
 }
 

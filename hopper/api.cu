@@ -1,13 +1,15 @@
-// Torch-free entry points: checks what the kernels themselves rely on (TMA alignment, supported features),
-// then maps the runtime (dtype, head dim) to the compiled kernel through the generated registry.
+// Torch-free entry points. run_fwd checks every rule the kernels rely on before anything is launched (TMA
+// descriptor rules, buffer shapes, supported features), so a bad params struct comes back as a status with a
+// message and never as a broken launch or text printed by CuTe; then it maps the runtime (dtype, head dim)
+// to the compiled kernel through the generated registry. The C API of flash_attn3.h is a thin layer on top.
 // Compiles without CuTe's kernel headers: the kernels live in hopper/instantiations/*.cu.
 #include "api.h"
 
 #include <cutlass/numeric_types.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
-#include <tuple>
 
 namespace flash3 {
 
@@ -17,6 +19,7 @@ cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream);  // defined i
 namespace {
 
 thread_local std::string g_error_detail;
+thread_local cudaError_t g_cuda_error = cudaSuccess;
 
 Status fail(Status status, std::string detail) {
   g_error_detail = std::move(detail);
@@ -35,27 +38,126 @@ RunFn find_kernel(DType dtype, int compiled_head_dim) {
 
 char const* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat8E4M3: return "float8_e4m3fn";
+    case FLASH3_FLOAT16: return "float16";
+    case FLASH3_BFLOAT16: return "bfloat16";
+    case FLASH3_FLOAT8_E4M3: return "float8_e4m3fn";
   }
   return "unknown";
 }
 
-int element_size(DType dtype) { return dtype == DType::kFloat8E4M3 ? 1 : 2; }
+int element_size(DType dtype) { return dtype == FLASH3_FLOAT8_E4M3 ? 1 : 2; }
 
-// TMA reads Q, K and V: the base address must be 16-byte aligned and every stride but the last a multiple
-// of 16 bytes. Returns an empty string when `op` satisfies that.
+std::string str(int64_t v) { return std::to_string(v); }
+
+// The rules of cuTensorMapEncodeTiled for the operands TMA reads (and the epilogue's 16-byte row chunks for
+// out): base address 16-byte aligned; every stride but the contiguous one a non-negative multiple of 16 bytes
+// below 2^40. The batch stride is only a stride of the view when the operand is dense. Returns "" if `op`
+// complies.
 std::string check_tma_operand(char const* name, Operand const& op, int elem_bytes, bool packed) {
-  auto misaligned = [&](int64_t stride) { return (stride * elem_bytes) % 16 != 0; };
+  if (op.ptr == nullptr) { return std::string(name) + ".ptr: must not be NULL when " + name + ".rows > 0"; }
   if (reinterpret_cast<uintptr_t>(op.ptr) % 16 != 0) {
-    return std::string(name) + ": data pointer must be 16-byte aligned (TMA)";
+    return std::string(name) + ".ptr: must be 16-byte aligned (TMA rule)";
   }
-  if (misaligned(op.row_stride) || misaligned(op.head_stride) || (!packed && misaligned(op.batch_stride))) {
-    return std::string(name) + ": row, head and batch strides must be multiples of 16 bytes (" +
-           std::to_string(16 / elem_bytes) + " elements) for TMA";
+  struct Stride {
+    char const* field;
+    int64_t value;
+  };
+  Stride const strides[] = {{"row_stride", op.row_stride}, {"head_stride", op.head_stride},
+                            {"batch_stride", packed ? 0 : op.batch_stride}};
+  for (Stride const& s : strides) {
+    int64_t const bytes = s.value * elem_bytes;
+    if (s.value < 0 || bytes % 16 != 0 || bytes >= (int64_t(1) << 40)) {
+      return std::string(name) + "." + s.field + ": must be a non-negative multiple of " + str(16 / elem_bytes) +
+             " elements (16 bytes) below 2^40 bytes (TMA rule), got " + str(s.value);
+    }
   }
   return {};
+}
+
+// Every rule of params.h that the kernels rely on. Checked in this order: features, sizes, shapes,
+// pointers and strides, so that the first message names the root cause.
+Status validate(FwdParams const& p) {
+  if (p.dtype != FLASH3_FLOAT16 && p.dtype != FLASH3_BFLOAT16 && p.dtype != FLASH3_FLOAT8_E4M3) {
+    return fail(FLASH3_INVALID_ARGUMENT, "dtype: unknown value " + str(int(p.dtype)));
+  }
+  if (p.dtype == FLASH3_FLOAT8_E4M3) { return fail(FLASH3_NOT_COMPILED, "FP8 forward kernels are not built yet"); }
+  if (p.out_dtype != p.dtype) {
+    return fail(FLASH3_INVALID_ARGUMENT, std::string("out_dtype: must equal dtype (") + dtype_name(p.dtype) +
+                                             ") for 16-bit inputs, got " + dtype_name(p.out_dtype));
+  }
+  if (!std::isfinite(p.softmax_scale)) { return fail(FLASH3_INVALID_ARGUMENT, "softmax_scale: must be finite"); }
+  if (!std::isfinite(p.softcap) || p.softcap < 0.f) {
+    return fail(FLASH3_INVALID_ARGUMENT, "softcap: must be finite and >= 0 (0 = off)");
+  }
+  if (p.softcap != 0.f) { return fail(FLASH3_NOT_COMPILED, "softcap is not implemented yet"); }
+  if (p.mask.window_left < -1 || p.mask.window_right < -1) {
+    return fail(FLASH3_INVALID_ARGUMENT, "mask: window_left and window_right must be >= -1 (-1 = unbounded), got (" +
+                                             str(p.mask.window_left) + ", " + str(p.mask.window_right) + ")");
+  }
+  if (is_local(p.mask)) {
+    return fail(FLASH3_NOT_COMPILED, "local (sliding window) attention is not implemented yet");
+  }
+  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "head_dim: must be a multiple of 8 in [8, 256], got " + str(p.head_dim));
+  }
+  if (p.head_dim_v != p.head_dim) {
+    return fail(FLASH3_NOT_COMPILED, "head_dim_v != head_dim is not implemented yet");
+  }
+  if (p.num_heads <= 0 || p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "num_heads: must be a positive multiple of num_heads_k, got " +
+                                             str(p.num_heads) + " and " + str(p.num_heads_k));
+  }
+  if (p.batch < 0) { return fail(FLASH3_INVALID_ARGUMENT, "batch: must be >= 0, got " + str(p.batch)); }
+  if (p.num_sms < 0) { return fail(FLASH3_INVALID_ARGUMENT, "num_sms: must be >= 0 (0 = all), got " + str(p.num_sms)); }
+  for (auto [name, op] : {std::pair{"q", &p.q}, std::pair{"k", &p.k}, std::pair{"v", &p.v}, std::pair{"out", &p.out}}) {
+    if (op->rows < 0) { return fail(FLASH3_INVALID_ARGUMENT, std::string(name) + ".rows: must be >= 0"); }
+  }
+  if (p.out.rows != p.q.rows) {
+    return fail(FLASH3_INVALID_ARGUMENT, "out.rows: must equal q.rows (" + str(p.q.rows) + "), got " + str(p.out.rows));
+  }
+  if (p.v.rows != p.k.rows) {
+    return fail(FLASH3_INVALID_ARGUMENT, "v.rows: must equal k.rows (" + str(p.k.rows) + "), got " + str(p.v.rows));
+  }
+  // The grid is sized by the longest sequence, so it must be a real bound: no longer than the packed rows.
+  if (is_varlen_q(p) && (p.varlen.max_seqlen_q < 0 || p.varlen.max_seqlen_q > p.q.rows)) {
+    return fail(FLASH3_INVALID_ARGUMENT, "varlen.max_seqlen_q: must be in [0, q.rows = " + str(p.q.rows) + "], got " +
+                                             str(p.varlen.max_seqlen_q));
+  }
+  if (is_varlen_k(p) && (p.varlen.max_seqlen_k < 0 || p.varlen.max_seqlen_k > p.k.rows)) {
+    return fail(FLASH3_INVALID_ARGUMENT, "varlen.max_seqlen_k: must be in [0, k.rows = " + str(p.k.rows) + "], got " +
+                                             str(p.varlen.max_seqlen_k));
+  }
+  if (p.batch == 0 || p.q.rows == 0) { return FLASH3_SUCCESS; }  // nothing to compute; nothing is read
+  int const elem_bytes = element_size(p.dtype);
+  std::string bad = check_tma_operand("q", p.q, elem_bytes, is_varlen_q(p));
+  if (bad.empty()) { bad = check_tma_operand("out", p.out, element_size(p.out_dtype), is_varlen_q(p)); }
+  if (bad.empty() && p.k.rows > 0) { bad = check_tma_operand("k", p.k, elem_bytes, is_varlen_k(p)); }
+  if (bad.empty() && p.k.rows > 0) { bad = check_tma_operand("v", p.v, elem_bytes, is_varlen_k(p)); }
+  if (!bad.empty()) { return fail(FLASH3_INVALID_ARGUMENT, bad); }
+  if (p.lse.ptr == nullptr || reinterpret_cast<uintptr_t>(p.lse.ptr) % alignof(float) != 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "lse.ptr: must be a non-NULL, 4-byte aligned float pointer");
+  }
+  if (p.lse.head_stride < 0 || (!is_varlen_q(p) && p.lse.batch_stride < 0)) {
+    return fail(FLASH3_INVALID_ARGUMENT, "lse: strides must be >= 0");
+  }
+  return FLASH3_SUCCESS;
+}
+
+// Every query row sees no key when K has no rows at all: O = 0 and LSE = -inf, the convention of the
+// kernel's empty rows. Nothing to load, so no TMA descriptor (which cannot describe zero rows) is built.
+__global__ void fill_empty_rows(FwdParams p) {
+  int const batches = is_varlen_q(p) ? 1 : p.batch;
+  int64_t const rows = int64_t(batches) * p.q.rows * p.num_heads;  // (batch, row, head) triples
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t const head = i % p.num_heads;
+    int64_t const row = (i / p.num_heads) % p.q.rows;
+    int64_t const b = i / (int64_t(p.num_heads) * p.q.rows);
+    // out elements are 16-bit for every supported dtype; +0.0 is all-zero bits in fp16 and bf16.
+    uint16_t* o = static_cast<uint16_t*>(p.out.ptr) + b * p.out.batch_stride + row * p.out.row_stride +
+                  head * p.out.head_stride;
+    for (int d = 0; d < p.head_dim_v; ++d) { o[d] = 0; }
+    p.lse.ptr[b * p.lse.batch_stride + head * p.lse.head_stride + row] = -INFINITY;
+  }
 }
 
 }  // namespace
@@ -69,49 +171,67 @@ int compiled_head_dim(DType dtype, int head_dim) {
 
 char const* status_string(Status status) {
   switch (status) {
-    case Status::kSuccess: return "success";
-    case Status::kNotCompiled: return "no kernel was compiled for this configuration";
-    case Status::kInvalidArgument: return "invalid argument";
-    case Status::kCudaError: return "CUDA error";
+    case FLASH3_SUCCESS: return "success";
+    case FLASH3_NOT_COMPILED: return "no kernel was compiled for this configuration";
+    case FLASH3_INVALID_ARGUMENT: return "invalid argument";
+    case FLASH3_CUDA_ERROR: return "CUDA error";
   }
   return "unknown status";
 }
 
 char const* last_error_detail() { return g_error_detail.c_str(); }
 
+Status report_failure(Status status, char const* detail) { return fail(status, detail); }
+
 Status run_fwd(FwdParams const& p, cudaStream_t stream, cudaError_t* cuda_error) {
   g_error_detail.clear();
+  g_cuda_error = cudaSuccess;
   if (cuda_error != nullptr) { *cuda_error = cudaSuccess; }
-  if (p.dtype == DType::kFloat8E4M3) { return fail(Status::kNotCompiled, "FP8 forward kernels are not built yet"); }
-  if (p.softcap != 0.f) { return fail(Status::kNotCompiled, "softcap is not implemented yet"); }
-  if (p.mask.is_local()) { return fail(Status::kNotCompiled, "local (sliding window) attention is not implemented yet"); }
-  if (p.head_dim_v != p.head_dim) { return fail(Status::kNotCompiled, "head_dim_v != head_dim is not implemented yet"); }
-  if (p.head_dim <= 0 || p.head_dim % 8 != 0) {
-    return fail(Status::kInvalidArgument, "head_dim must be a positive multiple of 8, got " + std::to_string(p.head_dim));
-  }
-  if (p.num_heads <= 0 || p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
-    return fail(Status::kInvalidArgument, "num_heads must be a positive multiple of num_heads_k");
-  }
-  if (p.batch <= 0 || p.total_q <= 0) { return Status::kSuccess; }  // nothing to compute
-  int const elem_bytes = element_size(p.dtype);
-  for (auto [name, op, packed] : {std::tuple{"q", &p.q, p.varlen.cu_seqlens_q != nullptr},
-                                  std::tuple{"k", &p.k, p.varlen.cu_seqlens_k != nullptr},
-                                  std::tuple{"v", &p.v, p.varlen.cu_seqlens_k != nullptr}}) {
-    std::string bad = check_tma_operand(name, *op, elem_bytes, packed);
-    if (!bad.empty()) { return fail(Status::kInvalidArgument, bad); }
-  }
+  Status const status = validate(p);
+  if (status != FLASH3_SUCCESS || p.batch == 0 || p.q.rows == 0) { return status; }
   int const hd = compiled_head_dim(p.dtype, p.head_dim);
   RunFn run = hd ? find_kernel(p.dtype, hd) : nullptr;
   if (run == nullptr) {
-    return fail(Status::kNotCompiled, std::string("no forward kernel built for ") + dtype_name(p.dtype) +
-                                          " with head dim " + std::to_string(p.head_dim));
+    return fail(FLASH3_NOT_COMPILED,
+                std::string("no forward kernel built for ") + dtype_name(p.dtype) + " with head dim " + str(p.head_dim));
   }
-  cudaError_t err = run(p, stream);
+  cudaError_t err = cudaSuccess;
+  if (p.k.rows == 0) {
+    fill_empty_rows<<<256, 256, 0, stream>>>(p);
+    err = cudaGetLastError();
+  } else {
+    err = run(p, stream);
+  }
   if (err != cudaSuccess) {
+    g_cuda_error = err;
     if (cuda_error != nullptr) { *cuda_error = err; }
-    return fail(Status::kCudaError, cudaGetErrorString(err));
+    return fail(FLASH3_CUDA_ERROR, cudaGetErrorString(err));
   }
-  return Status::kSuccess;
+  return FLASH3_SUCCESS;
 }
 
 }  // namespace flash3
+
+// ---- C API (flash_attn3.h) ----
+
+extern "C" {
+
+flash3_fwd_params flash3_fwd_params_default(void) { return flash3_fwd_params{}; }
+
+flash3_status flash3_fwd(flash3_fwd_params const* params, cudaStream_t stream) {
+  if (params == nullptr) {
+    flash3::g_error_detail = "params: must not be NULL";
+    return FLASH3_INVALID_ARGUMENT;
+  }
+  return flash3::run_fwd(*params, stream, nullptr);
+}
+
+int flash3_compiled_head_dim(flash3_dtype dtype, int head_dim) { return flash3::compiled_head_dim(dtype, head_dim); }
+
+char const* flash3_status_string(flash3_status status) { return flash3::status_string(status); }
+
+char const* flash3_last_error(void) { return flash3::last_error_detail(); }
+
+cudaError_t flash3_last_cuda_error(void) { return flash3::g_cuda_error; }
+
+}  // extern "C"

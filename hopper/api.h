@@ -1,17 +1,19 @@
-// Torch-free entry points of the kernel library. csrc/flash_api.cpp and hopper/standalone call only these.
-// Every function returns a Status; a CUDA failure is reported as Status::kCudaError with the cudaError_t
-// stored in *cuda_error so the caller can name it. Nothing here synchronises the host or calls exit().
+// C++ face of the torch-free entry points (csrc/flash_api.cpp and hopper/standalone call these; C programs
+// call the same functions through flash_attn3.h). Every function returns a Status; a CUDA failure is
+// reported as FLASH3_CUDA_ERROR with the cudaError_t stored in *cuda_error so the caller can name it.
+// Nothing here prints, synchronises the host or calls exit().
 #pragma once
 
 #include <cuda_runtime_api.h>
 
+#include "flash_attn3.h"
 #include "params.h"
 
 namespace flash3 {
 
-// Runs the forward pass described by `params` on `stream`. Chooses the compiled kernel for
-// (dtype, head dim rounded up to a compiled one, causal) and returns kNotCompiled if that kernel was not
-// built into this library.
+// Checks every rule the kernels rely on (see api.cu), then runs the forward pass described by `params` on
+// `stream` with the compiled kernel for (dtype, head dim rounded up to a compiled one, mask). Returns
+// FLASH3_NOT_COMPILED if that kernel was not built into this library; nothing is launched on any error.
 Status run_fwd(FwdParams const& params, cudaStream_t stream, cudaError_t* cuda_error);
 
 // The compiled head dim that serves a real head dim (the next compiled one), or 0 if none was built.
@@ -20,7 +22,12 @@ int compiled_head_dim(DType dtype, int head_dim);
 // Human-readable text for a status, for error messages.
 char const* status_string(Status status);
 
-// Details of the last kInvalidArgument / kNotCompiled returned on this host thread ("" if none).
+// Records `detail` as the message of the failure `status` (for front ends such as mha_fwd_standalone that
+// reject a call before run_fwd) and returns `status`.
+Status report_failure(Status status, char const* detail);
+
+// Details of the last FLASH3_INVALID_ARGUMENT / FLASH3_NOT_COMPILED / FLASH3_CUDA_ERROR returned on this host
+// thread ("" if none).
 char const* last_error_detail();
 
 }  // namespace flash3

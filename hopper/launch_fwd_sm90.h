@@ -24,16 +24,17 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   using Epilogue = EpilogueFwdSm90<Element, Config::kBlockM, kHeadDim, typename Mainloop::TiledMmaPV>;
   using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
 
-  bool const varlen_q = p.varlen.cu_seqlens_q != nullptr;
-  bool const varlen_k = p.varlen.cu_seqlens_k != nullptr;
+  bool const varlen_q = is_varlen_q(p);
+  bool const varlen_k = is_varlen_k(p);
 
+  // TMA sees each operand as (rows, d, head, batch); a packed operand is one batch entry of all its rows.
   typename Mainloop::Arguments mainloop_args;
   mainloop_args.q = static_cast<Element const*>(p.q.ptr);
   mainloop_args.k = static_cast<Element const*>(p.k.ptr);
   mainloop_args.v = static_cast<Element const*>(p.v.ptr);
-  mainloop_args.shape_q = make_shape(varlen_q ? p.total_q : p.seqlen_q, p.head_dim, p.num_heads, varlen_q ? 1 : p.batch);
+  mainloop_args.shape_q = make_shape(p.q.rows, p.head_dim, p.num_heads, varlen_q ? 1 : p.batch);
   mainloop_args.stride_q = make_stride(p.q.row_stride, _1{}, p.q.head_stride, varlen_q ? int64_t(0) : p.q.batch_stride);
-  mainloop_args.shape_kv = make_shape(varlen_k ? p.total_k : p.seqlen_k, p.head_dim, p.num_heads_k, varlen_k ? 1 : p.batch);
+  mainloop_args.shape_kv = make_shape(p.k.rows, p.head_dim, p.num_heads_k, varlen_k ? 1 : p.batch);
   mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
   mainloop_args.stride_v = make_stride(p.v.row_stride, _1{}, p.v.head_stride, varlen_k ? int64_t(0) : p.v.batch_stride);
   mainloop_args.softmax_scale = p.softmax_scale;
@@ -43,9 +44,9 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   epilogue_args.out_batch_stride = p.out.batch_stride;
   epilogue_args.out_row_stride = p.out.row_stride;
   epilogue_args.out_head_stride = p.out.head_stride;
-  epilogue_args.lse = p.softmax_lse;
-  epilogue_args.lse_batch_stride = p.lse_batch_stride;
-  epilogue_args.lse_head_stride = p.lse_head_stride;
+  epilogue_args.lse = p.lse.ptr;
+  epilogue_args.lse_batch_stride = p.lse.batch_stride;
+  epilogue_args.lse_head_stride = p.lse.head_stride;
   epilogue_args.head_dim_v = p.head_dim_v;
 
   SeqlenArgs seqlen_args;
@@ -53,13 +54,13 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   seqlen_args.cu_seqlens_k = p.varlen.cu_seqlens_k;
   seqlen_args.seqused_q = p.varlen.seqused_q;
   seqlen_args.seqused_k = p.varlen.seqused_k;
-  seqlen_args.seqlen_q = p.seqlen_q;
-  seqlen_args.seqlen_k = p.seqlen_k;
+  seqlen_args.rows_q = p.q.rows;
+  seqlen_args.rows_k = p.k.rows;
 
-  int const num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
+  int const num_m_blocks = (max_seqlen_q(p) + Config::kBlockM - 1) / Config::kBlockM;
   // K + V of one (head, batch): what a causal L2 section keeps cached. A quarter of H100's 50 MB L2 leaves
   // room for Q, O and the other SMs' traffic. GQA heads sharing a kv head are adjacent, so this overcounts.
-  int64_t const kv_bytes_per_head = int64_t(p.seqlen_k) * (p.head_dim + p.head_dim_v) * sizeof(Element);
+  int64_t const kv_bytes_per_head = int64_t(max_seqlen_k(p)) * (p.head_dim + p.head_dim_v) * sizeof(Element);
   int const heads_per_section =
       Kernel::Scheduler::heads_per_l2_section(p.num_heads, p.batch, kv_bytes_per_head, int64_t(12) << 20);
   typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch, heads_per_section, p.tile_counter};
@@ -85,7 +86,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
 
 template <class Element, int kHeadDim>
 cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
-  return p.mask.is_causal() ? launch_fwd_sm90<Element, kHeadDim, true>(p, stream)
+  return is_causal(p.mask) ? launch_fwd_sm90<Element, kHeadDim, true>(p, stream)
                             : launch_fwd_sm90<Element, kHeadDim, false>(p, stream);
 }
 

@@ -9,6 +9,9 @@
 // turns issuing GEMMs (ping-pong). Shapes in comments are per thread unless they say otherwise.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
@@ -108,7 +111,10 @@ struct MainloopFwdSm90 {
     ShapeQKV shape_kv;
     int head_ratio;  // num_heads / num_heads_k: q heads sharing one kv head
     float softmax_scale;
-    float scale_log2;  // softmax_scale * log2(e), folded into the exp2 of the softmax
+    // softmax_scale * log2(e), folded into the exp2 of the softmax. A zero scale (or one that would be a
+    // denormal, which the kernel flushes to zero) becomes FLT_MIN: the weights are then exactly 1 (uniform
+    // attention) and masked -inf scores stay -inf instead of -inf * 0 = NaN.
+    float scale_log2;
   };
 
   static Params to_params(Arguments const& a) {
@@ -122,7 +128,7 @@ struct MainloopFwdSm90 {
              a.shape_kv,
              get<2>(a.shape_q) / get<2>(a.shape_kv),
              a.softmax_scale,
-             a.softmax_scale * float(M_LOG2E)};
+             std::fabs(a.softmax_scale * float(M_LOG2E)) < FLT_MIN ? FLT_MIN : a.softmax_scale * float(M_LOG2E)};
     return p;
   }
 
@@ -283,7 +289,7 @@ struct MainloopFwdSm90 {
     state_k.advance();
     {
       Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
-      if (n >= n_unmasked_end) { mask.apply(tSrS_rc, tScS_rc, n); }
+      if (n >= n_unmasked_end) { mask.apply(tSrS_rc, tScS_rc, n, softmax.masked_score()); }
       float o_scale[kRowsPerThread];
       softmax.template update</*kFirst=*/true>(tSrS_rc, o_scale);
     }
@@ -309,7 +315,7 @@ struct MainloopFwdSm90 {
       pipe_k.consumer_release(state_k, thread_in_wg);
       state_k.advance();
       Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
-      if constexpr (decltype(needs_mask)::value) { mask.apply(tSrS_rc, tScS_rc, n_next); }
+      if constexpr (decltype(needs_mask)::value) { mask.apply(tSrS_rc, tScS_rc, n_next, softmax.masked_score()); }
       float o_scale[kRowsPerThread];
       softmax.template update</*kFirst=*/false>(tSrS_rc, o_scale);
       warpgroup_wait<0>();  // O += P V done: V can be released and P overwritten

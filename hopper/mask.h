@@ -34,18 +34,19 @@ struct MaskPolicy {
     return max(key_limit(first_row), 0) / kBlockN;
   }
 
-  // Sets invisible scores of key block `n_block` to -inf. tSrS_rc is the accumulator as (rows, cols),
-  // tScS_rc the matching (row, col) coordinates inside the (kBlockM, kBlockN) tile. Assignment (not
-  // arithmetic) so that NaN/Inf read from keys outside the sequence cannot leak through.
+  // Sets invisible scores of key block `n_block` to `masked` (the softmax's masked_score(): -inf, or +inf for
+  // a negative scale). tSrS_rc is the accumulator as (rows, cols), tScS_rc the matching (row, col)
+  // coordinates inside the (kBlockM, kBlockN) tile. Assignment (not arithmetic) so that NaN/Inf read from
+  // keys outside the sequence cannot leak through.
   template <class TensorS, class TensorC>
-  __device__ void apply(TensorS& tSrS_rc, TensorC const& tScS_rc, int n_block) const {
+  __device__ void apply(TensorS& tSrS_rc, TensorC const& tScS_rc, int n_block, float masked) const {
     int const col0 = n_block * kBlockN;
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<0>(tSrS_rc); ++m) {
       int const limit = key_limit(m_block * kBlockM + get<0>(tScS_rc(m, 0))) - col0;
       CUTLASS_PRAGMA_UNROLL
       for (int n = 0; n < size<1>(tSrS_rc); ++n) {
-        if (get<1>(tScS_rc(m, n)) >= limit) { tSrS_rc(m, n) = -INFINITY; }
+        if (get<1>(tScS_rc(m, n)) >= limit) { tSrS_rc(m, n) = masked; }
       }
     }
   }

@@ -1,84 +1,126 @@
-// FwdParams: the one seam between the torch binding (csrc/) and the torch-free kernels (hopper/).
-// It is a plain struct of device pointers, element strides and sizes named after the maths. It holds no
-// torch and no CuTe types, so csrc/ can fill it, the standalone runner can fill it, and the launch layer
-// turns it into per-component CuTe Arguments. Booleans that can be derived are not stored: varlen Q is
-// `cu_seqlens_q != nullptr`, GQA is `num_heads != num_heads_k`.
-#pragma once
+/* flash3_fwd_params: the one seam between the callers (the torch binding in csrc/, the standalone runner, C
+ * programs through flash_attn3.h) and the torch-free kernels of hopper/. It is a plain C struct of device
+ * pointers, element strides and sizes named after the maths, with no torch and no CuTe types, so that C and
+ * C++ see the same layout; the launch layer turns it into per-component CuTe Arguments. Booleans that can be
+ * derived are not stored: varlen Q is `varlen.cu_seqlens_q != NULL`, GQA is `num_heads != num_heads_k`.
+ *
+ * In C++ every field starts at its documented default (FLASH3_DEFAULT); C code starts from
+ * flash3_fwd_params_default() (flash_attn3.h), which returns the same values. */
+#ifndef FLASH3_PARAMS_H_
+#define FLASH3_PARAMS_H_
 
-#include <cstdint>
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define FLASH3_DEFAULT(value) = value
+extern "C" {
+#else
+#define FLASH3_DEFAULT(value)
+#endif
+
+typedef enum flash3_dtype { FLASH3_FLOAT16 = 0, FLASH3_BFLOAT16 = 1, FLASH3_FLOAT8_E4M3 = 2 } flash3_dtype;
+
+typedef enum flash3_status {
+  FLASH3_SUCCESS = 0,
+  FLASH3_NOT_COMPILED = 1,      /* no kernel was built for this (dtype, head dim, feature) combination */
+  FLASH3_INVALID_ARGUMENT = 2,  /* a params field breaks a documented rule; flash3_last_error() says which */
+  FLASH3_CUDA_ERROR = 3,        /* a CUDA call failed; flash3_last_cuda_error() holds its cudaError_t */
+} flash3_status;
+
+/* One attention operand: element pointer plus element strides of a (batch, row, head, dim) view whose last
+ * dimension is contiguous, and its row count. Dense operands: `rows` rows per batch entry (the sequence
+ * length). Packed varlen operands (total, head, dim): `rows` is the total, batch_stride is unused. The kernels
+ * never read or write a row outside [0, rows), whatever the sequence metadata says. */
+typedef struct flash3_operand {
+  void* ptr FLASH3_DEFAULT(nullptr);
+  int64_t batch_stride FLASH3_DEFAULT(0);
+  int64_t row_stride FLASH3_DEFAULT(0);
+  int64_t head_stride FLASH3_DEFAULT(0);
+  int32_t rows FLASH3_DEFAULT(0);
+} flash3_operand;
+
+/* softmax_lse, fp32, natural log: dense (batch, num_heads, q.rows); varlen (num_heads, q.rows); the row
+ * dimension is contiguous. */
+typedef struct flash3_lse {
+  float* ptr FLASH3_DEFAULT(nullptr);
+  int64_t batch_stride FLASH3_DEFAULT(0); /* unused when Q is packed */
+  int64_t head_stride FLASH3_DEFAULT(0);
+} flash3_lse;
+
+/* Variable-length batches: int32 device arrays, each may be NULL.
+ *  cu_seqlens_*: (batch + 1) prefix sums: sequence b spans rows [cu[b], cu[b+1]) of the packed operand.
+ *  seqused_*:    (batch) rows of sequence b actually used (<= its length). */
+typedef struct flash3_varlen {
+  int32_t const* cu_seqlens_q FLASH3_DEFAULT(nullptr);
+  int32_t const* cu_seqlens_k FLASH3_DEFAULT(nullptr);
+  int32_t const* seqused_q FLASH3_DEFAULT(nullptr);
+  int32_t const* seqused_k FLASH3_DEFAULT(nullptr);
+  int32_t max_seqlen_q FLASH3_DEFAULT(0); /* with cu_seqlens_q: the longest q sequence (sizes the grid) */
+  int32_t max_seqlen_k FLASH3_DEFAULT(0); /* with cu_seqlens_k: the longest k sequence */
+} flash3_varlen;
+
+/* Keys each query row may see, bottom-right aligned: query i of a sequence with lengths (sq, sk) sees keys
+ * [i + sk - sq - window_left, i + sk - sq + window_right]; -1 means unbounded on that side. Causal is
+ * window_right == 0 with window_left == -1. */
+typedef struct flash3_mask {
+  int32_t window_left FLASH3_DEFAULT(-1);
+  int32_t window_right FLASH3_DEFAULT(-1);
+} flash3_mask;
+
+typedef struct flash3_fwd_params {
+  flash3_dtype dtype FLASH3_DEFAULT(FLASH3_BFLOAT16);     /* of q, k, v */
+  flash3_dtype out_dtype FLASH3_DEFAULT(FLASH3_BFLOAT16); /* of out: the input dtype (bf16 for fp8 inputs) */
+
+  flash3_operand q, k, v, out;
+  flash3_lse lse;
+
+  int32_t batch FLASH3_DEFAULT(0);
+  int32_t num_heads FLASH3_DEFAULT(0);
+  int32_t num_heads_k FLASH3_DEFAULT(0);
+  int32_t head_dim FLASH3_DEFAULT(0);   /* of q and k; runs on the next compiled head dim (80 -> 96) */
+  int32_t head_dim_v FLASH3_DEFAULT(0); /* of v and out */
+
+  flash3_varlen varlen;
+  flash3_mask mask;
+  float softmax_scale FLASH3_DEFAULT(0.f); /* any finite value; 1/sqrt(head_dim) is the usual one */
+  float softcap FLASH3_DEFAULT(0.f);       /* 0 = off */
+
+  int32_t num_sms FLASH3_DEFAULT(0); /* multiprocessors this call may use; 0 = all of the current device */
+
+  /* Optional workspace: one zeroed int32 the kernel uses as a tile counter, so that causal and varlen
+   * problems (tiles of unequal cost) are scheduled dynamically; NULL selects the static schedule. The
+   * kernel leaves it non-zero: zero it again before the next call that passes it. */
+  int32_t* tile_counter FLASH3_DEFAULT(nullptr);
+} flash3_fwd_params;
+
+#ifdef __cplusplus
+}  // extern "C"
+
+// Usable in kernels too when compiled by nvcc; plain inline functions for the host-only C++ of csrc/.
+#if defined(__CUDACC__)
+#define FLASH3_HOST_DEVICE __host__ __device__
+#else
+#define FLASH3_HOST_DEVICE
+#endif
 
 namespace flash3 {
 
-enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat8E4M3 = 2 };
+using FwdParams = flash3_fwd_params;
+using Operand = flash3_operand;
+using DType = flash3_dtype;
+using Status = flash3_status;
 
-// One attention operand: element pointer plus element strides of a (batch, row, head, dim) view whose last
-// dimension is contiguous. For varlen operands (total, head, dim) batch_stride is unused (0).
-struct Operand {
-  void* ptr = nullptr;
-  int64_t batch_stride = 0;
-  int64_t row_stride = 0;
-  int64_t head_stride = 0;
-};
-
-// Variable-length batches. All pointers are int32 device arrays; any of them may be null.
-//  cu_seqlens_*: (batch + 1) prefix sums: sequence b spans rows [cu[b], cu[b+1]) of the packed operand.
-//  seqused_*:    (batch) number of rows of sequence b actually used (<= its allocated length).
-struct Varlen {
-  int32_t const* cu_seqlens_q = nullptr;
-  int32_t const* cu_seqlens_k = nullptr;
-  int32_t const* seqused_q = nullptr;
-  int32_t const* seqused_k = nullptr;
-};
-
-// Key range each query row may see, bottom-right aligned (query i of a sequence with lengths (sq, sk) sees
-// keys [i + sk - sq - window_left, i + sk - sq + window_right]); negative means unbounded on that side.
-// Causal is window_right == 0 with window_left < 0.
-struct MaskSpec {
-  int32_t window_left = -1;
-  int32_t window_right = -1;
-  bool is_causal() const { return window_left < 0 && window_right == 0; }
-  bool is_local() const { return (window_left >= 0 || window_right >= 0) && !is_causal(); }
-};
-
-struct FwdParams {
-  DType dtype = DType::kBFloat16;      // of q, k, v
-  DType out_dtype = DType::kBFloat16;  // of out (bf16 when inputs are fp8)
-
-  Operand q, k, v, out;
-  // softmax_lse, fp32, natural log: dense (batch, num_heads, seqlen_q); varlen (num_heads, total_q).
-  float* softmax_lse = nullptr;
-  int64_t lse_batch_stride = 0;
-  int64_t lse_head_stride = 0;
-
-  int32_t batch = 0;
-  int32_t seqlen_q = 0;  // dense: the sequence length; varlen: max_seqlen_q (grid sizing only)
-  int32_t seqlen_k = 0;  // dense: the sequence length; varlen: max_seqlen_k
-  int32_t total_q = 0;   // rows of the packed q (varlen), batch * seqlen_q otherwise
-  int32_t total_k = 0;   // rows of the packed k/v (varlen), batch * seqlen_k otherwise
-  int32_t num_heads = 0;
-  int32_t num_heads_k = 0;
-  int32_t head_dim = 0;    // real head dim of q and k (<= the compiled one)
-  int32_t head_dim_v = 0;  // real head dim of v and out
-
-  Varlen varlen;
-  MaskSpec mask;
-  float softmax_scale = 0.f;
-  float softcap = 0.f;  // 0 = off
-
-  int32_t num_sms = 0;  // multiprocessors available to this call (device count minus sm_margin)
-
-  // Optional workspace: one zeroed int32 the kernel uses as a tile counter, so that causal and varlen
-  // problems (tiles of unequal cost) are scheduled dynamically; null selects the static schedule.
-  int32_t* tile_counter = nullptr;
-};
-
-// Status codes of the torch-free API. csrc/ turns them into Python exceptions with the message from
-// status_string(); CUDA errors are passed through as kCudaError with the cudaError_t kept by the caller.
-enum class Status : int32_t {
-  kSuccess = 0,
-  kNotCompiled = 1,     // no kernel was built for this (dtype, head dim, feature) combination
-  kInvalidArgument = 2, // a params field breaks a rule the Python/C++ checks should have caught
-  kCudaError = 3,
-};
+FLASH3_HOST_DEVICE inline bool is_causal(flash3_mask const& m) { return m.window_left < 0 && m.window_right == 0; }
+FLASH3_HOST_DEVICE inline bool is_local(flash3_mask const& m) { return (m.window_left >= 0 || m.window_right >= 0) && !is_causal(m); }
+FLASH3_HOST_DEVICE inline bool is_varlen_q(FwdParams const& p) { return p.varlen.cu_seqlens_q != nullptr; }
+FLASH3_HOST_DEVICE inline bool is_varlen_k(FwdParams const& p) { return p.varlen.cu_seqlens_k != nullptr; }
+// Grid sizing: the longest q / k sequence.
+FLASH3_HOST_DEVICE inline int32_t max_seqlen_q(FwdParams const& p) { return is_varlen_q(p) ? p.varlen.max_seqlen_q : p.q.rows; }
+FLASH3_HOST_DEVICE inline int32_t max_seqlen_k(FwdParams const& p) { return is_varlen_k(p) ? p.varlen.max_seqlen_k : p.k.rows; }
 
 }  // namespace flash3
+#undef FLASH3_HOST_DEVICE
+#endif
+
+#undef FLASH3_DEFAULT
+#endif /* FLASH3_PARAMS_H_ */

@@ -1,5 +1,11 @@
 // Where sequence `batch` lives in the (possibly packed) Q and K/V operands and how long it is.
 // Precedence, as in FA3: seqused_* (rows actually used) > cu_seqlens_* difference > the static length.
+//
+// Memory safety: the metadata lives on the GPU and is never validated on the host (no sync), so it may lie.
+// Whatever it says, a sequence is clamped into the rows its operand really has: [offset, offset + seqlen)
+// lies inside [0, rows). Every load (the TMA boxes start inside it), every key loop (its trip count follows
+// seqlen_k) and every store of O and LSE (predicated on seqlen_q) is therefore bounded by the tensors, and
+// valid metadata is left unchanged. The checked mode of the Python layer reports lying metadata as errors.
 #pragma once
 
 #include <cstdint>
@@ -11,8 +17,8 @@ struct SeqlenArgs {
   int32_t const* cu_seqlens_k = nullptr;
   int32_t const* seqused_q = nullptr;
   int32_t const* seqused_k = nullptr;
-  int seqlen_q = 0;  // static length (dense) or max_seqlen_q (varlen)
-  int seqlen_k = 0;
+  int rows_q = 0;  // rows of the Q / O operands: per batch entry (dense: the static length) or packed total
+  int rows_k = 0;  // rows of the K / V operands, likewise
 };
 
 struct SeqlenInfo {
@@ -22,14 +28,21 @@ struct SeqlenInfo {
   int seqlen_k;
 
   __device__ SeqlenInfo(SeqlenArgs const& a, int batch) {
-    offset_q = a.cu_seqlens_q ? a.cu_seqlens_q[batch] : 0;
-    offset_k = a.cu_seqlens_k ? a.cu_seqlens_k[batch] : 0;
-    seqlen_q = a.seqused_q ? a.seqused_q[batch]
-               : a.cu_seqlens_q ? a.cu_seqlens_q[batch + 1] - offset_q
-                                : a.seqlen_q;
-    seqlen_k = a.seqused_k ? a.seqused_k[batch]
-               : a.cu_seqlens_k ? a.cu_seqlens_k[batch + 1] - offset_k
-                                : a.seqlen_k;
+    clamp_to_rows(a.cu_seqlens_q, a.seqused_q, a.rows_q, batch, offset_q, seqlen_q);
+    clamp_to_rows(a.cu_seqlens_k, a.seqused_k, a.rows_k, batch, offset_k, seqlen_k);
+  }
+
+ private:
+  // 64-bit arithmetic so that entries near 2^31 cannot wrap around into range.
+  __device__ static void clamp_to_rows(int32_t const* cu_seqlens, int32_t const* seqused, int rows, int batch,
+                                       int& offset, int& seqlen) {
+    int64_t begin = cu_seqlens ? cu_seqlens[batch] : 0;
+    int64_t length = seqused ? seqused[batch] : cu_seqlens ? int64_t(cu_seqlens[batch + 1]) - begin : rows;
+    begin = begin < 0 ? 0 : (begin > rows ? rows : begin);
+    int64_t const room = rows - begin;
+    length = length < 0 ? 0 : (length > room ? room : length);
+    offset = int(begin);
+    seqlen = int(length);
   }
 };
 

@@ -5,10 +5,16 @@
 // accumulator, and `finalize` once at the end for 1/rowsum and the LSE.
 //
 // Numerics: exp(scale * (s - max)) is computed as exp2(s * scale_log2 - max * scale_log2), one FFMA and one
-// MUFU.EX2 per score. A row whose running max is -inf (no visible key yet) uses 0 as its max so that
-// -inf - -inf never produces NaN; such a row keeps sum 0 and finishes with O = 0 and LSE = -inf. Each thread
-// keeps partial row sums over its own columns; they are combined across the 4 threads sharing a row only in
-// finalize, which is exact because the rescale factors are identical across those threads.
+// MUFU.EX2 per score. Any finite scale is valid. For a negative scale the largest scaled score belongs to
+// the smallest raw score, so the running "max" becomes a running minimum and invisible scores are +inf
+// instead of -inf (masked_score()): in both cases invisible scores scale to -inf and weigh 0. The choice is
+// one predicate of FMNMX, which selects min or max, so positive scales pay nothing for it. A scale of 0
+// (uniform attention) reaches here as scale_log2 = FLT_MIN (see the mainloop's Params): every visible weight
+// rounds to exactly 1 while -inf stays -inf, where a true 0 would turn -inf * 0 into NaN.
+// A row whose scaled extremum is -inf (no visible key yet) uses 0 instead so that -inf - -inf never produces
+// NaN; such a row keeps sum 0 and finishes with O = 0 and LSE = -inf. Each thread keeps partial row sums
+// over its own columns; they are combined across the 4 threads sharing a row only in finalize, which is
+// exact because the rescale factors are identical across those threads.
 #pragma once
 
 #include <cmath>
@@ -20,22 +26,28 @@ using namespace cute;
 
 template <int kRows>
 struct OnlineSoftmax {
-  float row_max[kRows];
+  float row_max[kRows];  // the raw score with the largest scaled value so far (a minimum if scale < 0)
   float row_sum[kRows];
   float scale_log2;
+  bool negative;  // scale_log2 < 0: the extremum is a minimum
 
-  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_), negative(scale_log2_ < 0.f) {
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < kRows; ++m) {
-      row_max[m] = -INFINITY;
+      row_max[m] = -masked_score();
       row_sum[m] = 0.f;
     }
   }
 
+  // The raw score a mask writes for an invisible key: it scales to -inf for either sign of the scale.
+  __device__ float masked_score() const { return negative ? INFINITY : -INFINITY; }
+
+  __device__ float extremum(float a, float b) const { return negative ? fminf(a, b) : fmaxf(a, b); }
+
   // The 4 threads of a quad own the same rows of a WGMMA accumulator.
-  __device__ static float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+  __device__ float quad_max(float x) const {
+    x = extremum(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return extremum(x, __shfl_xor_sync(0xffffffff, x, 2));
   }
   __device__ static float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffff, x, 1);
@@ -51,9 +63,9 @@ struct OnlineSoftmax {
     for (int m = 0; m < kRows; ++m) {
       float mx = row_max[m];
       CUTLASS_PRAGMA_UNROLL
-      for (int n = 0; n < size<1>(s); ++n) { mx = fmaxf(mx, s(m, n)); }
+      for (int n = 0; n < size<1>(s); ++n) { mx = extremum(mx, s(m, n)); }
       mx = quad_max(mx);
-      float const mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+      float const mx_scaled = mx * scale_log2 == -INFINITY ? 0.f : mx * scale_log2;
       o_scale[m] = kFirst ? 1.f : exp2f(row_max[m] * scale_log2 - mx_scaled);
       row_max[m] = mx;
       float sum = 0.f;

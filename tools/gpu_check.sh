@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # stage functions are called through stage(), which shellcheck cannot follow
 # tools/gpu_check.sh: the one script run on the H100 device machine (see README "Development loop").
-# It installs the carried CUTLASS wheel, builds and installs the extension with pip, checks the kernels'
-# SASS, runs the GPU tests and the benchmark, and prints a summary table last. Logs go to $OUT, whose files
-# come back (at most 8, so the set is fixed): build.log sass.txt tests.log bench.log fwd_*.csv bench_fwd.png
-# sanitize.log summary.txt. In `all` mode a failing stage does not stop later ones; the exit code is non-zero
-# if any stage failed.
+# It does what a new user does, verbatim: the README's install command (pip install of the CUTLASS wheel, then
+# of this package: no hand-set compiler or CUDA_HOME) and the README's `pytest`; it also builds and runs the
+# standalone deliverables (build_standalone.sh, the guide's four runner commands, the C example), checks the
+# kernels' SASS, and benchmarks next to FA3 (the fa3-fwd wheel), cuDNN and FA2 in the same process. The device
+# has no network, so pip is pointed at the carried wheels in .whl/ (PIP_NO_INDEX, PIP_FIND_LINKS): the
+# commands themselves stay as the README prints them.
 #
-# Usage: bash tools/gpu_check.sh [all|build|test|bench|sanitize]
+# Logs go to $OUT, whose files come back (at most 8, so the set is fixed): build.log (with the SASS check)
+# standalone.log tests.log bench.log fwd_*.csv bench_fwd.png sanitize.log summary.txt. A failing stage does not
+# stop later ones (except that nothing runs without a build); the exit code is non-zero if any stage failed.
+#
+# Usage: bash tools/gpu_check.sh [STAGES...]   stages: build standalone tests bench sanitize, or all
+#        (= build standalone tests bench). build always runs first when another stage needs the extension.
 # Environment:
 #   FLASH_ATTN3_DTYPES / FLASH_ATTN3_HDIMS  build only some kernels (passed through to setup.py)
 #   GPU_TESTS="expr"    pytest -k expression;  PYTEST_ARGS="..." more pytest arguments
@@ -15,12 +21,15 @@
 #   MAX_JOBS            parallel compiles (default 16)
 set -uo pipefail
 
-MODE="${1:-all}"
-case "$MODE" in all | build | test | bench | sanitize) ;; *)
-  echo "usage: bash tools/gpu_check.sh [all|build|test|bench|sanitize]" >&2
-  exit 2
-  ;;
-esac
+STAGES=("$@")
+[[ ${#STAGES[@]} -eq 0 || "${STAGES[*]}" == "all" ]] && STAGES=(build standalone tests bench)
+for s in "${STAGES[@]}"; do
+  case "$s" in build | standalone | tests | bench | sanitize) ;; *)
+    echo "usage: bash tools/gpu_check.sh [build|standalone|tests|bench|sanitize ...|all]" >&2
+    exit 2
+    ;;
+  esac
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 OUT="${OUT:-$ROOT/gpu_out}"
@@ -55,14 +64,28 @@ EOF
   echo "FLASH_ATTN3_DTYPES=${FLASH_ATTN3_DTYPES:-<all>} FLASH_ATTN3_HDIMS=${FLASH_ATTN3_HDIMS:-<all>} MAX_JOBS=$MAX_JOBS"
 }
 
-install_cutlass() {
-  local whl=(.whl/nvidia_cutlass-*.whl)
-  if [[ ! -f "${whl[0]}" ]]; then
-    echo "no .whl/nvidia_cutlass-*.whl: name \".whl\" in the run tool's carry (or set CUTLASS_DIR)" >&2
-    [[ -n "${CUTLASS_DIR:-}" ]]
-    return
+# The README's install command, typed as written. Only pip's index is redirected to the carried wheels.
+build() {
+  [[ -d .whl ]] || { echo "no .whl/ folder: name \".whl\" in the run tool's carry" >&2; return 1; }
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$ROOT/.whl"
+  echo "CXX=${CXX:-<unset>} CC=${CC:-<unset>} (left as the image sets them)"
+  local t0=$SECONDS rc
+  # shellcheck disable=SC2016
+  echo '$ pip install --no-deps nvidia-cutlass==4.2.0.0 && MAX_JOBS=16 pip install --no-build-isolation .'
+  { pip install --no-deps nvidia-cutlass==4.2.0.0 && MAX_JOBS=16 pip install -v --no-build-isolation .; } \
+    >"$OUT/build.log" 2>&1
+  rc=$?
+  grep -E "^(error|Error|ERROR)|error:|Successfully installed|ptxas (error|fatal)|flash_attn3: " "$OUT/build.log"
+  echo "install: exit $rc after $((SECONDS - t0)) s (full log: build.log)"
+  [[ $rc -eq 0 ]] || { tail -n 40 "$OUT/build.log"; return "$rc"; }
+  local so
+  so="$(find "$(installed_pkg_dir)" -name '_C*.so' | head -n1)"
+  echo "import: $(cd /tmp && "$PY" -c 'import flash_attn3, flash_attn3._ops as o; print(flash_attn3.__file__, "extension", o.HAS_EXTENSION)')"
+  if ! ldd "$so" | grep -q 'libstdc++'; then
+    echo "$so does not link the shared libstdc++ (static copy inside): error messages would crash" >&2
+    return 1
   fi
-  "$PY" -m pip install -q --no-deps --no-index "${whl[0]}"
+  echo "$(basename "$so") links $(ldd "$so" | grep -o 'libstdc++[^ ]*' | head -n1)"
 }
 
 # The folder of the installed package, found from outside the tree so the source copy does not shadow it.
@@ -70,60 +93,68 @@ installed_pkg_dir() {
   (cd /tmp && "$PY" -c 'import flash_attn3, os; print(os.path.dirname(flash_attn3.__file__))')
 }
 
-build() {
-  install_cutlass || return 1
-  # The device image exports CXX=/opt/gcc/bin/g++, a wrapper whose -B search path holds only a static
-  # libstdc++: an extension linked by it carries a private copy of libstdc++ and segfaults as soon as torch
-  # formats an error message containing a number (two copies of the locale facets). The distribution's g++
-  # links the shared libstdc++, as torch itself does.
-  if [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-  echo "CXX=${CXX:-<default>}"
-  # torch's cpp_extension guesses CUDA_HOME from `which nvcc`; give it the real toolkit root.
-  CUDA_HOME="$(bash build_standalone.sh --print-cuda-home)" || return 1
-  export CUDA_HOME
-  echo "CUDA_HOME=$CUDA_HOME"
-  local t0=$SECONDS
-  "$PY" -m pip install --no-build-isolation -v . 2>&1 | tee "$OUT/build.log" | grep -E "^(error|Error|ERROR)|error:|Successfully installed|ptxas (error|fatal)"
-  local rc=${PIPESTATUS[0]}
-  echo "pip install: exit $rc after $((SECONDS - t0)) s (full log: build.log)"
-  [[ $rc -eq 0 ]] || { tail -n 40 "$OUT/build.log"; return "$rc"; }
-  # The tests import the in-tree package when run from the repo root: give it the built files (extension,
-  # generated config) that only the installed copy has. The device's tree is a throwaway copy.
-  local pkg f
-  pkg="$(installed_pkg_dir)" || return 1
-  if [[ "$(realpath "$pkg")" != "$(realpath flash_attn3)" ]]; then
-    for f in "$pkg"/*; do
-      [[ -e "flash_attn3/$(basename "$f")" ]] || { cp -r "$f" flash_attn3/ && echo "copied built $(basename "$f") into flash_attn3/"; }
-    done
-  fi
-  (cd /tmp && "$PY" -c 'import flash_attn3; print("import flash_attn3 ok:", flash_attn3.__file__)')
-  local so
-  so="$(find "$pkg" -name '_C*.so' | head -n1)"
-  if ! ldd "$so" | grep -q 'libstdc++'; then
-    echo "$so does not link the shared libstdc++ (static copy inside): error messages would crash" >&2
-    return 1
-  fi
-}
-
 sass() {
   local so
   so="$(find "$(installed_pkg_dir)" -name '*.so' | head -n1)"
   [[ -n "$so" ]] || { echo "no built extension .so found in the installed package" >&2; return 1; }
   echo "checking $so"
-  "$PY" tools/check_sass.py "$so" --ptxas-log "$OUT/build.log" 2>&1 | tee "$OUT/sass.txt"
+  "$PY" tools/check_sass.py "$so" --ptxas-log "$OUT/build.log" 2>&1 | tee -a "$OUT/build.log" | tail -n 3
+  return "${PIPESTATUS[0]}"
 }
 
+# build_standalone.sh as the user types it, the standalone guide's four commands, the issue's two, each
+# printing its verdict, and the C example linked against libflash_attn3.so.
+standalone() {
+  local rc=0 args
+  {
+    echo '$ bash build_standalone.sh -j 16'
+    bash build_standalone.sh -j 16 || return 1
+    for args in \
+      "--fp8 --batch_size 3 --max_seqlen_q 1680 --max_seqlen_k 1680 --num_heads 16 --num_heads_k 16 --head_size 80" \
+      "--fp8 --batch_size 84 --max_seqlen_q 64 --max_seqlen_k 64 --num_heads 16 --num_heads_k 16 --head_size 80" \
+      "--fp16 --batch_size 1 --max_seqlen_q 1285 --max_seqlen_k 1285 --num_heads 16 --num_heads_k 2 --head_size 80 --causal" \
+      "--fp16 --batch_size 1 --max_seqlen_q 1 --max_seqlen_k 2048 --num_heads 16 --num_heads_k 2 --head_size 80 --causal" \
+      "--fp16 --batch_size 2 --max_seqlen_q 512 --max_seqlen_k 512 --verify" \
+      "--bf16 --batch_size 2 --max_seqlen_q 8192 --max_seqlen_k 8192 --head_size 128 --verify"; do
+      echo
+      echo "\$ ./build_standalone/test_varlen_inference $args"
+      ./build_standalone/test_varlen_inference $args 2>&1
+      echo "(exit $?)"
+    done
+    echo
+    echo '$ ./build_standalone/flash3_example'
+    ./build_standalone/flash3_example || rc=1
+  } 2>&1 | tee "$OUT/standalone.log"
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+  grep -q "RESULT: FAIL" "$OUT/standalone.log" && rc=1
+  return "$rc"
+}
+
+# The README's test command, typed as written (plus optional selection).
 tests() {
-  local args=(-q -rs -x tests)
+  local args=()
   [[ -n "${GPU_TESTS:-}" ]] && args+=(-k "$GPU_TESTS")
   # shellcheck disable=SC2206  # PYTEST_ARGS is a word list on purpose
   args+=(${PYTEST_ARGS:-})
-  "$PY" -m pytest "${args[@]}" 2>&1 | tee "$OUT/tests.log"
+  echo "\$ pytest ${args[*]}"
+  pytest "${args[@]}" 2>&1 | tee "$OUT/tests.log"
   return "${PIPESTATUS[0]}"
+}
+
+# FA3 itself as a benchmark backend: the fa3-fwd wheel (FA3's forward for bf16/fp8, torch stable ABI) into
+# its own folder, with the one-line flash_attn_config.py its interface imports.
+install_fa3() {
+  local whl=(.whl/fa3_fwd-*.whl)
+  [[ -f "${whl[0]}" ]] || { echo "no .whl/fa3_fwd-*.whl: the fa3 backend will say n/a"; return 0; }
+  pip install -q --no-deps --no-index --target /tmp/fa3 "${whl[0]}" || return 1
+  echo "from fa3_fwd_config import CONFIG" >/tmp/fa3/flash_attn_config.py
+  export PYTHONPATH="/tmp/fa3${PYTHONPATH:+:$PYTHONPATH}"
+  (cd /tmp && "$PY" -c 'import fa3_fwd_interface; print("FA3 backend:", fa3_fwd_interface.__file__)')
 }
 
 bench() {
   local stamp
+  install_fa3 || return 1
   stamp="$(mktemp)"
   # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
   "$PY" benchmarks/bench_fwd.py ${BENCH_ARGS:---grid all} --plot "$OUT/bench_fwd.png" 2>&1 | tee "$OUT/bench.log"
@@ -136,7 +167,7 @@ bench() {
 # compute-sanitizer on a few small calls (odd lengths, varlen, GQA, causal); PyTorch's caching allocator is
 # off so that memcheck sees every allocation's true bounds.
 sanitize() {
-  local script rc=0 tool
+  local script rc=0 tool args
   script="$(mktemp --suffix=.py)"
   cat >"$script" <<'EOF'
 import torch, flash_attn3
@@ -169,29 +200,36 @@ EOF
     [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
   done
   rm -f "$script"
+  # Lying device-side metadata (cu_seqlens/seqused out of range): no access outside the tensors.
+  echo "--- compute-sanitizer --tool memcheck pytest -k memory_safety" | tee -a "$OUT/sanitize.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 pytest -q -p no:cacheprovider \
+    -k memory_safety tests 2>&1 | tail -n 15 | tee -a "$OUT/sanitize.log"
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+  if [[ -x build_standalone/test_varlen_inference ]]; then
+    for args in "--fp16 --batch_size 5 --max_seqlen_q 200 --max_seqlen_k 200 --head_size 80 --edge_lengths --causal" \
+      "--bf16 --batch_size 2 --max_seqlen_q 300 --max_seqlen_k 300 --num_heads 8 --num_heads_k 1 --head_size 128"; do
+      echo "--- compute-sanitizer --tool memcheck test_varlen_inference $args --verify --iters 1" | tee -a "$OUT/sanitize.log"
+      compute-sanitizer --tool memcheck --error-exitcode 1 ./build_standalone/test_varlen_inference $args --verify \
+        --iters 1 2>&1 | tail -n 8 | tee -a "$OUT/sanitize.log"
+      [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+    done
+  fi
   return "$rc"
 }
 
 stage env env_info
-case "$MODE" in
-  build) stage build build && stage sass sass ;;
-  test) stage build build && stage tests tests ;;
-  bench) stage build build && stage bench bench ;;
-  sanitize) stage build build && stage sanitize sanitize ;;
-  all)
-    if stage build build; then
-      stage sass sass
-      stage tests tests
-      stage bench bench
-    fi
-    ;;
-esac
+if stage build build; then
+  stage sass sass
+  for s in "${STAGES[@]}"; do
+    [[ "$s" == build ]] || stage "$s" "$s"
+  done
+fi
 
 {
   echo
-  echo "=============== summary ($MODE, $((SECONDS - START_ALL)) s) ==============="
+  echo "=============== summary (${STAGES[*]}, $((SECONDS - START_ALL)) s) ==============="
   printf '%s\n' "${SUMMARY[@]}"
-  [[ -f "$OUT/sass.txt" ]] && tail -n 1 "$OUT/sass.txt"
+  [[ -f "$OUT/standalone.log" ]] && grep -E "^(RESULT|time|verify|not built)" "$OUT/standalone.log" | sed 's/^/standalone: /'
   [[ -f "$OUT/tests.log" ]] && echo "pytest: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/tests.log" | tail -n 1)"
   [[ -f "$OUT/bench.log" ]] && grep -E '^head' "$OUT/bench.log" | sed 's/^/bench: /'
   echo "logs in \$OUT: $(find "$OUT" -maxdepth 1 -type f -printf '%f ')"

@@ -23,7 +23,7 @@ INST_DIR = ROOT / "hopper" / "instantiations"
 
 # C++ element type of each dtype tag.
 CPP_ELEMENT = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
-CPP_DTYPE = {"fp16": "DType::kFloat16", "bf16": "DType::kBFloat16"}
+CPP_DTYPE = {"fp16": "FLASH3_FLOAT16", "bf16": "FLASH3_BFLOAT16"}
 # Compiled head dims per dtype. A real head dim runs on the next compiled one (80 -> 96).
 HEAD_DIMS = {"fp16": (64, 96, 128), "bf16": (64, 96, 128)}
 
