@@ -61,6 +61,7 @@ print(f"python {sys.version.split()[0]} | torch {torch.__version__} | CUDA {torc
       f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 EOF
   nvcc --version | tail -n 1 || true
+  echo "CXX=${CXX:-<unset>} ($(${CXX:-c++} -print-file-name=libstdc++.so 2>/dev/null)) CC=${CC:-<unset>}"
   echo "FLASH_ATTN3_DTYPES=${FLASH_ATTN3_DTYPES:-<all>} FLASH_ATTN3_HDIMS=${FLASH_ATTN3_HDIMS:-<all>} MAX_JOBS=$MAX_JOBS"
 }
 
