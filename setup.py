@@ -164,7 +164,15 @@ if SKIP_CUDA:
     write_build_config(False, [])
     ext_modules, cmdclass = [], {}
 else:
-    from torch.utils.cpp_extension import BuildExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:
+        raise SystemExit(
+            f"flash_attn3: the extension is built against the torch of the Python running this build "
+            f"({sys.executable}), which has no torch. Run pip through the Python that has torch: "
+            "`python -m pip install --no-build-isolation .` (a bare `pip` may belong to another Python), "
+            "or set FLASH_ATTN3_SKIP_CUDA_BUILD=1 for the pure-Python parts."
+        ) from None
 
     ext_modules = extension_modules()
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}

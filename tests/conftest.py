@@ -8,9 +8,28 @@ the autouse `seed` fixture draws a fresh seed per test and reports it with a fai
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `python -m pytest` from the repository root puts the root on sys.path, where the source copy of
+# flash_attn3 (no compiled _C) would shadow an installed build; the tests are of that build, so the root is
+# dropped when the source copy has no extension and an installed copy elsewhere on the path has one.
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _is_root(entry: str) -> bool:
+    return Path(entry or ".").resolve() == _ROOT
+
+
+def _has_extension(entry: str) -> bool:
+    return any((Path(entry or ".") / "flash_attn3").glob("_C*.so"))
+
+
+if not _has_extension(str(_ROOT)) and any(_has_extension(p) for p in sys.path if not _is_root(p)):
+    sys.path[:] = [p for p in sys.path if not _is_root(p)]
 
 
 def gpu_skip_reason() -> str | None:

@@ -72,8 +72,9 @@ build() {
   echo "CXX=${CXX:-<unset>} CC=${CC:-<unset>} (left as the image sets them)"
   local t0=$SECONDS rc
   # shellcheck disable=SC2016
-  echo '$ pip install --no-deps nvidia-cutlass==4.2.0.0 && MAX_JOBS=16 pip install --no-build-isolation .'
-  { pip install --no-deps nvidia-cutlass==4.2.0.0 && MAX_JOBS=16 pip install -v --no-build-isolation .; } \
+  echo '$ python -m pip install --no-deps nvidia-cutlass==4.2.0.0 && MAX_JOBS=16 python -m pip install --no-build-isolation .'
+  { python -m pip install --no-deps nvidia-cutlass==4.2.0.0 &&
+    MAX_JOBS=16 python -m pip install -v --no-build-isolation .; } \
     >"$OUT/build.log" 2>&1
   rc=$?
   grep -E "^(error|Error|ERROR)|error:|Successfully installed|ptxas (error|fatal)|flash_attn3: " "$OUT/build.log"
@@ -147,7 +148,7 @@ tests() {
 install_fa3() {
   local whl=(.whl/fa3_fwd-*.whl)
   [[ -f "${whl[0]}" ]] || { echo "no .whl/fa3_fwd-*.whl: the fa3 backend will say n/a"; return 0; }
-  pip install -q --no-deps --no-index --target /tmp/fa3 "${whl[0]}" || return 1
+  python -m pip install -q --no-deps --no-index --target /tmp/fa3 "${whl[0]}" || return 1
   echo "from fa3_fwd_config import CONFIG" >/tmp/fa3/flash_attn_config.py
   export PYTHONPATH="/tmp/fa3${PYTHONPATH:+:$PYTHONPATH}"
   (cd /tmp && "$PY" -c 'import fa3_fwd_interface; print("FA3 backend:", fa3_fwd_interface.__file__)')
