@@ -34,7 +34,7 @@ struct OnlineSoftmax {
   __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_), negative(scale_log2_ < 0.f) {
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < kRows; ++m) {
-      row_max[m] = -masked_score();
+      row_max[m] = masked_score();  // the identity of the running extremum
       row_sum[m] = 0.f;
     }
   }
