@@ -3,8 +3,12 @@ FlashAttention-3's `flash_attn_interface` functions.
 
 `flash_attn3.reference` holds a plain-PyTorch reference of every feature; it works without the compiled
 extension (e.g. on CPU). `flash_attn3._ops.HAS_EXTENSION` says whether the CUDA extension loaded.
+`set_checked_mode(True)`, `with checked_mode(): ...` or FLASH_ATTN3_CHECKED=1 turn on the checked mode, which
+validates the values of the device-resident metadata (cu_seqlens, seqused, cache_seqlens, page tables) before
+each call, at the cost of one host sync (see flash_attn3._checked).
 """
 from flash_attn3 import reference
+from flash_attn3._checked import checked_mode, set_checked_mode
 from flash_attn3.interface import (
     flash_attn_combine,
     flash_attn_func,
@@ -17,12 +21,14 @@ from flash_attn3.interface import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "checked_mode",
     "flash_attn_combine",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "get_scheduler_metadata",
     "reference",
+    "set_checked_mode",
     "varlen_fwd",
     "__version__",
 ]

@@ -5,13 +5,16 @@ Rules fire in a fixed order: Python types, dtypes, ranks and shapes, strides, va
 last, so that every other rule can be exercised with CPU tensors. Each error names the argument (under the
 name the caller used, e.g. `k_cache`) and the rule it breaks. Nothing here reads device memory: values that
 live on the GPU (cu_seqlens contents, cache_seqlens tensors) are never inspected, so a call stays free of
-host syncs and can be captured in a CUDA graph. `check_supported` then turns features this build did not
-compile into NotImplementedError.
+host syncs and can be captured in a CUDA graph. The one exception is a window_size given as a CUDA tensor,
+which has to become two ints, as in FA3. Checking those device values is the opt-in checked mode
+(flash_attn3._checked). `check_supported` then turns features this build did not compile into
+NotImplementedError.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -25,13 +28,13 @@ MAX_SPLITS = 256
 FEATURE_TEXT = {
     "varlen": "variable-length batches (cu_seqlens / seqused)",
     "gqa": "grouped-query attention (num_heads != num_heads_k)",
-    "causal": "causal masking",
-    "local": "local (sliding-window) attention",
+    "causal": "causal masking (causal)",
+    "local": "local (sliding-window) attention (window_size)",
     "softcap": "softcap",
     "split_kv": "split-KV (num_splits > 1)",
     "paged_kv": "paged KV cache (page_table)",
     "append_kv": "appending new k/v to the cache",
-    "fp8": "float8_e4m3fn inputs",
+    "fp8": "float8_e4m3fn inputs (the dtype of q, k, v)",
     "pack_gqa": "pack_gqa=True",
     "kv_batch_idx": "cache_batch_idx / kv_batch_idx",
     "leftpad_k": "cache_leftpad / leftpad_k",
@@ -138,23 +141,58 @@ def check_head_dims(qname: str, vname: str, dtype: torch.dtype, d: int, dv: int)
             "(128 < d <= 192, 96 < dv <= 128)")
 
 
-def normalize_window(window_size, causal: bool, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
-    """Validates window_size and returns FA3's normalised (left, right): a side that cannot cut off any key
-    becomes -1, causal forces right = 0."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+def _integer_array(name: str, a) -> list:
+    """The host values of a torch.Tensor or numpy array that must hold integers. A CUDA tensor is read back
+    (one sync, as FA3's own int() conversion does), which a CUDA-graph capture cannot contain."""
+    if isinstance(a, torch.Tensor):
+        if a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool:
+            raise TypeError(f"{name}: a tensor must have an integer dtype, got {a.dtype}")
+        if a.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{name}: a CUDA tensor cannot be read on the host during CUDA-graph capture; "
+                               "pass Python ints")
+    elif a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: an array must have an integer dtype, got {a.dtype}")
+    return a.tolist()
+
+
+def _is_array(x) -> bool:
+    """A torch.Tensor or a numpy.ndarray (numpy is only consulted if the caller already imported it)."""
+    np = sys.modules.get("numpy")
+    return isinstance(x, torch.Tensor) or (np is not None and isinstance(x, np.ndarray))
+
+
+def normalize_window(window_size, causal: bool, rows_q: int, rows_k: int) -> tuple[int, int]:
+    """Validates window_size and returns FA3's normalised (left, right).
+
+    window_size is anything FA3 indexes as a pair: a tuple or list of two ints (Python or numpy ints, or
+    0-d integer tensors), or a 1-D integer tensor / numpy array of two entries. Causal forces right = 0 and
+    leaves left as given. A side that cannot cut off any key becomes -1. With bottom-right alignment the left
+    side cuts nothing iff left >= s_k - 1 and the right side iff right >= s_q - 1, for every sequence; the
+    per-sequence lengths live on the device, so the sides are compared with host extents that bound them and
+    cannot lie: `rows_q` (dense q.shape[1], packed q rows) and `rows_k` (dense k.shape[1], packed k rows, paged
+    cache capacity). max_seqlen_q/k are deliberately not used: an understated one would silently turn a
+    window into full attention.
+    """
+    if _is_array(window_size):
+        if tuple(window_size.shape) != (2,):
+            raise ValueError(f"window_size: a tensor or array must have shape (2,) (left, right), got "
+                             f"{tuple(window_size.shape)}")
+        sides = _integer_array("window_size", window_size)
+    elif isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        sides = [_integer_array("window_size", v) if _is_array(v) and v.ndim == 0 else v for v in window_size]
+    else:
         raise TypeError(f"window_size: expected a (left, right) pair of ints, got {window_size!r}")
-    left, right = window_size
-    for side, val in (("left", left), ("right", right)):
+    for side, val in zip(("left", "right"), sides):
         if not _is_int(val):
             raise TypeError(f"window_size: {side} must be an int, got {type(val).__name__}")
         if val < -1:
             raise ValueError(f"window_size: {side} must be >= -1 (-1 = unbounded), got {val}")
-    left, right = int(left), int(right)
-    if left >= seqlen_k - 1:
+    left, right = (int(v) for v in sides)
+    if left >= rows_k - 1:
         left = -1
     if causal:
         right = 0
-    elif right >= seqlen_q - 1:
+    elif right >= rows_q - 1:
         right = -1
     return left, right
 
@@ -293,6 +331,9 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
     else:
         batch_k, seqlen_k = k.shape[0], k.shape[1]
     seqlen_q = max_seqlen_q if varlen_q else q.shape[1]
+    # Host extents no sequence can exceed (max_seqlen_* are the caller's word, these are the tensors').
+    rows_q = q.shape[0] if varlen_q else q.shape[1]
+    rows_k = k.shape[0] if cu_seqlens_k is not None else seqlen_k
     if kv_batch_idx is None:
         if batch_k != batch:
             src = f"{n['page_table']}.shape[0]" if paged else f"{n['k']}.shape[0]"
@@ -319,7 +360,7 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
                              f"{tuple(t.shape)}")
 
     # Scalar options.
-    window_left, window_right = normalize_window(window_size, causal, seqlen_q, seqlen_k)
+    window_left, window_right = normalize_window(window_size, causal, rows_q, rows_k)
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap: must be a finite value >= 0 (0 = off), got {softcap}")
     if softmax_scale is None:

@@ -4,7 +4,9 @@ Each function validates every argument (flash_attn3._checks; device rule last), 
 for what this build did not compile or this version does not implement, allocates `out` and `softmax_lse`,
 and calls the one C++ op `torch.ops.flash_attn3.fwd` positionally. No kernel selection and no host sync
 happens here, so every call can be captured in a CUDA graph and traced by torch.compile (through the fake
-registered in flash_attn3._ops). Only the forward pass exists; there is no autograd.
+registered in flash_attn3._ops). The exception is the opt-in checked mode (flash_attn3._checked), which reads
+the metadata tensors back once per call to validate their values. Only the forward pass exists; there is no
+autograd.
 
 Layouts (b = batch, s_q/s_k = sequence lengths, h/h_k = query/key heads, d/dv = head dims):
 dense q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, dv); packed variable-length q (total_q, h, d)
@@ -16,15 +18,21 @@ from __future__ import annotations
 
 import torch
 
-from flash_attn3 import _checks, _ops
+from flash_attn3 import _checked, _checks, _ops
 
 
 def _run_fwd(q, k, v, problem, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
              seqused_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None,
-             k_descale=None, v_descale=None, softcap=0.0, num_splits=1, sm_margin=0):
-    """Checks that the extension and the needed kernels exist, allocates the outputs, calls the op."""
+             k_descale=None, v_descale=None, softcap=0.0, num_splits=1, sm_margin=0, names=None):
+    """Checks that the extension and the needed kernels exist, checks the metadata values in checked mode
+    (`names` as in check_fwd), allocates the outputs, calls the op."""
     _ops.require_extension()
     _checks.check_supported(problem, _ops.BUILD, inputs=(q, k, v))
+    if _checked.is_enabled():
+        _checked.check_metadata(
+            q, k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
+            max_seqlen_q=problem.seqlen_q, max_seqlen_k=problem.seqlen_k, page_table=page_table,
+            kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, names=names)
     if out is None:
         out = torch.empty(problem.out_shape, dtype=problem.out_dtype, device=q.device)
     softmax_lse = torch.empty(problem.lse_shape, dtype=torch.float32, device=q.device)
@@ -60,12 +68,14 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
         k: (batch, seqlen_k, num_heads_k, head_dim), same dtype; num_heads % num_heads_k == 0 (GQA/MQA:
             query head i uses key head i // (num_heads / num_heads_k)).
         v: (batch, seqlen_k, num_heads_k, head_dim_v), same dtype.
-        softmax_scale: scale of q kᵀ; default head_dim ** -0.5.
+        softmax_scale: scale of q kᵀ, any finite value; default head_dim ** -0.5. 0 weighs every visible key
+            equally (out = the mean of v over them); a negative scale favours the least similar keys.
         causal: bottom-right aligned causal mask (same as window_size=(left, 0)).
         qv: not implemented (raises NotImplementedError when given).
         q_descale, k_descale, v_descale: float32 (batch, num_heads_k) dequantisation scales, fp8 only.
         window_size: (left, right) local window, -1 = unbounded; query i sees keys
-            [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right].
+            [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]. A tuple or list of two ints, or
+            a 2-element integer tensor as FA3 allows (a CUDA one is read back to the host, one sync).
         attention_chunk: only 0 is implemented.
         softcap: if > 0, scores become tanh(score · softmax_scale / softcap) · softcap before masking.
         num_splits: 1 = no split-KV; 0 = heuristic; > 1 (up to 256) forces that many splits.
@@ -102,7 +112,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         k, v: (total_k, num_heads_k, head_dim / head_dim_v); or dense 4-D if cu_seqlens_k is None.
         cu_seqlens_q, cu_seqlens_k: int32 contiguous (batch + 1,) prefix sums of the sequence lengths.
         max_seqlen_q, max_seqlen_k: Python ints, the longest sequence (required with the matching
-            cu_seqlens; used for grid sizing; never read back from the GPU). Ignored for a dense side.
+            cu_seqlens; used for grid sizing). Ignored for a dense side. Nothing checks them against the
+            device-side cu_seqlens unless checked mode is on (flash_attn3.checked_mode).
         seqused_q, seqused_k: optional int32 (batch,): only the first seqused[i] rows of sequence i are used;
             output rows beyond them are not written.
         Other arguments: as in flash_attn_func.
@@ -205,7 +216,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     out, softmax_lse = _run_fwd(
         q, k_cache, v_cache, problem, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, page_table=page_table,
         kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale, k_descale=k_descale,
-        v_descale=v_descale, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin)
+        v_descale=v_descale, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin, names=names)
     if not return_softmax_lse:
         return out
     empty = torch.empty(0, dtype=torch.float32, device=q.device)

@@ -59,7 +59,9 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
         cache position cache_seqlens[b]; the caller's caches are not modified.
       * GQA: query head i uses key head i // (h // h_k).
       * scores = (q * scale) @ kᵀ (reorder_ops: q @ (k * scale)ᵀ) with scale = softmax_scale or d ** -0.5;
-        softcap > 0: scores = tanh(scores / softcap) * softcap, before masking.
+        any finite scale is valid (0: equal weights, out = mean of v over the visible keys, lse = log of their
+        count; negative: the least similar keys weigh most). softcap > 0: scores = tanh(scores / softcap) *
+        softcap, before masking.
       * mask: bottom-right aligned window (see visible_keys); causal = window (left, 0). A row with no
         visible key gets out = 0 and lse = -inf.
       * fp8 (float8_e4m3fn) inputs are upcast and multiplied by q/k/v_descale (float32 (b, h_k); the q heads

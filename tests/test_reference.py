@@ -205,6 +205,74 @@ def test_softcap_changes_result():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3, -2.0, 1e-8])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (2, 1)), (True, (3, 0))])
+@pytest.mark.parametrize("sq,sk", [(5, 9), (9, 5), (1, 4)])
+def test_any_finite_softmax_scale(scale, causal, window, sq, sk):
+    """0, negative and tiny scales are valid maths; the reference must agree with the float64 loop for them."""
+    q, k, v = 3 * rand(2, sq, 4, 16), 3 * rand(2, sk, 2, 16), rand(2, sk, 2, 16)
+    out, lse = check_against_naive(q, k, v, softmax_scale=scale, causal=causal, window_size=window)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+
+def _visible_count_and_mean(v, sq, sk, causal, window):
+    """Per query row (bottom-right aligned), how many keys it sees and the plain mean of their values, from an
+    explicit loop over (row, key) pairs: what attention with softmax_scale = 0 must return."""
+    left, right = window
+    if causal:
+        right = 0
+    counts = torch.zeros(sq, dtype=torch.float64)
+    means = torch.zeros(sq, *v.shape[1:], dtype=torch.float64)
+    for i in range(sq):
+        seen = [j for j in range(sk) if not (left >= 0 and j < i + sk - sq - left)
+                and not (right >= 0 and j > i + sk - sq + right)]
+        counts[i] = len(seen)
+        if seen:
+            means[i] = v[seen].to(torch.float64).mean(dim=0)
+    return counts, means
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (1, 2)), (False, (0, 0))])
+@pytest.mark.parametrize("sq,sk", [(4, 7), (7, 4), (3, 3)])
+def test_scale_zero_is_mean_of_visible_values(causal, window, sq, sk):
+    """softmax_scale = 0 makes every score 0: out = mean of v over the visible keys, lse = log(count), and a row
+    that sees no key still gets out = 0, lse = -inf."""
+    h = 2
+    q, k, v = rand(1, sq, h, 8), rand(1, sk, h, 8), rand(1, sk, h, 16)
+    out, lse = attention_ref(q, k, v, softmax_scale=0.0, causal=causal, window_size=window)
+    counts, means = _visible_count_and_mean(v[0], sq, sk, causal, window)
+    torch.testing.assert_close(out[0].to(torch.float64), means, atol=1e-6, rtol=1e-6)
+    expected_lse = torch.log(counts).unsqueeze(0).expand(h, sq)  # log(0) = -inf for rows without keys
+    torch.testing.assert_close(lse[0].to(torch.float64), expected_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_scale_zero_varlen_and_low_precision():
+    lq, lk = [3, 0, 4], [5, 2, 0]
+    q, k, v = rand(sum(lq), 2, 8), rand(sum(lk), 1, 8), rand(sum(lk), 1, 8)
+    kw = dict(cu_seqlens_q=cu(lq), cu_seqlens_k=cu(lk), softmax_scale=0.0, causal=True)
+    out, lse = check_against_naive(q, k, v, **kw)
+    low, _ = attention_ref(q.half(), k.half(), v.half(), upcast=False, **kw)
+    assert low.dtype == torch.float16 and not torch.isnan(low).any()
+    torch.testing.assert_close(low.float(), out, atol=2e-3, rtol=2e-3)
+
+
+def test_negative_scale_equals_negated_queries():
+    """softmax(-s · q kᵀ) = softmax(s · (-q) kᵀ): a negative scale prefers the least similar keys."""
+    q, k, v = rand(2, 5, 2, 8), rand(2, 6, 2, 8), rand(2, 6, 2, 8)
+    a = attention_ref(q, k, v, softmax_scale=-0.4, causal=True)
+    b = attention_ref(-q, k, v, softmax_scale=0.4, causal=True)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    far = attention_ref(q, k, v, softmax_scale=-50.0)[0]
+    near = attention_ref(q, k, v, softmax_scale=50.0)[0]
+    assert not torch.allclose(far, near)
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+def test_softcap_with_non_positive_scale(scale):
+    q, k, v = 3 * rand(2, 5, 2, 16), 3 * rand(2, 6, 2, 16), rand(2, 6, 2, 16)
+    check_against_naive(q, k, v, softcap=2.0, softmax_scale=scale, causal=True)
+
+
 # ---------------------------------------------------------------------------------------------- varlen
 
 
@@ -423,7 +491,7 @@ def test_combine_ref_equals_attention_over_concatenated_splits(num_splits, empty
     vs = [rand(b, n, h, d) for n in lens]
     parts = [attention_ref(q, k_, v_) for k_, v_ in zip(ks, vs)]
     out_partial = torch.stack([o for o, _ in parts])  # (splits, b, s, h, d)
-    lse_partial = torch.stack([l.transpose(1, 2) for _, l in parts])  # (splits, b, s, h)
+    lse_partial = torch.stack([lse_.transpose(1, 2) for _, lse_ in parts])  # (splits, b, s, h)
     out, lse = combine_ref(out_partial, lse_partial)
     full_out, full_lse = check_against_naive(q, torch.cat(ks, 1), torch.cat(vs, 1))
     if sum(lens) == 0:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
 import flash_attn3
-from flash_attn3 import _checks, _ops
+from flash_attn3 import _checked, _checks, _ops
 from flash_attn3 import (flash_attn_combine, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                          get_scheduler_metadata, varlen_fwd)
 
@@ -97,13 +98,37 @@ FUNC_CASES = [
     ("window_float", _f(window_size=(1.5, 0)), TypeError, r"window_size: left must be an int"),
     ("window_not_pair", _f(window_size=3), TypeError, r"window_size: expected a \(left, right\) pair"),
     ("window_triple", _f(window_size=(1, 2, 3)), TypeError, r"window_size: expected a \(left, right\) pair"),
+    ("window_none", _f(window_size=None), TypeError, r"window_size: expected a \(left, right\) pair"),
+    ("window_str", _f(window_size="ab"), TypeError, r"window_size: expected a \(left, right\) pair"),
+    ("window_bool", _f(window_size=(True, 0)), TypeError, r"window_size: left must be an int, got bool"),
+    ("window_tensor_3", _f(window_size=torch.tensor([1, 2, 3])), ValueError,
+     r"window_size: a tensor or array must have shape \(2,\) \(left, right\), got \(3,\)"),
+    ("window_tensor_2d", _f(window_size=torch.zeros(1, 2, dtype=torch.int64)), ValueError,
+     r"window_size: a tensor or array must have shape \(2,\)"),
+    ("window_tensor_float", _f(window_size=torch.tensor([4.0, 0.0])), TypeError,
+     r"window_size: a tensor must have an integer dtype, got torch.float32"),
+    ("window_tensor_bool", _f(window_size=torch.tensor([True, False])), TypeError,
+     r"window_size: a tensor must have an integer dtype, got torch.bool"),
+    ("window_tensor_lt_minus1", _f(window_size=torch.tensor([-3, 0])), ValueError,
+     r"window_size: left must be >= -1 \(-1 = unbounded\), got -3"),
+    ("window_0d_float_tensor", _f(window_size=(2, torch.tensor(1.5))), TypeError,
+     r"window_size: a tensor must have an integer dtype"),
+    ("window_1elem_tensor_side", _f(window_size=(torch.tensor([2]), 0)), TypeError,
+     r"window_size: left must be an int, got Tensor"),
+    ("window_numpy_float", _f(window_size=np.array([1.0, 2.0])), TypeError,
+     r"window_size: an array must have an integer dtype, got float64"),
+    ("window_numpy_float_side", _f(window_size=(np.float32(1.0), 0)), TypeError,
+     r"window_size: left must be an int, got float32"),
     ("softcap_negative", _f(softcap=-1.0), ValueError, r"softcap: must be a finite value >= 0"),
     ("softcap_nan", _f(softcap=float("nan")), ValueError, r"softcap: must be a finite value"),
     ("softcap_str", _f(softcap="1"), TypeError, r"softcap: expected a float"),
     ("scale_str", _f(softmax_scale="0.1"), TypeError, r"softmax_scale: expected a float or None"),
     ("scale_inf", _f(softmax_scale=float("inf")), ValueError, r"softmax_scale: must be finite"),
+    ("scale_minus_inf", _f(softmax_scale=-float("inf")), ValueError, r"softmax_scale: must be finite"),
+    ("scale_nan", _f(softmax_scale=float("nan")), ValueError, r"softmax_scale: must be finite"),
     ("num_splits_big", _f(num_splits=257), ValueError, r"num_splits: must be <= 256, got 257"),
     ("num_splits_negative", _f(num_splits=-1), ValueError, r"num_splits: must be >= 0"),
+    ("num_splits_minus3", _f(num_splits=-3), ValueError, r"num_splits: must be >= 0, got -3"),
     ("num_splits_float", _f(num_splits=2.0), TypeError, r"num_splits: expected an int"),
     ("pack_gqa_str", _f(pack_gqa="yes"), TypeError, r"pack_gqa: expected a bool or None"),
     ("sm_margin_negative", _f(sm_margin=-1), ValueError, r"sm_margin: must be >= 0"),
@@ -125,6 +150,17 @@ FUNC_CASES = [
                              k_descale=torch.ones(1, 1).expand(2, 2)), ValueError, ON_CPU),
     ("valid_mqa_hdim136", _f(qkv=qkv(h=6, hk=1, d=136, dtype=BF16)), ValueError, ON_CPU),
     ("valid_asym_dv", _f(qkv=qkv(d=64, dv=512)), ValueError, ON_CPU),
+    ("valid_scale_zero", _f(softmax_scale=0.0), ValueError, ON_CPU),
+    ("valid_scale_int_zero", _f(softmax_scale=0), ValueError, ON_CPU),
+    ("valid_scale_negative", _f(softmax_scale=-0.7), ValueError, ON_CPU),
+    ("valid_scale_tiny", _f(softmax_scale=-1e-30), ValueError, ON_CPU),
+    ("valid_window_list", _f(window_size=[3, 1]), ValueError, ON_CPU),
+    ("valid_window_tensor", _f(window_size=torch.tensor([3, 0])), ValueError, ON_CPU),
+    ("valid_window_tensor_int32", _f(window_size=torch.tensor([-1, 2], dtype=torch.int32)), ValueError, ON_CPU),
+    ("valid_window_randint", _f(window_size=torch.randint(0, 7, (2,))), ValueError, ON_CPU),  # FA3's own tests
+    ("valid_window_0d_tensors", _f(window_size=(torch.tensor(2), torch.tensor(-1))), ValueError, ON_CPU),
+    ("valid_window_numpy_ints", _f(window_size=(np.int64(2), np.int32(0))), ValueError, ON_CPU),
+    ("valid_window_numpy_array", _f(window_size=np.array([2, 0], dtype=np.int32)), ValueError, ON_CPU),
     ("valid_strided_views", lambda: flash_attn_func(*torch.randn(2, 5, 3, 4, 64).half().unbind(2)), ValueError,
      ON_CPU),
     ("meta_device", lambda: flash_attn_func(*(t.to("meta") for t in qkv())), ValueError, r"q: .*got meta"),
@@ -169,7 +205,12 @@ VARLEN_CASES = [
     ("dense_q_cu_k_batch", _v(tensors=(qkv()[0], *packed()[1:3]), cu_seqlens_q=None), ValueError,
      r"cu_seqlens_k: length 4 must be batch \+ 1 = 3 \(batch from q.shape\[0\]\)"),
     ("varlen_gqa", _v(tensors=packed(h=6, hk=4)[:3]), ValueError, r"num_heads \(q.shape\[-2\]=6\)"),
+    ("num_splits_negative", _v(num_splits=-3), ValueError, r"num_splits: must be >= 0, got -3"),
+    ("scale_nan", _v(softmax_scale=float("nan")), ValueError, r"softmax_scale: must be finite"),
+    ("window_tensor_3", _v(window_size=torch.tensor([1, 2, 3])), ValueError, r"window_size: a tensor or array"),
     ("valid_varlen", _v(), ValueError, ON_CPU),
+    ("valid_varlen_scale_zero_window_tensor", _v(softmax_scale=0.0, window_size=torch.tensor([4, 0])), ValueError,
+     ON_CPU),
     ("valid_varlen_seqused_window", _v(seqused_q=i32(1, 1, 2), seqused_k=i32(0, 2, 6), window_size=(2, 1)),
      ValueError, ON_CPU),
     ("valid_dense_q_varlen_k", _v(tensors=(qkv(b=3)[0], *packed()[1:3]), cu_seqlens_q=None, max_seqlen_q=None),
@@ -242,6 +283,9 @@ KVCACHE_CASES = [
      ValueError, r"rotary_cos: .* requires new k, v"),
     ("rotary_interleaved_type", _dense_cache(rotary_interleaved=None), TypeError, r"rotary_interleaved: expected a"),
     ("num_splits_big", _dense_cache(num_splits=300), ValueError, r"num_splits: must be <= 256"),
+    ("num_splits_negative", _dense_cache(num_splits=-3), ValueError, r"num_splits: must be >= 0, got -3"),
+    ("window_float_tensor", _kv(window_size=torch.tensor([1.0, 0.0])), TypeError, r"window_size: a tensor must"),
+    ("valid_paged_scale_negative_window_list", _kv(softmax_scale=-0.5, window_size=[2, 0]), ValueError, ON_CPU),
     ("return_lse_type", _dense_cache(return_softmax_lse=1), TypeError, r"return_softmax_lse: expected a bool"),
     ("varlen_q_needs_max", _dense_cache(tensors=(packed()[0][:2], *qkv(b=2, sk=9)[1:]), cu_seqlens_q=i32(0, 1, 2)),
      ValueError, r"max_seqlen_q: required"),
@@ -287,6 +331,8 @@ VARLEN_FWD_CASES = [
                                    max_seqlen_q=4, max_seqlen_k=6, kv_batch_idx=i32(0, 1, 2)), ValueError,
      r"kv_batch_idx: cannot be combined with cu_seqlens_k"),
     ("leftpad_length", _vf(leftpad_k=i32(0)), ValueError, r"leftpad_k: must have shape \(2,\)"),
+    ("num_splits_negative", _vf(num_splits=-3), ValueError, r"num_splits: must be >= 0, got -3"),
+    ("sm_margin_negative", _vf(sm_margin=-1), ValueError, r"sm_margin: must be >= 0, got -1"),
     ("valid_out", _vf(out=torch.empty(2, 5, 4, 64, dtype=F16)), ValueError, ON_CPU),
     ("valid_fp8_out_bf16", _vf(tensors=qkv(dtype=FP8), out=torch.empty(2, 5, 4, 64, dtype=BF16)), ValueError, ON_CPU),
 ]
@@ -321,6 +367,8 @@ COMBINE_CASES = [
     ("out_dtype", lambda: flash_attn_combine(*partials(), out_dtype=torch.int32), TypeError, r"out_dtype: must be"),
     ("out_shape", lambda: flash_attn_combine(*partials(), out=torch.empty(2, 4, 2, 8)), ValueError, r"out: shape"),
     ("valid_combine", lambda: flash_attn_combine(*partials()), ValueError, r"out_partial: " + ON_CPU),
+    ("scheduler_num_splits_negative", lambda: get_scheduler_metadata(1, 1, 1, 1, 1, 64, i32(1), num_splits=-3),
+     ValueError, r"num_splits: must be >= 0, got -3"),
     ("scheduler_negative", lambda: get_scheduler_metadata(-1, 1, 1, 1, 1, 64, i32(1)), ValueError,
      r"batch_size: must be >= 0"),
     ("scheduler_cache_seqlens", lambda: get_scheduler_metadata(1, 1, 1, 1, 1, 64, 5), TypeError,
@@ -399,6 +447,69 @@ def test_window_normalisation(kernel_stub, causal, window, expected):
     flash_attn_func(*qkv(sq=5, sk=7), causal=causal, window_size=window)
     c = kernel_stub[0]
     assert (c["window_size_left"], c["window_size_right"]) == expected
+
+
+@pytest.mark.parametrize("window,expected", [
+    (torch.tensor([6, 4]), (-1, -1)),
+    (torch.tensor([5, 3], dtype=torch.int32), (5, 3)),
+    ([5, 3], (5, 3)),
+    ((np.int64(6), np.int32(4)), (-1, -1)),
+    (np.array([2, 0]), (2, 0)),
+    ((torch.tensor(5), torch.tensor(-1)), (5, -1)),
+])
+def test_window_forms_normalise_alike(kernel_stub, window, expected):
+    """Every pair form FA3 accepts reaches the op as the same two Python ints (s_q=5, s_k=7)."""
+    flash_attn_func(*qkv(sq=5, sk=7), window_size=window)
+    c = kernel_stub[0]
+    assert (c["window_size_left"], c["window_size_right"]) == expected
+    assert type(c["window_size_left"]) is int and type(c["window_size_right"]) is int
+
+
+@pytest.mark.parametrize("max_k,max_q", [(6, 4), (1, 1), (0, 0)])
+@pytest.mark.parametrize("window,expected", [
+    ((6, 3), (6, 3)),      # FA3's max_seqlen rule would drop both sides (6 >= max_k - 1, 3 >= max_q - 1)
+    ((11, 6), (11, 6)),    # one below the extents: a sequence as long as all rows would still be cut
+    ((12, 7), (-1, -1)),   # left >= total_k - 1 = 12, right >= total_q - 1 = 7: nothing can be cut
+])
+def test_varlen_window_normalised_by_packed_rows_not_max_seqlen(kernel_stub, monkeypatch, max_k, max_q, window,
+                                                                expected):
+    """Packed q has 8 rows, packed k 13: no sequence is longer, whatever max_seqlen_q/k claim. (Unchecked mode,
+    whatever FLASH_ATTN3_CHECKED says: checked mode would reject the understated max_seqlen values.)"""
+    monkeypatch.setattr(_checked, "_switch", False)
+    q, k, v, cq, ck, _, _ = packed(lens_q=(3, 1, 4), lens_k=(5, 2, 6))
+    flash_attn_varlen_func(q, k, v, cq, ck, max_q, max_k, window_size=window)
+    c = kernel_stub[0]
+    assert (c["window_size_left"], c["window_size_right"]) == expected
+    assert (c["max_seqlen_q"], c["max_seqlen_k"]) == (max_q, max_k), "max_seqlen must reach the op unchanged"
+
+
+def test_understated_max_seqlen_k_keeps_the_local_error(kernel_stub, monkeypatch):
+    """max_seqlen_k = 1 must not turn a sliding window into full attention and skip the local-not-built error."""
+    monkeypatch.setattr(_ops, "BUILD", without("local"))
+    q, k, v, cq, ck, mq, _ = packed()
+    raises(NotImplementedError, r"local \(sliding-window\)", flash_attn_varlen_func, q, k, v, cq, ck, mq, 1,
+           window_size=(4, -1))
+    raises(NotImplementedError, r"local \(sliding-window\)", flash_attn_varlen_func, q, k, v, cq, ck, mq, 1,
+           causal=True, window_size=torch.tensor([4, 0]))
+    assert not kernel_stub
+
+
+def test_paged_window_normalised_by_cache_capacity(kernel_stub):
+    q, kc, vc, table = paged(pages=3, page_size=5, sq=3)  # capacity 15 keys per sequence
+    for window, expected in (((13, 0), (13, 0)), ((14, 0), (-1, 0)), ((14, 2), (-1, -1)), ((2, 1), (2, 1))):
+        flash_attn_with_kvcache(q, kc, vc, page_table=table, cache_seqlens=i32(3, 4), window_size=window)
+        c = kernel_stub[-1]
+        assert (c["window_size_left"], c["window_size_right"]) == expected, window
+
+
+@pytest.mark.parametrize("scale", [0.0, 0, -0.25, -3.0, 1e-30])
+def test_softmax_scale_passes_through(kernel_stub, scale):
+    """Every finite scale is valid maths (0 = uniform weights, negative = reversed preference) and reaches the
+    op as given, never replaced by the default."""
+    flash_attn_func(*qkv(), softmax_scale=scale)
+    flash_attn_varlen_func(*packed(), softmax_scale=scale)
+    for c in kernel_stub:
+        assert c["softmax_scale"] == scale and type(c["softmax_scale"]) is float
 
 
 def test_return_attn_probs_and_options(kernel_stub):
@@ -555,7 +666,7 @@ def test_fake_impl_shapes():
 def test_public_api():
     assert flash_attn3.__version__ == "0.1.0"
     for name in ("flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_combine",
-                 "get_scheduler_metadata", "varlen_fwd", "reference"):
+                 "get_scheduler_metadata", "varlen_fwd", "reference", "checked_mode", "set_checked_mode"):
         assert hasattr(flash_attn3, name) and name in flash_attn3.__all__
     assert isinstance(_ops.HAS_EXTENSION, bool)
     assert _ops.HAS_EXTENSION or _ops.LOAD_ERROR
