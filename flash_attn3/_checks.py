@@ -1,23 +1,24 @@
 """Argument rules of the public functions, checked in Python before any kernel runs.
 
-`check_fwd` validates every argument of one forward call and returns the derived sizes as a `FwdProblem`.
-Rules fire in a fixed order: Python types, dtypes, ranks and shapes, strides, values, and the device rule
-last, so that every other rule can be exercised with CPU tensors. Each error names the argument (under the
-name the caller used, e.g. `k_cache`) and the rule it breaks. Nothing here reads device memory: values that
-live on the GPU (cu_seqlens contents, cache_seqlens tensors) are never inspected, so a call stays free of
-host syncs and can be captured in a CUDA graph. The one exception is a window_size given as a CUDA tensor,
-which has to become two ints, as in FA3. Checking those device values is the opt-in checked mode
-(flash_attn3._checked). `check_supported` then turns features this build did not compile into
-NotImplementedError.
+`check_fwd` validates every argument of one forward call and returns it as one `FwdCall` (flash_attn3._ops):
+the op's arguments, normalised, with the sizes the wrappers need. Rules fire in a fixed order: Python types,
+dtypes, ranks and shapes, strides, values, and the device rule last, so that every other rule can be
+exercised with CPU tensors. Each error names the argument (under the name the caller used, e.g. `k_cache`)
+and the rule it breaks. Nothing here reads device memory: values that live on the GPU (cu_seqlens contents,
+cache_seqlens tensors) are never inspected, so a call stays free of host syncs and can be captured in a CUDA
+graph. The one exception is a window_size given as a CUDA tensor, which has to become two ints, as in FA3.
+Checking those device values is the opt-in checked mode (flash_attn3._checked). `check_supported` then turns
+features this build did not compile into NotImplementedError.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import sys
-from dataclasses import dataclass, field
 
 import torch
+
+from flash_attn3._ops import FwdCall
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 MAX_HEAD_DIM = 256
@@ -39,28 +40,6 @@ FEATURE_TEXT = {
     "kv_batch_idx": "cache_batch_idx / kv_batch_idx",
     "leftpad_k": "cache_leftpad / leftpad_k",
 }
-
-
-@dataclass
-class FwdProblem:
-    """Sizes and normalised options of one validated forward call."""
-
-    batch: int
-    seqlen_q: int  # dense: q.shape[1]; varlen q: max_seqlen_q
-    seqlen_k: int  # dense: k.shape[1]; paged: max_pages * page_size; varlen k: max_seqlen_k
-    num_heads: int
-    num_heads_k: int
-    head_dim: int
-    head_dim_v: int
-    dtype: torch.dtype
-    out_dtype: torch.dtype
-    out_shape: tuple
-    lse_shape: tuple
-    window_left: int
-    window_right: int
-    softmax_scale: float
-    pack_gqa: int  # -1 auto, 0 off, 1 on
-    features: set = field(default_factory=set)
 
 
 def _is_int(x) -> bool:
@@ -213,8 +192,8 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
               max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
               q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
               window_size=(-1, -1), softcap=0.0, num_splits=1, pack_gqa=None, sm_margin=0,
-              cache_seqlens_int=None, names=None, extra_tensors=None) -> FwdProblem:
-    """Validates one forward call (schema-level arguments) and returns its sizes.
+              cache_seqlens_int=None, names=None, extra_tensors=None) -> FwdCall:
+    """Validates one forward call (schema-level arguments) and returns it as the op call to make.
 
     `names` renames arguments in messages (e.g. {"k": "k_cache", "seqused_k": "cache_seqlens"});
     `extra_tensors` ({name: tensor}) are further inputs whose only remaining rule is the device rule;
@@ -411,36 +390,39 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
     if leftpad_k is not None:
         features.add("leftpad_k")
 
-    return FwdProblem(
-        batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, num_heads=num_heads, num_heads_k=num_heads_k,
-        head_dim=head_dim, head_dim_v=head_dim_v, dtype=q.dtype, out_dtype=out_dtype, out_shape=out_shape,
-        lse_shape=lse_shape, window_left=window_left, window_right=window_right,
-        softmax_scale=float(softmax_scale), pack_gqa=-1 if pack_gqa is None else int(pack_gqa),
-        features=features)
+    return FwdCall(
+        q=q, k=k, v=v, out=out, softmax_lse=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k,
+        page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale,
+        k_descale=k_descale, v_descale=v_descale, softmax_scale=float(softmax_scale),
+        window_size_left=window_left, window_size_right=window_right, softcap=float(softcap),
+        num_splits=num_splits, pack_gqa=-1 if pack_gqa is None else int(pack_gqa), sm_margin=sm_margin,
+        batch=batch, out_dtype=out_dtype, out_shape=out_shape, lse_shape=lse_shape, features=frozenset(features),
+        names=dict(names or {}))
 
 
 def not_implemented(what: str) -> NotImplementedError:
     return NotImplementedError(f"{what} is not implemented in flash_attn3 yet")
 
 
-def check_supported(problem: FwdProblem, build, inputs=()) -> None:
+def check_supported(call: FwdCall, build) -> None:
     """Raises NotImplementedError for anything the call needs that this build did not compile."""
-    for feat in sorted(problem.features):
+    for feat in sorted(call.features):
         if not build.has(feat):
             raise NotImplementedError(
                 f"{FEATURE_TEXT[feat]} is not built into this flash_attn3 installation (feature '{feat}' is "
                 "off in flash_attn3/_build_config.py)")
-    name = _dtype_name(problem.dtype)
-    compiled = build.compiled_head_dim(problem.dtype, problem.head_dim)
+    dtype, head_dim, head_dim_v = call.q.dtype, call.q.shape[-1], call.v.shape[-1]
+    name = _dtype_name(dtype)
+    compiled = build.compiled_head_dim(dtype, head_dim)
     if compiled is None:
-        built = build.head_dims_for(problem.dtype)
+        built = build.head_dims_for(dtype)
         raise NotImplementedError(
-            f"q: head dim {problem.head_dim} has no compiled kernel for {name}; this build compiled head dims "
+            f"q: head dim {head_dim} has no compiled kernel for {name}; this build compiled head dims "
             f"{list(built) or 'none'} for {name} (a head dim runs on the smallest compiled one >= it)")
-    if problem.head_dim_v != problem.head_dim:
+    if head_dim_v != head_dim:
         raise NotImplementedError(
-            f"v: head dim {problem.head_dim_v} != q's head dim {problem.head_dim}; only kernels with equal head "
-            "dims are built")
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            f"v: head dim {head_dim_v} != q's head dim {head_dim}; only kernels with equal head dims are built")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
         raise NotImplementedError("backward: flash_attn3 implements the forward pass only; run it under "
                                   "torch.no_grad() or pass tensors that do not require grad")

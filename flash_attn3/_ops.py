@@ -2,13 +2,15 @@
 
 The C++ side (csrc/flash_api.cpp) owns the op schema `flash_attn3::fwd` and its CUDA implementation; this
 module only imports it, says why it could not be imported, tells the rest of the package which kernels and
-features were compiled (from `_build_config.py`, written by setup.py), and registers the shape-only fake that
-torch.compile and torch.export need. Nothing here selects kernels.
+features were compiled (from `_build_config.py`, written by setup.py), holds the Python copy of the schema's
+argument list (`FwdArgs`, whose field names are `FWD_ARG_NAMES`) and the validated call object built on it
+(`FwdCall`), and registers the shape-only fake that torch.compile and torch.export need. Nothing here selects
+kernels.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -61,8 +63,10 @@ def _load_build_config() -> tuple[BuildConfig, str | None]:
     except ImportError as exc:
         return BuildConfig(), f"flash_attn3/_build_config.py could not be imported ({exc})"
     head_dims: dict[str, list[int]] = {}
-    for tag, hd in getattr(rec, "FWD_KERNELS", ()):
-        head_dims.setdefault(str(tag), []).append(int(hd))
+    axes = getattr(rec, "AXES", ("dtype", "head_dim"))
+    for entry in getattr(rec, "FWD_KERNELS", ()):
+        key = dict(zip(axes, entry))
+        head_dims.setdefault(str(key["dtype"]), []).append(int(key["head_dim"]))
     return (
         BuildConfig(
             cuda_extension_built=bool(getattr(rec, "CUDA_EXTENSION_BUILT", False)),
@@ -87,22 +91,85 @@ def require_extension() -> None:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class FwdArgs:
+    """The arguments of the op `flash_attn3::fwd`, one field each, declared in schema order.
+
+    This is the one Python copy of the schema csrc/flash_api.cpp defines: FWD_ARG_NAMES is read off these
+    fields, and the tests compare it with the `m.def("fwd(...)")` string of that file and with the registered
+    op, so a schema change on either side fails a test instead of silently shifting positional arguments.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor | None  # written by the op; None only in a FwdCall that has no buffer yet
+    softmax_lse: torch.Tensor | None  # written by the op; None only in a FwdCall that has no buffer yet
+    cu_seqlens_q: torch.Tensor | None
+    cu_seqlens_k: torch.Tensor | None
+    seqused_q: torch.Tensor | None
+    seqused_k: torch.Tensor | None
+    max_seqlen_q: int  # dense: q.shape[1]; varlen q: the caller's max_seqlen_q
+    max_seqlen_k: int  # dense: k.shape[1]; paged: max_pages * page_size; varlen k: the caller's max_seqlen_k
+    page_table: torch.Tensor | None
+    kv_batch_idx: torch.Tensor | None
+    leftpad_k: torch.Tensor | None
+    q_descale: torch.Tensor | None
+    k_descale: torch.Tensor | None
+    v_descale: torch.Tensor | None
+    softmax_scale: float
+    window_size_left: int  # -1 = unbounded
+    window_size_right: int
+    softcap: float  # 0 = off
+    num_splits: int
+    pack_gqa: int  # -1 auto, 0 off, 1 on
+    sm_margin: int
+
+    def op_args(self) -> list:
+        """The op's positional arguments: the one place where named arguments become schema order."""
+        return [getattr(self, name) for name in FWD_ARG_NAMES]
+
+
+FWD_ARG_NAMES = tuple(f.name for f in fields(FwdArgs))
+
+
+@dataclass(frozen=True, eq=False)
+class FwdCall(FwdArgs):
+    """One forward call validated by flash_attn3._checks.check_fwd: the op's arguments, normalised, and what
+    the wrappers derive from them. Immutable: a wrapper that completes an argument makes a new call."""
+
+    batch: int
+    out_dtype: torch.dtype
+    out_shape: tuple
+    lse_shape: tuple
+    features: frozenset  # build features the call needs (names as in FEATURE_NAMES)
+    names: dict  # the caller's names of renamed arguments, for messages (check_fwd's `names`)
+
+    def with_outputs(self) -> FwdCall:
+        """This call with softmax_lse, and out unless the caller gave one, allocated on q's device."""
+        device = self.q.device
+        out = self.out if self.out is not None else torch.empty(self.out_shape, dtype=self.out_dtype, device=device)
+        return replace(self, out=out, softmax_lse=torch.empty(self.lse_shape, dtype=torch.float32, device=device))
+
+
 def fwd(*schema_args) -> None:
-    """Calls torch.ops.flash_attn3.fwd with arguments in schema order (see csrc/flash_api.cpp)."""
+    """Calls torch.ops.flash_attn3.fwd with arguments in schema order (FwdArgs.op_args)."""
     torch.ops.flash_attn3.fwd(*schema_args)
 
 
-def _fwd_fake(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-              max_seqlen_k, page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale,
-              softmax_scale, window_size_left, window_size_right, softcap, num_splits, pack_gqa, sm_margin):
-    # The op writes into `out` and `softmax_lse` and returns nothing, so the fake only checks the buffers
-    # the Python wrappers allocated; the real argument rules ran in flash_attn3._checks before tracing.
-    if out.shape[:-1] != q.shape[:-1] or out.shape[-1] != v.shape[-1]:
-        raise ValueError(f"out: shape {tuple(out.shape)} does not match q {tuple(q.shape)} and v {tuple(v.shape)}")
-    lse_rank = 2 if cu_seqlens_q is not None else 3
-    if softmax_lse.dim() != lse_rank or softmax_lse.dtype != torch.float32:
-        raise ValueError(f"softmax_lse: expected a float32 tensor of rank {lse_rank}, got {softmax_lse.dtype} "
-                         f"of shape {tuple(softmax_lse.shape)}")
+def _fwd_fake(*schema_args):
+    # The dispatcher hands a fake every argument positionally (even those the caller named), so FwdArgs names
+    # them in schema order. The op writes into `out` and `softmax_lse` and returns nothing, so the fake only
+    # checks the buffers the Python wrappers allocated; the real argument rules ran in flash_attn3._checks
+    # before tracing.
+    a = FwdArgs(*schema_args)
+    if a.out.shape[:-1] != a.q.shape[:-1] or a.out.shape[-1] != a.v.shape[-1]:
+        raise ValueError(f"out: shape {tuple(a.out.shape)} does not match q {tuple(a.q.shape)} and v "
+                         f"{tuple(a.v.shape)}")
+    lse_rank = 2 if a.cu_seqlens_q is not None else 3
+    if a.softmax_lse.dim() != lse_rank or a.softmax_lse.dtype != torch.float32:
+        raise ValueError(f"softmax_lse: expected a float32 tensor of rank {lse_rank}, got {a.softmax_lse.dtype} "
+                         f"of shape {tuple(a.softmax_lse.shape)}")
     return None
 
 

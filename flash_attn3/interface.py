@@ -1,12 +1,13 @@
 """Public forward functions, signature-compatible with FlashAttention-3's `flash_attn_interface`.
 
-Each function validates every argument (flash_attn3._checks; device rule last), raises NotImplementedError
-for what this build did not compile or this version does not implement, allocates `out` and `softmax_lse`,
-and calls the one C++ op `torch.ops.flash_attn3.fwd` positionally. No kernel selection and no host sync
-happens here, so every call can be captured in a CUDA graph and traced by torch.compile (through the fake
-registered in flash_attn3._ops). The exception is the opt-in checked mode (flash_attn3._checked), which reads
-the metadata tensors back once per call to validate their values. Only the forward pass exists; there is no
-autograd.
+Each function validates every argument (flash_attn3._checks; device rule last) into one call object, a
+FwdCall that holds every argument of the op by name, raises NotImplementedError for what this build did not
+compile or this version does not implement, allocates `out` and `softmax_lse`, and calls the one C++ op
+`torch.ops.flash_attn3.fwd` with the call's arguments in schema order (FwdCall.op_args, the only place that
+knows that order). No kernel selection and no host sync happens here, so every call can be captured in a
+CUDA graph and traced by torch.compile (through the fake registered in flash_attn3._ops). The exception is
+the opt-in checked mode (flash_attn3._checked), which reads the metadata tensors back once per call to
+validate their values. Only the forward pass exists; there is no autograd.
 
 Layouts (b = batch, s_q/s_k = sequence lengths, h/h_k = query/key heads, d/dv = head dims):
 dense q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, dv); packed variable-length q (total_q, h, d)
@@ -16,34 +17,27 @@ query i of a sequence sees keys [i + s_k - s_q - left, i + s_k - s_q + right].
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flash_attn3 import _checked, _checks, _ops
 
 
-def _run_fwd(q, k, v, problem, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
-             seqused_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None,
-             k_descale=None, v_descale=None, softcap=0.0, num_splits=1, sm_margin=0, names=None):
-    """Checks that the extension and the needed kernels exist, checks the metadata values in checked mode
-    (`names` as in check_fwd), allocates the outputs, calls the op."""
+def _run_fwd(call):
+    """Runs one validated call (a FwdCall from check_fwd): checks that the extension and the needed kernels
+    exist, checks the metadata values in checked mode, allocates the outputs, calls the op."""
     _ops.require_extension()
-    _checks.check_supported(problem, _ops.BUILD, inputs=(q, k, v))
+    _checks.check_supported(call, _ops.BUILD)
     if _checked.is_enabled():
         _checked.check_metadata(
-            q, k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
-            max_seqlen_q=problem.seqlen_q, max_seqlen_k=problem.seqlen_k, page_table=page_table,
-            kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, names=names)
-    if out is None:
-        out = torch.empty(problem.out_shape, dtype=problem.out_dtype, device=q.device)
-    softmax_lse = torch.empty(problem.lse_shape, dtype=torch.float32, device=q.device)
-    _ops.fwd(q, k, v, out, softmax_lse,
-             cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
-             problem.seqlen_q, problem.seqlen_k,
-             page_table, kv_batch_idx, leftpad_k,
-             q_descale, k_descale, v_descale,
-             problem.softmax_scale, problem.window_left, problem.window_right, float(softcap),
-             num_splits, problem.pack_gqa, sm_margin)
-    return out, softmax_lse
+            call.q, call.k, cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k,
+            seqused_q=call.seqused_q, seqused_k=call.seqused_k, max_seqlen_q=call.max_seqlen_q,
+            max_seqlen_k=call.max_seqlen_k, page_table=call.page_table, kv_batch_idx=call.kv_batch_idx,
+            leftpad_k=call.leftpad_k, names=call.names)
+    call = call.with_outputs()
+    _ops.fwd(*call.op_args())
+    return call.out, call.softmax_lse
 
 
 def _check_common_extras(qv, attention_chunk, **flags):
@@ -90,13 +84,12 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
         Rows that see no key give out = 0 and softmax_lse = -inf.
     """
     _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
-    problem = _checks.check_fwd(
+    call = _checks.check_fwd(
         q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, extra_tensors={"qv": qv})
     _reject_unimplemented(qv, attention_chunk)
-    out, softmax_lse = _run_fwd(q, k, v, problem, q_descale=q_descale, k_descale=k_descale,
-                                v_descale=v_descale, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin)
+    out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs else out
 
 
@@ -123,17 +116,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         (num_heads, total_q) if return_attn_probs.
     """
     _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
-    problem = _checks.check_fwd(
+    call = _checks.check_fwd(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, extra_tensors={"qv": qv})
     _reject_unimplemented(qv, attention_chunk)
-    out, softmax_lse = _run_fwd(
-        q, k, v, problem, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-        seqused_k=seqused_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softcap=softcap,
-        num_splits=num_splits, sm_margin=sm_margin)
+    out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs else out
 
 
@@ -196,7 +186,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
     extra = {"k": k, "v": v, "qv": qv, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin,
              "rotary_seqlens": rotary_seqlens, "cu_seqlens_k_new": cu_seqlens_k_new,
              "scheduler_metadata": scheduler_metadata}
-    problem = _checks.check_fwd(
+    call = _checks.check_fwd(
         q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
         page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
@@ -211,12 +201,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         raise _checks.not_implemented("scheduler_metadata")
     if cache_seqlens_int is not None:
         # A tensor built on the device from a Python int: no host sync, graph-capturable.
-        seqused_k = torch.full((problem.batch,), int(cache_seqlens_int), dtype=torch.int32, device=q.device)
-        problem.features.add("varlen")
-    out, softmax_lse = _run_fwd(
-        q, k_cache, v_cache, problem, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, page_table=page_table,
-        kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale, k_descale=k_descale,
-        v_descale=v_descale, softcap=softcap, num_splits=num_splits, sm_margin=sm_margin, names=names)
+        call = dataclasses.replace(
+            call, seqused_k=torch.full((call.batch,), int(cache_seqlens_int), dtype=torch.int32, device=q.device),
+            features=call.features | {"varlen"})
+    out, softmax_lse = _run_fwd(call)
     if not return_softmax_lse:
         return out
     empty = torch.empty(0, dtype=torch.float32, device=q.device)
@@ -231,17 +219,12 @@ def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
     last dim contiguous), and returns (out, softmax_lse) with softmax_lse float32 (batch, num_heads,
     seqlen_q) dense or (num_heads, total_q) packed. seqused_k plays the role of cache_seqlens.
     """
-    problem = _checks.check_fwd(
+    return _run_fwd(_checks.check_fwd(
         q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table,
         kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale,
         v_descale=v_descale, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin)
-    return _run_fwd(
-        q, k, v, problem, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-        seqused_k=seqused_k, page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k,
-        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softcap=softcap, num_splits=num_splits,
-        sm_margin=sm_margin)
+        softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin))
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):

@@ -26,15 +26,25 @@ __device__ __forceinline__ void named_barrier_arrive(FwdBarrier id) {
   cutlass::arch::NamedBarrier::arrive(kNumThreads, static_cast<int>(id));
 }
 
-// setmaxnreg budgets: 65536 registers per SM, one CTA per SM. With 1 producer + 2 consumer warpgroups
-// (384 threads): 128 * 24 + 256 * 240 = 64512 <= 65536. The producer only issues TMA from one thread, so
-// 24 registers suffice; the consumers hold S (64 x kBlockN fp32 / 128 threads), O and P in registers.
-template <int kNumConsumerWarpGroups>
-struct RegisterBudget;
-template <>
-struct RegisterBudget<2> {
-  static constexpr int kProducer = 24;
-  static constexpr int kConsumer = 240;
+// Threads of one warpgroup: the unit that issues a WGMMA and that setmaxnreg resizes.
+constexpr int kWarpGroupThreads = 128;
+
+// setmaxnreg budgets for one producer warpgroup and kConsumers consumer warpgroups, one CTA per SM: the
+// 65536 registers of an SM are 512 per thread slot of a warpgroup. The consumers, which hold S, P and O in
+// registers, get an even share of what the producer needs at least (24, the smallest setmaxnreg value),
+// rounded down to setmaxnreg's multiple of 8 and capped at 240 (a thread addresses at most 255); the
+// producer, which issues TMA from one thread and keeps only loop state, gets what they leave. 2 consumers:
+// 32 + 2 x 240 = 512; 3 consumers (192-row tiles): 32 + 3 x 160 = 512.
+template <int kConsumers>
+struct RegisterBudget {
+  static_assert(kConsumers >= 1 && kConsumers <= 3, "one producer plus 1-3 consumer warpgroups");
+  static constexpr int kRegistersPerThreadSlot = 65536 / kWarpGroupThreads;
+  static constexpr int kProducerMin = 24;
+  static constexpr int kShare = (kRegistersPerThreadSlot - kProducerMin) / kConsumers / 8 * 8;
+  static constexpr int kConsumer = kShare < 240 ? kShare : 240;
+  static constexpr int kLeft = (kRegistersPerThreadSlot - kConsumers * kConsumer) / 8 * 8;
+  static constexpr int kProducer = kLeft < 240 ? kLeft : 240;
+  static_assert(kProducer >= kProducerMin && kProducer + kConsumers * kConsumer <= kRegistersPerThreadSlot);
 };
 
 }  // namespace flash3

@@ -40,6 +40,8 @@ _SKIP_REASON = skip_reason()
 if _SKIP_REASON is not None:
     pytest.skip(_SKIP_REASON, allow_module_level=True)
 
+from _op_args import op_args  # noqa: E402  (raw-op arguments by schema name)
+
 import flash_attn3  # noqa: E402
 from flash_attn3 import (_checked, _ops, flash_attn_combine, flash_attn_func, flash_attn_varlen_func,  # noqa: E402
                          flash_attn_with_kvcache, varlen_fwd)
@@ -110,36 +112,6 @@ def paged_cache(b=2, num_pages=8, page_size=16, pages=4, h=4, hk=2):
     kc, vc = rnd(num_pages, page_size, hk, D), rnd(num_pages, page_size, hk, D)
     table = torch.randperm(num_pages, device=DEVICE)[:b * pages].reshape(b, pages).to(torch.int32)
     return q, kc, vc, table
-
-
-SCHEMA = ("q", "k", "v", "out", "softmax_lse", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k",
-          "max_seqlen_q", "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k", "q_descale", "k_descale",
-          "v_descale", "softmax_scale", "window_size_left", "window_size_right", "softcap", "num_splits",
-          "pack_gqa", "sm_margin")
-
-
-def op_args(q, k, v, **over):
-    """The raw op's 24 positional arguments (csrc/flash_api.cpp schema) for q, k, v with FA3's defaults; `over`
-    replaces any of them by name. A default is only computed when not replaced, so a broken q can still be
-    passed with explicit buffers. Outputs start as NaN."""
-    unknown = set(over) - set(SCHEMA)
-    assert not unknown, f"not op arguments: {unknown}"
-    args = dict.fromkeys(SCHEMA)
-    args.update(softmax_scale=D ** -0.5, window_size_left=-1, window_size_right=-1, softcap=0.0, num_splits=1,
-                pack_gqa=-1, sm_margin=0, q=q, k=k, v=v)
-    args.update(over)
-    varlen_q, varlen_k = args["cu_seqlens_q"] is not None, args["cu_seqlens_k"] is not None
-    if "out" not in over:
-        out_dtype = BF16 if q.dtype == torch.float8_e4m3fn else q.dtype
-        args["out"] = torch.full((*q.shape[:-1], v.shape[-1]), math.nan, dtype=out_dtype, device=q.device)
-    if "softmax_lse" not in over:
-        shape = (q.shape[1], q.shape[0]) if varlen_q else (q.shape[0], q.shape[2], q.shape[1])
-        args["softmax_lse"] = torch.full(shape, math.nan, device=q.device)
-    if "max_seqlen_q" not in over:
-        args["max_seqlen_q"] = 0 if varlen_q else q.shape[1]
-    if "max_seqlen_k" not in over:
-        args["max_seqlen_k"] = 0 if varlen_k else k.shape[1]
-    return [args[name] for name in SCHEMA]
 
 
 def raw_fwd(args):

@@ -27,6 +27,8 @@ _SKIP_REASON = skip_reason()
 if _SKIP_REASON is not None:
     pytest.skip(_SKIP_REASON, allow_module_level=True)
 
+from _op_args import op_args  # noqa: E402  (raw-op arguments by schema name)
+
 from flash_attn3 import flash_attn_func, flash_attn_varlen_func, varlen_fwd  # noqa: E402
 from flash_attn3.reference import attention_ref  # noqa: E402
 
@@ -374,20 +376,18 @@ def test_op_writes_every_element(dtype, causal, varlen):
     if varlen:
         lq, lk = [0, 113, 1, 239, 5], [0, 17, 300, 0, 64]  # both empty, k-only empty, s_q > s_k, s_q < s_k
         q, k, v = _packed_qkv("contig", sum(lq), sum(lk), h, h_k, d, dtype, same_lengths=False)
-        cu_q, cu_k, max_q, max_k = _cu_seqlens(lq), _cu_seqlens(lk), max(lq), max(lk)
         lse = torch.full((h, sum(lq)), math.nan, device=DEVICE)
-        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+        kw = dict(cu_seqlens_q=_cu_seqlens(lq), cu_seqlens_k=_cu_seqlens(lk), max_seqlen_q=max(lq),
+                  max_seqlen_k=max(lk))
     else:
         b, s_q, s_k = 3, 239, 113
         q, k, v = _dense_qkv("contig", b, s_q, s_k, h, h_k, d, dtype)
-        cu_q = cu_k = None
-        max_q, max_k = s_q, s_k
         lse = torch.full((b, h, s_q), math.nan, device=DEVICE)
         kw = {}
     out = _nan_like_out(q, d, "contig")
-    scale = d ** -0.5
-    torch.ops.flash_attn3.fwd(q, k, v, out, lse, cu_q, cu_k, None, None, max_q, max_k, None, None, None, None, None,
-                              None, scale, -1, 0 if causal else -1, 0.0, 1, -1, 0)
+    # Unnamed arguments take op_args' defaults: the dense lengths, softmax_scale = d ** -0.5, FA3's options.
+    torch.ops.flash_attn3.fwd(*op_args(q, k, v, out=out, softmax_lse=lse, window_size_right=0 if causal else -1,
+                                       **kw))
     out_ref, lse_ref, out_pt = _references(q, k, v, causal=causal, **kw)
     _assert_out_close(out, out_ref, out_pt, what="raw op")
     _assert_lse_close(lse, lse_ref, what="raw op")

@@ -1,6 +1,7 @@
-"""GPU tests of the op as a PyTorch citizen: the `flash_attn3::fwd` schema, fake and dispatch registration
-(torch.library.opcheck), torch.compile, CUDA-graph capture, non-default streams, and the C++ argument checks
-that protect a direct `torch.ops.flash_attn3.fwd` call (clear exceptions, never a device fault).
+"""GPU tests of the op as a PyTorch citizen: the `flash_attn3::fwd` schema (its argument names are
+flash_attn3._ops.FWD_ARG_NAMES), fake and dispatch registration (torch.library.opcheck), torch.compile,
+CUDA-graph capture, non-default streams, and the C++ argument checks that protect a direct
+`torch.ops.flash_attn3.fwd` call (clear exceptions, never a device fault).
 
 The module skips (with the reason) unless an SM90 GPU and the compiled extension are both present.
 """
@@ -21,7 +22,9 @@ _SKIP_REASON = skip_reason()
 if _SKIP_REASON is not None:
     pytest.skip(_SKIP_REASON, allow_module_level=True)
 
-from flash_attn3 import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from _op_args import op_args  # noqa: E402  (raw-op arguments by schema name)
+
+from flash_attn3 import _ops, flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
 DEVICE = "cuda"
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -31,23 +34,11 @@ def _cu_seqlens(lengths):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
 
 
-def _op_args(q, k, v, *, out=None, lse=None, cu_q=None, cu_k=None, seqused_q=None, seqused_k=None, max_q=None,
-             max_k=None, page_table=None, scale=None, window=(-1, -1), softcap=0.0, num_splits=1, pack_gqa=-1,
-             sm_margin=0):
-    """The 24 positional arguments of flash_attn3::fwd, with FA3's defaults. Outputs are zero-filled, not
-    empty: opcheck compares mutated buffers across runs, and rows the op leaves unwritten (unused seqused_q
-    rows) would otherwise hold uninitialised memory that may be NaN."""
-    varlen_q = cu_q is not None
-    if out is None:
-        out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse_shape = (q.shape[1], q.shape[0]) if varlen_q else (q.shape[0], q.shape[2], q.shape[1])
-        lse = torch.zeros(lse_shape, dtype=torch.float32, device=q.device)
-    max_q = max_q if max_q is not None else (0 if varlen_q else q.shape[1])
-    max_k = max_k if max_k is not None else (0 if cu_k is not None else k.shape[1])
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    return [q, k, v, out, lse, cu_q, cu_k, seqused_q, seqused_k, max_q, max_k, page_table, None, None, None, None,
-            None, scale, window[0], window[1], softcap, num_splits, pack_gqa, sm_margin]
+def _op_args(q, k, v, **named):
+    """The op's positional arguments (tests/_op_args.py) with zero-filled outputs, not NaN-filled ones: opcheck
+    compares mutated buffers across runs, and rows the op leaves unwritten (unused seqused_q rows) must compare
+    equal."""
+    return op_args(q, k, v, fill=0.0, **named)
 
 
 def _dense(b=2, s_q=113, s_k=239, h=4, h_k=2, d=128, dtype=torch.bfloat16):
@@ -71,13 +62,20 @@ def _opcheck_cases():
     q, k, v = _dense()
     yield "dense", _op_args(q, k, v)
     yield "dense_causal_mqa", _op_args(*_dense(s_q=239, s_k=113, h=8, h_k=1, d=64, dtype=torch.float16),
-                                       window=(-1, 0))
+                                       window_size_right=0)
     lq, lk = [17, 0, 113], [239, 0, 5]
     q, k, v, cu_q, cu_k = _varlen(lq, lk)
-    yield "varlen", _op_args(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lq), max_k=max(lk))
+    packed = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    yield "varlen", _op_args(q, k, v, **packed)
     used = torch.tensor([9, 0, 100], dtype=torch.int32, device=DEVICE)
-    yield "varlen_causal_seqused", _op_args(q, k, v, cu_q=cu_q, cu_k=cu_k, seqused_q=used, max_q=max(lq),
-                                            max_k=max(lk), window=(-1, 0))
+    yield "varlen_causal_seqused", _op_args(q, k, v, **packed, seqused_q=used, window_size_right=0)
+
+
+def test_argument_names_match_the_registered_op():
+    """flash_attn3._ops.FWD_ARG_NAMES, the one Python list of the op's arguments (every wrapper and test builds
+    its positional call from it), must name the arguments of the op the extension registered, in order."""
+    registered = tuple(a.name for a in torch.ops.flash_attn3.fwd.default._schema.arguments)
+    assert registered == _ops.FWD_ARG_NAMES
 
 
 @pytest.mark.parametrize("case", ["dense", "dense_causal_mqa", "varlen", "varlen_causal_seqused"])
@@ -163,14 +161,14 @@ def _bad_calls():
     q, k, v = _dense()
     lq, lk = [17, 5], [113, 0]
     vq, vk, vv, cu_q, cu_k = _varlen(lq, lk)
+    packed = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=17, max_seqlen_k=113)
     return {
         "cu_seqlens_int64": (RuntimeError, "cu_seqlens_q must be int32",
-                             _op_args(vq, vk, vv, cu_q=cu_q.long(), cu_k=cu_k, max_q=17, max_k=113)),
+                             _op_args(vq, vk, vv, **{**packed, "cu_seqlens_q": cu_q.long()})),
         "cu_seqlens_k_batch": (RuntimeError, "same batch size",
-                               _op_args(vq, vk, vv, cu_q=cu_q, cu_k=torch.cat([cu_k, cu_k[-1:]]), max_q=17,
-                                        max_k=113)),
+                               _op_args(vq, vk, vv, **{**packed, "cu_seqlens_k": torch.cat([cu_k, cu_k[-1:]])})),
         "seqused_k_length": (RuntimeError, "seqused_k must have 2 entries",
-                             _op_args(vq, vk, vv, cu_q=cu_q, cu_k=cu_k, max_q=17, max_k=113,
+                             _op_args(vq, vk, vv, **packed,
                                       seqused_k=torch.zeros(3, dtype=torch.int32, device=DEVICE))),
         "heads_not_multiple": (RuntimeError, "multiple of the number of k/v heads",
                                _op_args(q[:, :, :3], k, v)),
@@ -185,7 +183,7 @@ def _bad_calls():
         "out_dtype": (RuntimeError, "out must have dtype",
                       _op_args(q, k, v, out=torch.empty(q.shape, dtype=torch.float32, device=DEVICE))),
         "lse_shape": (RuntimeError, "softmax_lse must have shape",
-                      _op_args(q, k, v, lse=torch.empty(2, 4, 112, device=DEVICE))),
+                      _op_args(q, k, v, softmax_lse=torch.empty(2, 4, 112, device=DEVICE))),
         "k_batch": (RuntimeError, "same batch size", _op_args(q, k[:1], v[:1])),
         "pack_gqa": (RuntimeError, "pack_gqa", _op_args(q, k, v, pack_gqa=2)),
         "sm_margin": (RuntimeError, "sm_margin", _op_args(q, k, v, sm_margin=100_000)),
@@ -196,7 +194,8 @@ def _bad_calls():
                        _op_args(q, k, v, page_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))),
         "softcap": (NotImplementedError, "softcap", _op_args(q, k, v, softcap=30.0)),
         "num_splits": (NotImplementedError, "num_splits", _op_args(q, k, v, num_splits=3)),
-        "local_window": (NotImplementedError, "local", _op_args(q, k, v, window=(64, 0))),
+        "local_window": (NotImplementedError, "local",
+                         _op_args(q, k, v, window_size_left=64, window_size_right=0)),
         "fp8": (NotImplementedError, "float8",
                 _op_args(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)),
                          out=torch.empty(q.shape, dtype=torch.bfloat16, device=DEVICE))),
@@ -220,10 +219,12 @@ def test_op_rejects_bad_arguments(case):
 def test_empty_problems_launch_nothing_and_fill_empty_rows():
     """total_q == 0 returns at once; total_k == 0 gives out 0 and LSE -inf on every row."""
     q, k, v, cu_q, cu_k = _varlen([0, 0], [5, 3])
-    torch.ops.flash_attn3.fwd(*_op_args(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=0, max_k=5))
+    torch.ops.flash_attn3.fwd(*_op_args(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=0,
+                                        max_seqlen_k=5))
     q, k, v, cu_q, cu_k = _varlen([7, 2], [0, 0])
     out = torch.full((9, 4, 128), math.nan, dtype=q.dtype, device=DEVICE)
     lse = torch.full((4, 9), math.nan, device=DEVICE)
-    torch.ops.flash_attn3.fwd(*_op_args(q, k, v, out=out, lse=lse, cu_q=cu_q, cu_k=cu_k, max_q=7, max_k=0))
+    torch.ops.flash_attn3.fwd(*_op_args(q, k, v, out=out, softmax_lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                        max_seqlen_q=7, max_seqlen_k=0))
     assert torch.equal(out, torch.zeros_like(out))
     assert (lse == -math.inf).all()

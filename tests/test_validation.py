@@ -14,6 +14,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from _op_args import op_args  # raw-op arguments by schema name (tests/ is on sys.path under pytest)
 
 import flash_attn3
 from flash_attn3 import _checked, _checks, _ops
@@ -391,10 +392,6 @@ FULL_BUILD = _ops.BuildConfig(
     head_dims={"fp16": (64, 96, 128), "bf16": (64, 96, 128, 256), "fp8": (128,)},
     features={name: True for name in _ops.FEATURE_NAMES},
 )
-SCHEMA = ("q", "k", "v", "out", "softmax_lse", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k",
-          "max_seqlen_q", "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k", "q_descale", "k_descale",
-          "v_descale", "softmax_scale", "window_size_left", "window_size_right", "softcap", "num_splits",
-          "pack_gqa", "sm_margin")
 
 
 @pytest.fixture
@@ -404,8 +401,8 @@ def kernel_stub(monkeypatch):
     calls = []
 
     def fake_fwd(*args):
-        assert len(args) == len(SCHEMA)
-        calls.append(dict(zip(SCHEMA, args)))
+        assert len(args) == len(_ops.FWD_ARG_NAMES)
+        calls.append(dict(zip(_ops.FWD_ARG_NAMES, args)))
 
     monkeypatch.setattr(_checks, "check_devices", lambda tensors: None)
     monkeypatch.setattr(_ops, "HAS_EXTENSION", True)
@@ -657,10 +654,9 @@ def test_fake_impl_shapes():
     q, k, v = (t.to("meta") for t in qkv())
     out = torch.empty(2, 5, 4, 64, dtype=F16, device="meta")
     lse = torch.empty(2, 4, 5, dtype=torch.float32, device="meta")
-    args = [q, k, v, out, lse] + [None] * 4 + [5, 7] + [None] * 6 + [0.125, -1, -1, 0.0, 1, -1, 0]
-    assert _ops._fwd_fake(*args) is None
-    args[3] = torch.empty(2, 5, 4, 32, dtype=F16, device="meta")
-    raises(ValueError, r"out: shape", _ops._fwd_fake, *args)
+    assert _ops._fwd_fake(*op_args(q, k, v, out=out, softmax_lse=lse)) is None
+    wrong_out = torch.empty(2, 5, 4, 32, dtype=F16, device="meta")
+    raises(ValueError, r"out: shape", _ops._fwd_fake, *op_args(q, k, v, out=wrong_out, softmax_lse=lse))
 
 
 def test_public_api():
@@ -674,7 +670,7 @@ def test_public_api():
 
 # The op schema as csrc/flash_api.cpp declares it (read from the source, so a schema change there is tested
 # here), registered under a test namespace with a CPU implementation backed by the reference, so opcheck
-# can run the fake against the real signature on CPU.
+# can run the fake against the real signature on CPU, and the Python argument list can be compared with it.
 def _schema_from_source() -> str:
     import re
     from pathlib import Path
@@ -693,18 +689,25 @@ def schema_twin():
     lib = torch.library.Library("flash_attn3_schema_twin", "DEF")
     lib.define(SCHEMA_TEXT)
 
-    def cpu_impl(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-                 max_seqlen_k, page_table, kv_batch_idx, leftpad_k, q_descale, k_descale, v_descale,
-                 softmax_scale, window_size_left, window_size_right, softcap, num_splits, pack_gqa, sm_margin):
-        o, lse = flash3_reference(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                  softmax_scale=softmax_scale, window_size=(window_size_left, window_size_right))
-        out.copy_(o)
-        softmax_lse.copy_(lse)
+    def cpu_impl(*schema_args):
+        a = _ops.FwdArgs(*schema_args)
+        o, lse = flash3_reference(a.q, a.k, a.v, cu_seqlens_q=a.cu_seqlens_q, cu_seqlens_k=a.cu_seqlens_k,
+                                  softmax_scale=a.softmax_scale,
+                                  window_size=(a.window_size_left, a.window_size_right))
+        a.out.copy_(o)
+        a.softmax_lse.copy_(lse)
 
     lib.impl("fwd", cpu_impl, "CPU")
     torch.library.register_fake("flash_attn3_schema_twin::fwd", _ops._fwd_fake, lib=lib)
     yield torch.ops.flash_attn3_schema_twin.fwd
     lib._destroy()
+
+
+def test_argument_names_match_the_cpp_schema(schema_twin):
+    """flash_attn3._ops.FWD_ARG_NAMES, the one Python list of the op's arguments (the wrappers' FwdCall.op_args,
+    the fake and every test build positional calls from it), must be the argument list of the schema text in
+    csrc/flash_api.cpp, name for name and in order. tests/test_ops_gpu.py checks it against the registered op."""
+    assert tuple(a.name for a in schema_twin.default._schema.arguments) == _ops.FWD_ARG_NAMES
 
 
 def flash3_reference(*args, **kwargs):
@@ -722,6 +725,6 @@ def test_fake_matches_schema_opcheck(schema_twin, varlen):
         cq = ck = None
         mq, mk = q.shape[1], k.shape[1]
         out, lse = torch.empty(q.shape), torch.empty(q.shape[0], q.shape[2], q.shape[1])
-    args = (q, k, v, out, lse, cq, ck, None, None, mq, mk, None, None, None, None, None, None, 0.25, -1, 0, 0.0,
-            1, -1, 0)
+    args = op_args(q, k, v, out=out, softmax_lse=lse, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq,
+                   max_seqlen_k=mk, softmax_scale=0.25, window_size_right=0)
     torch.library.opcheck(schema_twin, args)
