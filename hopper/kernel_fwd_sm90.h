@@ -38,6 +38,10 @@ struct FwdKernelSm90 {
     alignas(8) uint64_t mailbox_full;
     alignas(8) uint64_t mailbox_empty;
     int tile_index;  // mailbox slot: the tile the consumers take next
+    // The producer's own next tile, claimed before the current tile's loads are issued (so the atomic's round
+    // trip overlaps them) and parked here while they are: the producer has 24 registers, and holding it in
+    // one across the loads spilled it to local memory.
+    int next_tile;
     typename Pipeline::Storage pipeline_k;
     typename Pipeline::Storage pipeline_v;
   };
@@ -114,13 +118,15 @@ struct FwdKernelSm90 {
         __syncwarp();
         if (idx >= num_tiles) { break; }
         int const next = params.scheduler.claim_next_tile(idx);
+        if (cute::elect_one_sync()) { smem.next_tile = next; }
         TileWork const w = work_of(params, idx);
         if (w.has_rows() && !w.range.empty()) {
           mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
                         w.range, /*wait_q_free=*/q_loaded);
           q_loaded = true;
         }
-        idx = next;
+        __syncwarp();
+        idx = smem.next_tile;
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();
