@@ -195,11 +195,12 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   not_implemented_if(page_table.has_value(), "paged KV (page_table)");
   not_implemented_if(kv_batch_idx.has_value(), "kv_batch_idx");
   not_implemented_if(leftpad_k.has_value(), "leftpad_k");
-  not_implemented_if(q_descale.has_value() || k_descale.has_value() || v_descale.has_value(),
-                     "float8 descales (q/k/v_descale)");
+  not_implemented_if(is_fp8 || q_descale.has_value() || k_descale.has_value() || v_descale.has_value(),
+                     "float8 attention (q/k/v descale)");
+  not_implemented_if(softcap != 0.0, "softcap");
   not_implemented_if(num_splits > 1, "split-KV (num_splits > 1)");
-  // What FwdParams can express (dtype, head dims, softcap, windows) is judged by flash3::check_supported,
-  // through run_fwd below: the kernel table is the one record of what was built.
+  // Windows arrive normalised: causal is (-1, 0); anything else bounded is a local window.
+  not_implemented_if(window_size_left >= 0 || window_size_right > 0, "local (sliding window) attention");
 
   // ---- ranks and shapes ----
   bool const varlen_q = cu_seqlens_q.has_value();
@@ -265,6 +266,7 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
               "flash_attn3 fwd: head_dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", head_dim);
   TORCH_CHECK(head_dim_v > 0 && head_dim_v <= kMaxHeadDim && head_dim_v % 8 == 0,
               "flash_attn3 fwd: head_dim of v must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", head_dim_v);
+  not_implemented_if(head_dim_v != head_dim, "a v head_dim different from the q/k head_dim");
   check_tma_aligned(q, "q");
   check_tma_aligned(k, "k");
   check_tma_aligned(v, "v");

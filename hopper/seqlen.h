@@ -22,37 +22,27 @@ struct SeqlenArgs {
 };
 
 struct SeqlenInfo {
-  // Where the sequence is in each operand's (rows, d, head, batch) view: a packed operand is one batch entry
-  // whose rows from offset on hold the sequence; a dense one has the sequence as batch entry `batch`, from
-  // row 0. So every consumer addresses both layouts the same way, with no varlen flag.
-  int batch_q;
-  int batch_k;
-  int offset_q;
+  int offset_q;  // first row of this sequence in a packed Q/O (0 when dense: the batch index selects it)
   int offset_k;
   int seqlen_q;
   int seqlen_k;
 
-  __device__ SeqlenInfo(SeqlenArgs const& a, int batch)
-      : batch_q(a.cu_seqlens_q ? 0 : batch), batch_k(a.cu_seqlens_k ? 0 : batch) {
+  __device__ SeqlenInfo(SeqlenArgs const& a, int batch) {
     clamp_to_rows(a.cu_seqlens_q, a.seqused_q, a.rows_q, batch, offset_q, seqlen_q);
     clamp_to_rows(a.cu_seqlens_k, a.seqused_k, a.rows_k, batch, offset_k, seqlen_k);
   }
 
  private:
-  // Each bound is clamped on its own, so no sum or difference of untrusted values is formed (nothing near
-  // 2^31 can wrap around into range): begin into [0, rows], the end into [begin, rows].
+  // 64-bit arithmetic so that entries near 2^31 cannot wrap around into range.
   __device__ static void clamp_to_rows(int32_t const* cu_seqlens, int32_t const* seqused, int rows, int batch,
                                        int& offset, int& seqlen) {
-    int const begin = cu_seqlens ? min(max(cu_seqlens[batch], 0), rows) : 0;
-    int const room = rows - begin;
-    if (seqused) {
-      seqlen = min(max(seqused[batch], 0), room);
-    } else if (cu_seqlens) {
-      seqlen = min(max(cu_seqlens[batch + 1], begin), rows) - begin;
-    } else {
-      seqlen = rows;
-    }
-    offset = begin;
+    int64_t begin = cu_seqlens ? cu_seqlens[batch] : 0;
+    int64_t length = seqused ? seqused[batch] : cu_seqlens ? int64_t(cu_seqlens[batch + 1]) - begin : rows;
+    begin = begin < 0 ? 0 : (begin > rows ? rows : begin);
+    int64_t const room = rows - begin;
+    length = length < 0 ? 0 : (length > room ? room : length);
+    offset = int(begin);
+    seqlen = int(length);
   }
 };
 
