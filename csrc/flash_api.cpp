@@ -195,12 +195,11 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   not_implemented_if(page_table.has_value(), "paged KV (page_table)");
   not_implemented_if(kv_batch_idx.has_value(), "kv_batch_idx");
   not_implemented_if(leftpad_k.has_value(), "leftpad_k");
-  not_implemented_if(is_fp8 || q_descale.has_value() || k_descale.has_value() || v_descale.has_value(),
-                     "float8 attention (q/k/v descale)");
-  not_implemented_if(softcap != 0.0, "softcap");
+  not_implemented_if(q_descale.has_value() || k_descale.has_value() || v_descale.has_value(),
+                     "float8 descales (q/k/v_descale)");
   not_implemented_if(num_splits > 1, "split-KV (num_splits > 1)");
-  // Windows arrive normalised: causal is (-1, 0); anything else bounded is a local window.
-  not_implemented_if(window_size_left >= 0 || window_size_right > 0, "local (sliding window) attention");
+  // What FwdParams can express (dtype, head dims, softcap, windows) is judged by flash3::check_supported,
+  // through run_fwd below: the kernel table is the one record of what was built.
 
   // ---- ranks and shapes ----
   bool const varlen_q = cu_seqlens_q.has_value();
@@ -266,7 +265,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
               "flash_attn3 fwd: head_dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", head_dim);
   TORCH_CHECK(head_dim_v > 0 && head_dim_v <= kMaxHeadDim && head_dim_v % 8 == 0,
               "flash_attn3 fwd: head_dim of v must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", head_dim_v);
-  not_implemented_if(head_dim_v != head_dim, "a v head_dim different from the q/k head_dim");
   check_tma_aligned(q, "q");
   check_tma_aligned(k, "k");
   check_tma_aligned(v, "v");
@@ -279,9 +277,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
               dev.cc_minor);
   TORCH_CHECK(sm_margin >= 0 && sm_margin < dev.num_sms, "flash_attn3 fwd: sm_margin must be in [0, ", dev.num_sms,
               ") on this device, got ", sm_margin);
-
-  // ---- nothing to compute: no launch (run_fwd itself handles K without rows) ----
-  if (total_q == 0 || num_heads == 0) return;
 
   flash3::FwdParams params;
   params.dtype = dtype;
@@ -311,6 +306,16 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.num_sms = dev.num_sms - static_cast<int>(sm_margin);
   // pack_gqa has no field: the kernel's heuristic decides packing. It is validated above so the schema keeps
   // FA3's meaning and a later override can use it without changing callers.
+
+  // ---- nothing to compute: no launch (run_fwd itself handles K without rows), but a feature that is not
+  // built fails as it would with data ----
+  if (total_q == 0 || num_heads == 0) {
+    flash3::Status const st = flash3::check_supported(params);
+    TORCH_CHECK_NOT_IMPLEMENTED(st != FLASH3_NOT_COMPILED, "flash_attn3 fwd: ", flash3::status_string(st), ": ",
+                                flash3::last_error_detail());
+    TORCH_CHECK(st == FLASH3_SUCCESS, "flash_attn3 fwd: invalid argument: ", flash3::last_error_detail());
+    return;
+  }
 
   // Causal and varlen tiles differ in cost: give the kernel a zeroed tile counter so it schedules them
   // dynamically. Stream-ordered allocation + memset, so this stays CUDA-graph capturable.

@@ -7,14 +7,13 @@
 
 #include <cutlass/numeric_types.h>
 
+#include "instantiations/kernel_key.h"
+
 #include <cmath>
 #include <cstdint>
 #include <string>
 
 namespace flash3 {
-
-template <class Element, int kHeadDim>
-cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream);  // defined in instantiations/
 
 namespace {
 
@@ -28,12 +27,42 @@ Status fail(Status status, std::string detail) {
 
 using RunFn = cudaError_t (*)(FwdParams const&, cudaStream_t);
 
-RunFn find_kernel(DType dtype, int compiled_head_dim) {
-#define FLASH3_FWD_KERNEL(DTYPE, ELEMENT, HEAD_DIM) \
-  if (dtype == DTYPE && compiled_head_dim == HEAD_DIM) { return &run_fwd_sm90<ELEMENT, HEAD_DIM>; }
+// The kernels linked into this library, from the generated registry (tools/kernels.py's table).
+struct KernelEntry {
+  DType dtype;
+  int head_dim;
+  int head_dim_v;
+  RunFn run;
+};
+#define FLASH3_FWD_KERNEL(DTYPE, HEAD_DIM, HEAD_DIM_V, KERNEL) KernelEntry{DTYPE, HEAD_DIM, HEAD_DIM_V, &KERNEL},
+KernelEntry const kKernels[] = {
 #include "instantiations/registry.inc"
+    KernelEntry{FLASH3_FLOAT16, 0, 0, nullptr},  // end marker (keeps the array non-empty in a build of none)
+};
 #undef FLASH3_FWD_KERNEL
-  return nullptr;
+
+// The features of the kernels beyond their keys, from the same table.
+struct BuiltFeatures {
+#define FLASH3_FEATURE(NAME, BUILT) bool NAME = BUILT;
+#include "instantiations/features.inc"
+#undef FLASH3_FEATURE
+};
+constexpr BuiltFeatures kBuilt{};
+
+// The kernel that serves real head dims (d, dv): the smallest compiled d >= the real one, then the smallest
+// compiled dv >= the real one. A kernel compiled for equal head dims describes q, k and v with one head dim,
+// so it serves equal real ones only. head_dim_v = 0 asks about d alone. Null if none was linked.
+KernelEntry const* find_kernel(DType dtype, int head_dim, int head_dim_v) {
+  KernelEntry const* best = nullptr;
+  for (KernelEntry const& e : kKernels) {
+    if (e.run == nullptr || e.dtype != dtype || e.head_dim < head_dim || e.head_dim_v < head_dim_v) { continue; }
+    if (e.head_dim == e.head_dim_v && head_dim_v != 0 && head_dim_v != head_dim) { continue; }
+    if (best == nullptr || e.head_dim < best->head_dim ||
+        (e.head_dim == best->head_dim && e.head_dim_v < best->head_dim_v)) {
+      best = &e;
+    }
+  }
+  return best;
 }
 
 char const* dtype_name(DType dtype) {
@@ -80,28 +109,24 @@ Status validate(FwdParams const& p) {
   if (p.dtype != FLASH3_FLOAT16 && p.dtype != FLASH3_BFLOAT16 && p.dtype != FLASH3_FLOAT8_E4M3) {
     return fail(FLASH3_INVALID_ARGUMENT, "dtype: unknown value " + str(int(p.dtype)));
   }
-  if (p.dtype == FLASH3_FLOAT8_E4M3) { return fail(FLASH3_NOT_COMPILED, "FP8 forward kernels are not built yet"); }
-  if (p.out_dtype != p.dtype) {
-    return fail(FLASH3_INVALID_ARGUMENT, std::string("out_dtype: must equal dtype (") + dtype_name(p.dtype) +
-                                             ") for 16-bit inputs, got " + dtype_name(p.out_dtype));
+  DType const want_out = p.dtype == FLASH3_FLOAT8_E4M3 ? FLASH3_BFLOAT16 : p.dtype;
+  if (p.out_dtype != want_out) {
+    return fail(FLASH3_INVALID_ARGUMENT, std::string("out_dtype: must be ") + dtype_name(want_out) + " for " +
+                                             dtype_name(p.dtype) + " inputs, got " + dtype_name(p.out_dtype));
   }
   if (!std::isfinite(p.softmax_scale)) { return fail(FLASH3_INVALID_ARGUMENT, "softmax_scale: must be finite"); }
   if (!std::isfinite(p.softcap) || p.softcap < 0.f) {
     return fail(FLASH3_INVALID_ARGUMENT, "softcap: must be finite and >= 0 (0 = off)");
   }
-  if (p.softcap != 0.f) { return fail(FLASH3_NOT_COMPILED, "softcap is not implemented yet"); }
   if (p.mask.window_left < -1 || p.mask.window_right < -1) {
     return fail(FLASH3_INVALID_ARGUMENT, "mask: window_left and window_right must be >= -1 (-1 = unbounded), got (" +
                                              str(p.mask.window_left) + ", " + str(p.mask.window_right) + ")");
   }
-  if (is_local(p.mask)) {
-    return fail(FLASH3_NOT_COMPILED, "local (sliding window) attention is not implemented yet");
-  }
   if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) {
     return fail(FLASH3_INVALID_ARGUMENT, "head_dim: must be a multiple of 8 in [8, 256], got " + str(p.head_dim));
   }
-  if (p.head_dim_v != p.head_dim) {
-    return fail(FLASH3_NOT_COMPILED, "head_dim_v != head_dim is not implemented yet");
+  if (p.head_dim_v <= 0 || p.head_dim_v > 256 || p.head_dim_v % 8 != 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "head_dim_v: must be a multiple of 8 in [8, 256], got " + str(p.head_dim_v));
   }
   if (p.num_heads <= 0 || p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
     return fail(FLASH3_INVALID_ARGUMENT, "num_heads: must be a positive multiple of num_heads_k, got " +
@@ -163,10 +188,26 @@ __global__ void fill_empty_rows(FwdParams p) {
 }  // namespace
 
 int compiled_head_dim(DType dtype, int head_dim) {
-  for (int hd : {64, 96, 128, 192, 256}) {
-    if (hd >= head_dim && find_kernel(dtype, hd) != nullptr) { return hd; }
+  KernelEntry const* e = find_kernel(dtype, head_dim, 0);
+  return e ? e->head_dim : 0;
+}
+
+Status check_supported(FwdParams const& p) {
+  auto missing = [](char const* what) { return fail(FLASH3_NOT_COMPILED, std::string(what) + " is not implemented yet"); };
+  if (p.dtype == FLASH3_FLOAT8_E4M3 && !kBuilt.fp8) { return missing("FP8 (float8_e4m3fn inputs)"); }
+  if (p.softcap != 0.f && !kBuilt.softcap) { return missing("softcap"); }
+  if (is_local(p.mask) && !kBuilt.local) { return missing("local (sliding window) attention"); }
+  if (is_causal(p.mask) && !kBuilt.causal) { return missing("causal attention"); }
+  if ((is_varlen_q(p) || is_varlen_k(p)) && !kBuilt.varlen) { return missing("varlen (cu_seqlens)"); }
+  if (p.num_heads != p.num_heads_k && !kBuilt.gqa) { return missing("GQA/MQA (num_heads != num_heads_k)"); }
+  // An empty problem launches nothing, so it needs no kernel; the features above it still must exist, so
+  // that an empty batch fails the same way a full one would.
+  bool const empty = p.batch == 0 || p.q.rows == 0 || p.num_heads == 0;
+  if (!empty && find_kernel(p.dtype, p.head_dim, p.head_dim_v) == nullptr) {
+    return fail(FLASH3_NOT_COMPILED, std::string("no forward kernel built for ") + dtype_name(p.dtype) + " with head dim " +
+                                         str(p.head_dim) + (p.head_dim_v != p.head_dim ? " and v head dim " + str(p.head_dim_v) : ""));
   }
-  return 0;
+  return FLASH3_SUCCESS;
 }
 
 char const* status_string(Status status) {
@@ -187,20 +228,15 @@ Status run_fwd(FwdParams const& p, cudaStream_t stream, cudaError_t* cuda_error)
   g_error_detail.clear();
   g_cuda_error = cudaSuccess;
   if (cuda_error != nullptr) { *cuda_error = cudaSuccess; }
-  Status const status = validate(p);
+  Status status = validate(p);
+  if (status == FLASH3_SUCCESS) { status = check_supported(p); }
   if (status != FLASH3_SUCCESS || p.batch == 0 || p.q.rows == 0) { return status; }
-  int const hd = compiled_head_dim(p.dtype, p.head_dim);
-  RunFn run = hd ? find_kernel(p.dtype, hd) : nullptr;
-  if (run == nullptr) {
-    return fail(FLASH3_NOT_COMPILED,
-                std::string("no forward kernel built for ") + dtype_name(p.dtype) + " with head dim " + str(p.head_dim));
-  }
   cudaError_t err = cudaSuccess;
   if (p.k.rows == 0) {
     fill_empty_rows<<<256, 256, 0, stream>>>(p);
     err = cudaGetLastError();
   } else {
-    err = run(p, stream);
+    err = find_kernel(p.dtype, p.head_dim, p.head_dim_v)->run(p, stream);
   }
   if (err != cudaSuccess) {
     g_cuda_error = err;

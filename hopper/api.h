@@ -16,6 +16,11 @@ namespace flash3 {
 // FLASH3_NOT_COMPILED if that kernel was not built into this library; nothing is launched on any error.
 Status run_fwd(FwdParams const& params, cudaStream_t stream, cudaError_t* cuda_error);
 
+// FLASH3_NOT_COMPILED with a message naming the feature if the linked kernels cannot run `params` (a
+// dtype, head dims or feature this build did not compile), FLASH3_SUCCESS otherwise. run_fwd calls it after
+// the argument rules; the torch binding reaches it through run_fwd, so there is one such predicate.
+Status check_supported(FwdParams const& params);
+
 // The compiled head dim that serves a real head dim (the next compiled one), or 0 if none was built.
 int compiled_head_dim(DType dtype, int head_dim);
 

@@ -1,4 +1,4 @@
-// Small CuTe helpers shared by the mainloop and epilogue: the warpgroup GEMM issue sequence, register-layout
+// Small CuTe helpers shared by the mainloop and epilogue: the asynchronous warpgroup GEMM, register-layout
 // views of WGMMA accumulators, and fragment type conversion.
 #pragma once
 
@@ -11,37 +11,42 @@ namespace flash3 {
 
 using namespace cute;
 
-// Issues C (+)= A * B over every K step of the fragments as one committed WGMMA batch.
-// kZeroInit: the first K step overwrites C instead of accumulating.
-// kWait: number of WGMMA batches allowed to stay in flight afterwards (-1: do not wait at all, the caller
-// waits later so it can overlap other work with the tensor cores).
-template <bool kZeroInit, int kWait, class TiledMma, class TA, class TB, class TC>
-__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, TA const& tA, TB const& tB, TC& tC) {
-  // A is either smem descriptors (SS) or a register fragment (RS); only registers need fencing.
-  constexpr bool kARegs = !std::is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
-  if constexpr (kARegs) { warpgroup_fence_operand(const_cast<TA&>(tA)); }
-  warpgroup_fence_operand(tC);
+// One asynchronous WGMMA batch: C = A * B (kOverwrite) or C += A * B, over every K slice of the fragments,
+// committed as one group and not waited for: the caller runs CUDA-core work meanwhile and waits with
+// warpgroup_wait<N>() (N = groups it lets stay in flight). The PTX rules it follows: registers that an
+// async MMA reads or writes are fenced before the batch is opened (wgmma.fence via warpgroup_arrive) and
+// are pinned for the compiler on both sides of it (warpgroup_fence_operand), so that no ordinary
+// instruction is scheduled across the asynchronous accesses. A is either shared-memory descriptors (SS)
+// or a register fragment (RS); only the latter is registers to pin.
+template <bool kOverwrite, class TiledMma, class FragA, class FragB, class FragC>
+__device__ __forceinline__ void gemm_async(TiledMma& mma, FragA const& a, FragB const& b, FragC& c) {
+  constexpr bool kARegisters = !std::is_same_v<typename FragA::iterator, GMMA::DescriptorIterator>;
+  auto pin_registers = [&] {
+    if constexpr (kARegisters) { warpgroup_fence_operand(const_cast<FragA&>(a)); }
+    warpgroup_fence_operand(c);
+  };
+  pin_registers();
   warpgroup_arrive();
-  mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  constexpr int kSlices = decltype(size<2>(a))::value;  // K slices: (MMA, MMA_M|N, K)
   CUTLASS_PRAGMA_UNROLL
-  for (int k = 0; k < size<2>(tA); ++k) {
-    cute::gemm(mma, tA(_, _, k), tB(_, _, k), tC);
-    mma.accumulate_ = GMMA::ScaleOut::One;
+  for (int k = 0; k < kSlices; ++k) {
+    // Only the first slice may overwrite; the others accumulate onto it.
+    mma.accumulate_ = (kOverwrite && k == 0) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
   }
   warpgroup_commit_batch();
-  if constexpr (kWait >= 0) { warpgroup_wait<kWait>(); }
-  warpgroup_fence_operand(tC);
-  if constexpr (kARegs) { warpgroup_fence_operand(const_cast<TA&>(tA)); }
+  pin_registers();
 }
 
-// A WGMMA accumulator fragment has layout ((2 cols, 2 rows, V col groups), MMA_M, MMA_N). Softmax and
-// masks want it as a matrix of this thread's (rows, cols) = ((2, MMA_M), (2, V, MMA_N)).
+// A thread's WGMMA accumulator as a (rows, cols) matrix. Its fragment layout is
+// ((2 adjacent cols, 2 rows 8 apart, col groups), MMA_M, MMA_N); flattened, modes 1 and 3 index rows and
+// modes 0, 2 and 4 columns, which softmax and masks want as the two modes of a matrix.
 template <class Layout>
 __host__ __device__ constexpr auto acc_rowcol(Layout const& l) {
-  static_assert(decltype(rank(l))::value == 3);
-  static_assert(decltype(size<0, 0>(l))::value == 2 && decltype(size<0, 1>(l))::value == 2);
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
-                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+  auto flat = flatten(l);  // (col pair, row pair, col groups, MMA_M, MMA_N)
+  static_assert(decltype(rank(flat))::value == 5, "expected a flat ((2, 2, V), MMA_M, MMA_N) accumulator");
+  static_assert(decltype(size<0>(flat))::value == 2 && decltype(size<1>(flat))::value == 2);
+  return make_layout(select<1, 3>(flat), select<0, 2, 4>(flat));
 }
 
 // The S = QK^T accumulator reinterpreted as the register A operand of the P V WGMMA (16-bit P):
@@ -71,12 +76,8 @@ __device__ __forceinline__ void convert_fragment_into(Tensor<EngineSrc, LayoutSr
 // Converts a register fragment elementwise to `To`, keeping its layout.
 template <class To, class Engine, class Layout>
 __device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
-  using From = typename Engine::value_type;
-  constexpr int N = decltype(size(src))::value;
   Tensor dst = make_tensor<To>(src.layout());
-  cutlass::NumericArrayConverter<To, From, N> convert;
-  *reinterpret_cast<cutlass::Array<To, N>*>(dst.data()) =
-      convert(*reinterpret_cast<cutlass::Array<From, N> const*>(src.data()));
+  convert_fragment_into(src, dst);
   return dst;
 }
 

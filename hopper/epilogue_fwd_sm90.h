@@ -14,13 +14,12 @@ namespace flash3 {
 
 using namespace cute;
 
-template <class Element, int kBlockM, int kHeadDim, class TiledMmaPV>
+template <class Element, int kBlockM, int kHeadDim, int kRowsPerThread, class TiledMmaPV>
 struct EpilogueFwdSm90 {
-  static constexpr int kRowsPerThread = 2;
 
   struct Arguments {
     Element* out;
-    int64_t out_batch_stride;  // unused when Q is packed (varlen): rows are then offset by cu_seqlens_q
+    int64_t out_batch_stride;  // of dense Q; a packed Q's sequences are located by their row offset
     int64_t out_row_stride;
     int64_t out_head_stride;
     float* lse;
@@ -33,8 +32,7 @@ struct EpilogueFwdSm90 {
 
   template <class FragO>
   __device__ static void store(Params const& p, FragO const& tOrO, float const (&lse)[kRowsPerThread],
-                               int thread_idx, int m_block, int head, int batch, bool varlen_q,
-                               SeqlenInfo const& seqlen) {
+                               int thread_idx, int m_block, int head, SeqlenInfo const& seqlen) {
     Tensor rO = convert_fragment<Element>(tOrO);
     Tensor rO_rc = make_tensor(rO.data(), acc_rowcol(rO.layout()));  // (rows, cols)
     TiledMmaPV mma_pv;
@@ -42,10 +40,11 @@ struct EpilogueFwdSm90 {
     Tensor tOcO = mma_pv.get_slice(thread_idx).partition_C(cO);             // (MMA, MMA_M, MMA_N)
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));  // (rows, cols)
 
-    int64_t const batch_off = varlen_q ? 0 : int64_t(batch) * p.out_batch_stride;
-    Element* out = p.out + batch_off + int64_t(seqlen.offset_q) * p.out_row_stride + int64_t(head) * p.out_head_stride;
-    float* lse_ptr = p.lse + (varlen_q ? 0 : int64_t(batch) * p.lse_batch_stride) +
-                     int64_t(head) * p.lse_head_stride + seqlen.offset_q;
+    // The sequence's rows: a batch entry of a dense operand, or rows from offset_q on of a packed one.
+    Element* out = p.out + int64_t(seqlen.batch_q) * p.out_batch_stride + int64_t(seqlen.offset_q) * p.out_row_stride +
+                   int64_t(head) * p.out_head_stride;
+    float* lse_ptr = p.lse + int64_t(seqlen.batch_q) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride +
+                     seqlen.offset_q;
 
     static_assert(decltype(size<1>(rO_rc))::value % 2 == 0);
     CUTLASS_PRAGMA_UNROLL
@@ -68,15 +67,15 @@ struct EpilogueFwdSm90 {
     }
   }
 
-  __device__ static void store_zero(Params const& p, int thread_idx, int m_block, int head, int batch,
-                                    bool varlen_q, SeqlenInfo const& seqlen) {
+  __device__ static void store_zero(Params const& p, int thread_idx, int m_block, int head,
+                                    SeqlenInfo const& seqlen) {
     TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     clear(tOrO);
     float lse[kRowsPerThread];
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < kRowsPerThread; ++m) { lse[m] = -INFINITY; }
-    store(p, tOrO, lse, thread_idx, m_block, head, batch, varlen_q, seqlen);
+    store(p, tOrO, lse, thread_idx, m_block, head, seqlen);
   }
 };
 

@@ -12,6 +12,7 @@
 #include "mask.h"
 #include "named_barrier.h"
 #include "seqlen.h"
+#include "tile_config.h"
 #include "tile_scheduler.h"
 
 namespace flash3 {
@@ -25,7 +26,7 @@ struct FwdKernelSm90 {
   using Pipeline = typename Mainloop::Pipeline;
   static constexpr int kBlockM = Mainloop::kBlockM;
   static constexpr int kNumConsumerWarpGroups = Mainloop::kNumConsumerWarpGroups;
-  static constexpr int kNumThreads = 128 * (1 + kNumConsumerWarpGroups);
+  static constexpr int kNumThreads = kWarpGroupThreads * (1 + kNumConsumerWarpGroups);
   static constexpr int kMinBlocksPerSm = 1;  // one CTA fills an SM's shared memory and registers
   using Registers = RegisterBudget<kNumConsumerWarpGroups>;
 
@@ -37,12 +38,18 @@ struct FwdKernelSm90 {
     alignas(8) uint64_t mailbox_full;
     alignas(8) uint64_t mailbox_empty;
     int tile_index;  // mailbox slot: the tile the consumers take next
+    // The producer's own next tile, claimed before the current tile's loads are issued (so the atomic's round
+    // trip overlaps them) and parked here while they are: the producer has 24 registers, and holding it in
+    // one across the loads spilled it to local memory.
+    int next_tile;
     typename Pipeline::Storage pipeline_k;
     typename Pipeline::Storage pipeline_v;
   };
   static constexpr int kSharedStorageSize = sizeof(SharedStorage);
+  static_assert(kSharedStorageSize <= kMaxSharedBytes, "the tile's shared storage exceeds what a CTA may use");
 
-  using Scheduler = PersistentScheduler</*kHeaviestFirst=*/Mainloop::kCausal>;
+  using Scheduler = PersistentScheduler</*kHeaviestFirst=*/Mainloop::kUnequalTiles>;
+  using Mask = typename Mainloop::Mask;
   // The producer warp decides each CTA's next tile and posts it in a one-slot shared-memory mailbox guarded
   // by two mbarriers (arrive = release, wait = acquire): "full" after the producer wrote the slot, "empty"
   // after every consumer thread read it. Mailbox round r completes phase r of each.
@@ -63,17 +70,16 @@ struct FwdKernelSm90 {
   struct TileWork {
     TileCoord tile;
     SeqlenInfo seqlen;
-    MaskPolicy<kBlockM, Mainloop::kBlockN, Mainloop::kCausal> mask;
-    int n_end;
+    Mask mask;
+    BlockRange range;
     // Varlen grids are sized by the longest sequence: tiles past this sequence's end have no rows at all.
     __device__ bool has_rows() const { return tile.m_block * kBlockM < seqlen.seqlen_q; }
   };
   __device__ static TileWork work_of(Params const& params, int idx) {
     TileCoord const tile = params.scheduler.tile(idx);
     SeqlenInfo const seqlen(params.seqlen, tile.batch);
-    MaskPolicy<kBlockM, Mainloop::kBlockN, Mainloop::kCausal> const mask{seqlen.seqlen_q, seqlen.seqlen_k,
-                                                                         tile.m_block};
-    return {tile, seqlen, mask, mask.n_block_end()};
+    Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block};
+    return {tile, seqlen, mask, mask.range()};
   }
 
   __device__ void operator()(Params const& params, char* smem_raw) const {
@@ -92,8 +98,6 @@ struct FwdKernelSm90 {
     }
     __syncthreads();
 
-    bool const varlen_q = params.seqlen.cu_seqlens_q != nullptr;
-    bool const varlen_k = params.seqlen.cu_seqlens_k != nullptr;
     int const num_tiles = params.scheduler.num_tiles();
     Mainloop mainloop;
     Pipeline const pipe_k{&smem.pipeline_k};
@@ -114,18 +118,20 @@ struct FwdKernelSm90 {
         __syncwarp();
         if (idx >= num_tiles) { break; }
         int const next = params.scheduler.claim_next_tile(idx);
+        if (cute::elect_one_sync()) { smem.next_tile = next; }
         TileWork const w = work_of(params, idx);
-        if (w.has_rows() && w.n_end > 0) {
+        if (w.has_rows() && !w.range.empty()) {
           mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
-                        varlen_q, varlen_k, w.n_end, /*wait_q_free=*/q_loaded);
+                        w.range, /*wait_q_free=*/q_loaded);
           q_loaded = true;
         }
-        idx = next;
+        __syncwarp();
+        idx = smem.next_tile;
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();
-      int const thread_idx = int(threadIdx.x) - 128;
-      Mainloop::init_turns(thread_idx / 128);
+      int const thread_idx = int(threadIdx.x) - kWarpGroupThreads;
+      Mainloop::init_turns(thread_idx / kWarpGroupThreads);
       uint32_t q_phase = 0;
       for (uint32_t round = 0;; ++round) {
         cutlass::arch::ClusterBarrier::wait(&smem.mailbox_full, round & 1);
@@ -134,21 +140,19 @@ struct FwdKernelSm90 {
         if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }
-        if (w.n_end <= 0) {
-          Epilogue::store_zero(params.epilogue, thread_idx, w.tile.m_block, w.tile.head, w.tile.batch, varlen_q,
-                               w.seqlen);
+        if (w.range.empty()) {
+          Epilogue::store_zero(params.epilogue, thread_idx, w.tile.m_block, w.tile.head, w.seqlen);
           continue;
         }
         typename Mainloop::TiledMmaPV mma_pv;
         Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Mainloop::TileShapePV{}));
         float lse[Mainloop::kRowsPerThread];
         mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, q_phase, pipe_k, pipe_v, state, tOrO, lse,
-                     w.mask, w.n_end, thread_idx);
+                     w.mask, w.range, w.tile, thread_idx);
         q_phase ^= 1;
         // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.
         TileWork const we = work_of(params, idx);
-        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile.m_block, we.tile.head, we.tile.batch,
-                        varlen_q, we.seqlen);
+        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile.m_block, we.tile.head, we.seqlen);
       }
     }
   }

@@ -1,6 +1,6 @@
 // Launch layer of the SM90 forward kernel: turns the torch-free FwdParams into the mainloop / epilogue
 // Arguments, builds the TMA descriptors, sizes the grid and shared memory, and launches on the caller's
-// stream. Instantiated once per (element type, compiled head dim) by hopper/instantiations/*.cu; both mask
+// stream. Instantiated once per kernel key (element type, head dims) by hopper/instantiations/*.cu; both mask
 // policies are compiled into each instantiation and chosen here at run time.
 #pragma once
 
@@ -10,6 +10,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "epilogue_fwd_sm90.h"
+#include "instantiations/kernel_key.h"
 #include "kernel_fwd_sm90.h"
 #include "mainloop_fwd_sm90.h"
 #include "params.h"
@@ -17,11 +18,13 @@
 
 namespace flash3 {
 
-template <class Element, int kHeadDim, bool kCausal>
+template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
-  using Config = TileConfigSm90<kHeadDim, kCausal>;
-  using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kCausal>;
-  using Epilogue = EpilogueFwdSm90<Element, Config::kBlockM, kHeadDim, typename Mainloop::TiledMmaPV>;
+  static_assert(kHeadDimV == kHeadDim, "kernels with a v head dim unlike q's are not written yet");
+  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal>;
+  using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask>;
+  using Epilogue = EpilogueFwdSm90<Element, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
+                                   typename Mainloop::TiledMmaPV>;
   using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
 
   bool const varlen_q = is_varlen_q(p);
@@ -84,10 +87,11 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class Element, int kHeadDim>
+// The runtime -> compile-time switch of the mask (the one axis compiled into each instantiation).
+template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
-  return is_causal(p.mask) ? launch_fwd_sm90<Element, kHeadDim, true>(p, stream)
-                            : launch_fwd_sm90<Element, kHeadDim, false>(p, stream);
+  return is_causal(p.mask) ? launch_fwd_sm90<Element, kHeadDim, kHeadDimV, MaskKind::kCausal>(p, stream)
+                           : launch_fwd_sm90<Element, kHeadDim, kHeadDimV, MaskKind::kNone>(p, stream);
 }
 
 }  // namespace flash3

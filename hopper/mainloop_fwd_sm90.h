@@ -9,9 +9,6 @@
 // turns issuing GEMMs (ping-pong). Shapes in comments are per thread unless they say otherwise.
 #pragma once
 
-#include <cfloat>
-#include <cmath>
-
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
@@ -21,6 +18,7 @@
 #include "mask.h"
 #include "named_barrier.h"
 #include "pipeline.h"
+#include "score_mod.h"
 #include "seqlen.h"
 #include "softmax.h"
 #include "tile_scheduler.h"
@@ -29,16 +27,20 @@ namespace flash3 {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, bool kCausal_>
+template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
+          class Score_ = ScaledScores>
 struct MainloopFwdSm90 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
-  static constexpr bool kCausal = kCausal_;
+  using Mask = MaskPolicy<kBlockM, kBlockN, kMaskKind_>;
+  using Score = Score_;
+  // Tiles whose cost grows with their m block (the scheduler orders them heaviest first).
+  static constexpr bool kUnequalTiles = kMaskKind_ == MaskKind::kCausal;
   static constexpr int kNumConsumerWarpGroups = kBlockM / 64;
-  static constexpr int kNumMmaThreads = kNumConsumerWarpGroups * 128;
+  static constexpr int kNumMmaThreads = kNumConsumerWarpGroups * kWarpGroupThreads;
 #if defined(CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)
   static constexpr bool kExtendedMmaShapes = true;
 #else
@@ -110,11 +112,7 @@ struct MainloopFwdSm90 {
     ShapeQKV shape_q;
     ShapeQKV shape_kv;
     int head_ratio;  // num_heads / num_heads_k: q heads sharing one kv head
-    float softmax_scale;
-    // softmax_scale * log2(e), folded into the exp2 of the softmax. A zero scale (or one that would be a
-    // denormal, which the kernel flushes to zero) becomes FLT_MIN: the weights are then exactly 1 (uniform
-    // attention) and masked -inf scores stay -inf instead of -inf * 0 = NaN.
-    float scale_log2;
+    typename Score::Params score;
   };
 
   static Params to_params(Arguments const& a) {
@@ -127,8 +125,7 @@ struct MainloopFwdSm90 {
              a.shape_q,
              a.shape_kv,
              get<2>(a.shape_q) / get<2>(a.shape_kv),
-             a.softmax_scale,
-             std::fabs(a.softmax_scale * float(M_LOG2E)) < FLT_MIN ? FLT_MIN : a.softmax_scale * float(M_LOG2E)};
+             Score::to_params(a.softmax_scale)};
     return p;
   }
 
@@ -139,21 +136,21 @@ struct MainloopFwdSm90 {
   }
 
   // Producer: called by the whole producer warp; one elected lane issues. Loads Q (once the consumers are
-  // done with the previous tile's Q), then K and V of blocks n_end-1 down to 0.
+  // done with the previous tile's Q), then K and V of the range's blocks from end - 1 down to begin.
   __device__ void load(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
                        Pipeline const& pipe_v, typename Pipeline::State& state, TileCoord const& tile,
-                       SeqlenInfo const& seqlen, bool varlen_q, bool varlen_k, int n_end, bool wait_q_free) const {
+                       SeqlenInfo const& seqlen, BlockRange const& range, bool wait_q_free) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});   // (N, d, PIPE)
 
     int const head_k = tile.head / p.head_ratio;
     Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
-                              p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, varlen_q ? 0 : tile.batch));
+                              p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, seqlen.batch_q));
     Tensor mK = domain_offset(make_coord(seqlen.offset_k, _0{}),
-                              p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, varlen_k ? 0 : tile.batch));
+                              p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, seqlen.batch_k));
     Tensor mV = domain_offset(make_coord(seqlen.offset_k, _0{}),
-                              p.tma_v.get_tma_tensor(p.shape_kv)(_, _, head_k, varlen_k ? 0 : tile.batch));
+                              p.tma_v.get_tma_tensor(p.shape_kv)(_, _, head_k, seqlen.batch_k));
     Tensor gQ = local_tile(mQ, select<0, 2>(TileShapeQK{}), make_coord(tile.m_block, _0{}));  // (M, d)
     Tensor gK = local_tile(mK, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
     Tensor gV = local_tile(mV, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
@@ -190,12 +187,12 @@ struct MainloopFwdSm90 {
       }
       state_v.advance();
     };
-    load_k(n_end - 1);
-    for (int n = n_end - 2; n >= 0; --n) {
+    load_k(range.end - 1);
+    for (int n = range.end - 2; n >= range.begin; --n) {
       load_k(n);
       load_v(n + 1);
     }
-    load_v(0);
+    load_v(range.begin);
   }
 
   // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next
@@ -225,15 +222,15 @@ struct MainloopFwdSm90 {
     return warp_group == 0 ? FwdBarrier::WarpGroupTurn1 : FwdBarrier::WarpGroupTurn2;
   }
   __device__ static void wait_turn(int warp_group) {
-    if constexpr (kPingPong) { named_barrier_sync<2 * 128>(turn_barrier(warp_group)); }
+    if constexpr (kPingPong) { named_barrier_sync<2 * kWarpGroupThreads>(turn_barrier(warp_group)); }
   }
   __device__ static void pass_turn(int warp_group) {
-    if constexpr (kPingPong) { named_barrier_arrive<2 * 128>(turn_barrier(1 - warp_group)); }
+    if constexpr (kPingPong) { named_barrier_arrive<2 * kWarpGroupThreads>(turn_barrier(1 - warp_group)); }
   }
   // The first warpgroup starts with the turn: the second one hands it over once, up front.
   __device__ static void init_turns(int warp_group) {
     if constexpr (kPingPong) {
-      if (warp_group == 1) { named_barrier_arrive<2 * 128>(turn_barrier(0)); }
+      if (warp_group == 1) { named_barrier_arrive<2 * kWarpGroupThreads>(turn_barrier(0)); }
     }
   }
 
@@ -242,15 +239,19 @@ struct MainloopFwdSm90 {
   //
   // Software pipeline inside a warpgroup (FA3's intra-warpgroup overlap): while the tensor cores compute
   // S_next = Q K_next^T and O += P V for the current block, the warpgroup runs the softmax of S_next on the
-  // CUDA cores; only then does it wait for O and rescale it. Order per step, for key blocks n > n_next:
-  //   issue S_next = Q K(n_next)^T; issue O += P(n) V(n); wait S_next; mask + softmax(S_next);
-  //   wait O; rescale O; P(n_next) = convert(S_next).
+  // CUDA cores; only then does it wait for O and rescale it. Every block goes through the one body `step`,
+  // whose compile-time switches say which of the two GEMMs it has: the first block has only Q K^T (no P
+  // yet), the blocks after it both, and a last step only P V. Blocks are visited from range.end - 1 down to
+  // range.begin in three phases: masked (high), unmasked, masked (low).
   // q_phase: parity of this tile's Q load on barrier_q (the n-th Q load of the CTA completes phase n % 2).
   template <class FragO>
   __device__ void mma(Params const& p, SharedStorage& smem, uint64_t& barrier_q, uint32_t q_phase,
                       Pipeline const& pipe_k, Pipeline const& pipe_v, typename Pipeline::State& state_k,
-                      FragO& tOrO, float (&lse)[kRowsPerThread], MaskPolicy<kBlockM, kBlockN, kCausal> const& mask,
-                      int n_end, int thread_idx) const {
+                      FragO& tOrO, float (&lse)[kRowsPerThread], Mask const& mask, BlockRange const& range,
+                      TileCoord const& tile, int thread_idx) const {
+    // Built here from the kernel params rather than passed in, so that values the policy takes straight from
+    // the params can be re-read from there instead of occupying registers across the loop.
+    Score const score = Score::for_tile(p.score, tile);
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
     Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVt{});  // (d, N, PIPE)
@@ -266,83 +267,80 @@ struct MainloopFwdSm90 {
     Tensor tScS = thr_qk.partition_C(cS);                          // (MMA, MMA_M, MMA_N)
     Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
+    // P of the block whose P V is next, in the input type: S's registers reused as the A operand of P V.
+    Tensor rP = make_tensor<Element>(partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{})).layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // (MMA, MMA_M, MMA_K)
 
-    int const thread_in_wg = thread_idx % 128;
-    int const warp_group = thread_idx / 128;
-    int const seqlen_k = mask.seqlen_k;
-    int const n_unmasked_end = mask.n_block_unmasked_end();
-    OnlineSoftmax<kRowsPerThread> softmax(p.scale_log2);
+    int const thread_in_wg = thread_idx % kWarpGroupThreads;
+    int const warp_group = thread_idx / kWarpGroupThreads;
+    OnlineSoftmax<kRowsPerThread> softmax(score.scale_log2);
     typename Pipeline::State state_v = state_k;  // V is consumed one block behind K
     clear(tOrO);
 
+    // One block: S = Q K(n)^T if kScores (then score policy, mask, online softmax and the new P), and
+    // O += P V of the previous block if kPV (then O is rescaled by the softmax's factor).
+    // Always inlined: as a call, the tensors it captures by reference would have to live in local memory.
+    auto step = [&](int n, auto scores, auto pv, auto masked) __attribute__((always_inline)) {
+      constexpr bool kScores = decltype(scores)::value, kPV = decltype(pv)::value;
+      Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
+      if constexpr (kScores) { pipe_k.consumer_wait(state_k); }
+      if constexpr (kPV) { pipe_v.consumer_wait(state_v); }
+      wait_turn(warp_group);
+      if constexpr (kScores) { gemm_async</*kOverwrite=*/true>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS); }
+      if constexpr (kPV) { gemm_async</*kOverwrite=*/false>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO); }
+      pass_turn(warp_group);
+      float o_scale[kRowsPerThread];
+      if constexpr (kScores) {
+        warpgroup_wait<kPV ? 1 : 0>();  // S is ready; P V may still be running
+        pipe_k.consumer_release(state_k, thread_in_wg);
+        state_k.advance();
+        Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
+        score.apply(tSrS_rc);
+        // `masked` is a compile-time constant in the loops; the first block decides at run time, so that
+        // its body exists once.
+        if constexpr (std::is_same_v<decltype(masked), bool>) {
+          if (masked) { mask.apply(tSrS_rc, tScS_rc, n, softmax.masked_score()); }
+        } else if constexpr (decltype(masked)::value) {
+          mask.apply(tSrS_rc, tScS_rc, n, softmax.masked_score());
+        }
+        softmax.template update</*kFirst=*/!kPV>(tSrS_rc, o_scale);
+      }
+      if constexpr (kPV) {
+        warpgroup_wait<0>();  // O += P V done: V can be released and P overwritten
+        pipe_v.consumer_release(state_v, thread_in_wg);
+        state_v.advance();
+        if constexpr (kScores) { OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale); }
+      }
+      if constexpr (kScores) { convert_fragment_into(tSrS, rP); }
+    };
+    using cute::false_type;
+    using cute::true_type;
+
     cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, q_phase);
 
-    // First block: S = Q K^T alone, then its softmax gives the first P.
-    int n = n_end - 1;
-    Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
-    pipe_k.consumer_wait(state_k);
-    wait_turn(warp_group);
-    warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/-1>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS);
-    pass_turn(warp_group);
-    warpgroup_wait<0>();
-    pipe_k.consumer_release(state_k, thread_in_wg);
-    state_k.advance();
-    {
-      Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
-      if (n >= n_unmasked_end) { mask.apply(tSrS_rc, tScS_rc, n, softmax.masked_score()); }
-      float o_scale[kRowsPerThread];
-      softmax.template update</*kFirst=*/true>(tSrS_rc, o_scale);
-    }
-    Tensor rP = convert_fragment<Element>(tSrS);                            // P of block n
-    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // (MMA, MMA_M, MMA_K)
-
-    // The boundary block is the first one; fix up its V tail before any warpgroup multiplies by it.
-    // Outside the ping-pong turns, so the two warpgroups can meet at the barrier inside zero_v_tail.
-    if ((n + 1) * kBlockN > seqlen_k) {
+    // The first block is the boundary one: masked unless every row sees all of it.
+    int n = range.end - 1;
+    step(n, true_type{}, false_type{}, /*masked=*/n >= range.unmasked_end || n < range.unmasked_begin);
+    // Fix up the boundary block's V tail before any warpgroup multiplies by it. Outside the ping-pong turns,
+    // so the two warpgroups can meet at the barrier inside zero_v_tail.
+    if ((n + 1) * kBlockN > mask.seqlen_k) {
       pipe_v.consumer_wait(state_v);
-      zero_v_tail(smem, state_v.index, seqlen_k - n * kBlockN, thread_idx);
+      zero_v_tail(smem, state_v.index, mask.seqlen_k - n * kBlockN, thread_idx);
     }
-
-    auto step = [&](int n_next, auto needs_mask) {
-      Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
-      pipe_k.consumer_wait(state_k);
-      pipe_v.consumer_wait(state_v);
-      wait_turn(warp_group);
-      warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/-1>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS);
-      warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/-1>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO);
-      pass_turn(warp_group);
-      warpgroup_wait<1>();  // S_next is ready; P V may still be running
-      pipe_k.consumer_release(state_k, thread_in_wg);
-      state_k.advance();
-      Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
-      if constexpr (decltype(needs_mask)::value) { mask.apply(tSrS_rc, tScS_rc, n_next, softmax.masked_score()); }
-      float o_scale[kRowsPerThread];
-      softmax.template update</*kFirst=*/false>(tSrS_rc, o_scale);
-      warpgroup_wait<0>();  // O += P V done: V can be released and P overwritten
-      pipe_v.consumer_release(state_v, thread_in_wg);
-      state_v.advance();
-      OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale);
-      convert_fragment_into(tSrS, rP);  // P of block n_next
-    };
-
-    // Masked blocks come first (top-down), then the ones every row sees entirely.
-    for (--n; n >= n_unmasked_end; --n) { step(n, cute::true_type{}); }
-    for (; n >= 0; --n) { step(n, cute::false_type{}); }
+    for (--n; n >= range.unmasked_end; --n) { step(n, true_type{}, true_type{}, true_type{}); }
+    for (; n >= range.unmasked_begin; --n) { step(n, true_type{}, true_type{}, false_type{}); }
+    // The masked-low phase exists only for masks with a lower edge; for the others the compiler cannot prove
+    // it empty, and the dead loop would cost registers.
+    if constexpr (Mask::kHasKeyStart) {
+      for (; n >= range.begin; --n) { step(n, true_type{}, true_type{}, true_type{}); }
+    }
 
     // Every Q K^T of this tile has completed: the producer may load the next tile's Q.
     named_barrier_arrive<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty);
-
-    // Last block's P V.
-    pipe_v.consumer_wait(state_v);
-    wait_turn(warp_group);
-    warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/-1>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO);
-    pass_turn(warp_group);
-    warpgroup_wait<0>();
-    pipe_v.consumer_release(state_v, thread_in_wg);
-    state_v.advance();
+    step(n, false_type{}, true_type{}, false_type{});  // the last block's P V
 
     float o_scale[kRowsPerThread];
-    softmax.finalize(p.softmax_scale, o_scale, lse);
+    softmax.finalize(score.softmax_scale, o_scale, lse);
     OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale);
   }
 };

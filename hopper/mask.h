@@ -1,7 +1,15 @@
 // Mask policies: which key blocks a query tile visits, which of them need per-element masking, and the
 // masking itself. Bottom-right aligned as in FA3: query row i of a sequence with lengths (sq, sk) sees key
-// j iff j < sk and, when causal, j <= i + sk - sq. Rows that see no key at all end with O = 0, LSE = -inf
-// (the softmax handles that). The reference in flash_attn3/reference.py states the same rule.
+// j iff key_start(i) <= j < key_limit(i); with no mask that is [0, sk), causal ends it at i + sk - sq + 1.
+// Rows that see no key at all end with O = 0, LSE = -inf (the softmax handles that). The reference in
+// flash_attn3/reference.py states the same rule.
+//
+// range() describes a tile's key blocks as four bounds, begin <= unmasked_begin <= unmasked_end <= end:
+// blocks [unmasked_begin, unmasked_end) are entirely visible to every row of the tile and need no element
+// mask; the blocks on either side of them need one. The producer loads and the consumers process the same
+// blocks, from end - 1 down to begin (the boundary block, with its partial V tail, comes first).
+// A new mask kind (a sliding window, later a split-KV key range) is a new MaskKind with its own key_start /
+// key_limit; range(), apply() and the mainloop's three phases need no change.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -10,28 +18,44 @@ namespace flash3 {
 
 using namespace cute;
 
-template <int kBlockM, int kBlockN, bool kCausal>
+enum class MaskKind { kNone, kCausal };
+
+struct BlockRange {
+  int begin;
+  int unmasked_begin;
+  int unmasked_end;
+  int end;
+  __host__ __device__ bool empty() const { return end <= begin; }
+};
+
+template <int kBlockM, int kBlockN, MaskKind kKind>
 struct MaskPolicy {
+  static constexpr MaskKind kMaskKind = kKind;
+  // Whether key_start can be above 0 (a window's left edge): without one, apply() tests one bound only.
+  static constexpr bool kHasKeyStart = false;
   int seqlen_q;
   int seqlen_k;
   int m_block;
 
-  // Exclusive bound on the keys visible to query row `row` (tile-independent coordinates).
+  // First key visible to query row `row` (tile-independent coordinates).
+  __device__ int key_start(int /*row*/) const { return 0; }
+
+  // Exclusive bound on the keys visible to query row `row`.
   __device__ int key_limit(int row) const {
-    return kCausal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
+    return kKind == MaskKind::kCausal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
   }
 
-  // Key blocks [0, n_block_end) hold every key some row of this tile may see (0 blocks: nothing to do).
-  __device__ int n_block_end() const {
-    int last_row = min((m_block + 1) * kBlockM, seqlen_q) - 1;
-    return cute::ceil_div(max(key_limit(last_row), 0), kBlockN);
-  }
-
-  // Blocks [0, n_block_unmasked_end) are visible to every row of the tile and need no element mask; the
-  // ones after it, up to n_block_end, do.
-  __device__ int n_block_unmasked_end() const {
-    int first_row = m_block * kBlockM;
-    return max(key_limit(first_row), 0) / kBlockN;
+  // Key blocks of this tile (see the header comment). A tile whose rows see no key has an empty range.
+  __device__ BlockRange range() const {
+    int const first_row = m_block * kBlockM;
+    int const last_row = min(first_row + kBlockM, seqlen_q) - 1;
+    // key_start / key_limit never decrease with the row, so the tile's extremes give its bounds.
+    // Without a key start both lower bounds are the constant 0, which keeps them out of registers.
+    int const begin = kHasKeyStart ? max(key_start(first_row), 0) / kBlockN : 0;
+    int const end = cute::ceil_div(max(key_limit(last_row), 0), kBlockN);
+    int const unmasked_begin = kHasKeyStart ? min(cute::ceil_div(max(key_start(last_row), 0), kBlockN), end) : 0;
+    int const unmasked_end = max(min(max(key_limit(first_row), 0) / kBlockN, end), unmasked_begin);
+    return {begin, unmasked_begin, unmasked_end, end};
   }
 
   // Sets invisible scores of key block `n_block` to `masked` (the softmax's masked_score(): -inf, or +inf for
@@ -43,10 +67,13 @@ struct MaskPolicy {
     int const col0 = n_block * kBlockN;
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<0>(tSrS_rc); ++m) {
-      int const limit = key_limit(m_block * kBlockM + get<0>(tScS_rc(m, 0))) - col0;
+      int const row = m_block * kBlockM + get<0>(tScS_rc(m, 0));
+      int const start = key_start(row) - col0;
+      int const limit = key_limit(row) - col0;
       CUTLASS_PRAGMA_UNROLL
       for (int n = 0; n < size<1>(tSrS_rc); ++n) {
-        if (get<1>(tScS_rc(m, n)) >= limit) { tSrS_rc(m, n) = masked; }
+        int const col = get<1>(tScS_rc(m, n));
+        if (col >= limit || (kHasKeyStart && col < start)) { tSrS_rc(m, n) = masked; }
       }
     }
   }

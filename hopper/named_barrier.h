@@ -26,15 +26,31 @@ __device__ __forceinline__ void named_barrier_arrive(FwdBarrier id) {
   cutlass::arch::NamedBarrier::arrive(kNumThreads, static_cast<int>(id));
 }
 
-// setmaxnreg budgets: 65536 registers per SM, one CTA per SM. With 1 producer + 2 consumer warpgroups
-// (384 threads): 128 * 24 + 256 * 240 = 64512 <= 65536. The producer only issues TMA from one thread, so
-// 24 registers suffice; the consumers hold S (64 x kBlockN fp32 / 128 threads), O and P in registers.
-template <int kNumConsumerWarpGroups>
-struct RegisterBudget;
-template <>
-struct RegisterBudget<2> {
-  static constexpr int kProducer = 24;
-  static constexpr int kConsumer = 240;
+// Threads of one warpgroup: the unit that issues a WGMMA and that setmaxnreg resizes.
+constexpr int kWarpGroupThreads = 128;
+
+// setmaxnreg budgets for one producer warpgroup and kConsumers consumer warpgroups. setmaxnreg only moves
+// registers inside the CTA's launch-time allocation, so the budgets must add up to at most that: with one
+// CTA per SM, 65536 registers over the CTA's threads, rounded down to a multiple of 8 per thread (what
+// __launch_bounds__(threads, 1) lets ptxas use at entry). Summing over more than that makes the consumers'
+// setmaxnreg.inc wait forever for registers nobody releases (seen as a hang on the H200, 2026-12-01). The
+// consumers, which hold S, P and O in registers, get an even share of what the producer needs at least (24,
+// the smallest setmaxnreg value), rounded down to setmaxnreg's multiple of 8 and capped at 240 (a thread
+// addresses at most 255); the producer, which issues TMA from one thread, gets what they leave.
+// 2 consumers: 168 x 3 = 504 = 24 + 2 x 240; 3 consumers (192-row tiles): 128 x 4 = 512 = 32 + 3 x 160.
+template <int kConsumers>
+struct RegisterBudget {
+  static_assert(kConsumers >= 1 && kConsumers <= 3, "one producer plus 1-3 consumer warpgroups");
+  static constexpr int kEntry = 65536 / (kWarpGroupThreads * (1 + kConsumers)) / 8 * 8;
+  static constexpr int kPerSlot = (kEntry < 248 ? kEntry : 248) * (1 + kConsumers);  // per thread of a warpgroup
+  static constexpr int kProducerMin = 24;
+  static constexpr int kShare = (kPerSlot - kProducerMin) / kConsumers / 8 * 8;
+  static constexpr int kConsumer = kShare < 240 ? kShare : 240;
+  static constexpr int kLeft = (kPerSlot - kConsumers * kConsumer) / 8 * 8;
+  static constexpr int kProducer = kLeft < 240 ? kLeft : 240;
+  static_assert(kProducer >= kProducerMin && kProducer + kConsumers * kConsumer <= kPerSlot);
 };
+static_assert(RegisterBudget<2>::kProducer == 24 && RegisterBudget<2>::kConsumer == 240);
+static_assert(RegisterBudget<3>::kProducer == 32 && RegisterBudget<3>::kConsumer == 160);
 
 }  // namespace flash3

@@ -22,18 +22,26 @@ struct SeqlenArgs {
 };
 
 struct SeqlenInfo {
-  int offset_q;  // first row of this sequence in a packed Q/O (0 when dense: the batch index selects it)
+  // Where the sequence is in each operand's (rows, d, head, batch) view: a packed operand is one batch entry
+  // whose rows from offset on hold the sequence; a dense one has the sequence as batch entry `batch`, from
+  // row 0. So every consumer addresses both layouts the same way, with no varlen flag.
+  int batch_q;
+  int batch_k;
+  int offset_q;
   int offset_k;
   int seqlen_q;
   int seqlen_k;
 
-  __device__ SeqlenInfo(SeqlenArgs const& a, int batch) {
+  __device__ SeqlenInfo(SeqlenArgs const& a, int batch)
+      : batch_q(a.cu_seqlens_q ? 0 : batch), batch_k(a.cu_seqlens_k ? 0 : batch) {
     clamp_to_rows(a.cu_seqlens_q, a.seqused_q, a.rows_q, batch, offset_q, seqlen_q);
     clamp_to_rows(a.cu_seqlens_k, a.seqused_k, a.rows_k, batch, offset_k, seqlen_k);
   }
 
  private:
-  // 64-bit arithmetic so that entries near 2^31 cannot wrap around into range.
+  // The length is taken from the metadata as it stands (cu_seqlens[b + 1] - cu_seqlens[b] in 64 bits, so
+  // entries near 2^31 cannot wrap around into range); then the begin is clamped into [0, rows] and the
+  // length into the room left after it. Valid metadata passes unchanged.
   __device__ static void clamp_to_rows(int32_t const* cu_seqlens, int32_t const* seqused, int rows, int batch,
                                        int& offset, int& seqlen) {
     int64_t begin = cu_seqlens ? cu_seqlens[batch] : 0;

@@ -24,7 +24,9 @@ namespace flash3 {
 
 using namespace cute;
 
-template <int kRows>
+// kMaxOffset: log2 headroom subtracted from every row's maximum, so the largest weight is 2^kMaxOffset instead
+// of 1 (FP8 P uses it to spend its exponent range on the weights that matter); the LSE takes it back out.
+template <int kRows, int kMaxOffset = 0>
 struct OnlineSoftmax {
   float row_max[kRows];  // the raw score with the largest scaled value so far (a minimum if scale < 0)
   float row_sum[kRows];
@@ -68,10 +70,11 @@ struct OnlineSoftmax {
       float const mx_scaled = mx * scale_log2 == -INFINITY ? 0.f : mx * scale_log2;
       o_scale[m] = kFirst ? 1.f : exp2f(row_max[m] * scale_log2 - mx_scaled);
       row_max[m] = mx;
+      float const shift = mx_scaled - float(kMaxOffset);  // weights are exp2(s * scale_log2 - shift)
       float sum = 0.f;
       CUTLASS_PRAGMA_UNROLL
       for (int n = 0; n < size<1>(s); ++n) {
-        s(m, n) = exp2f(s(m, n) * scale_log2 - mx_scaled);
+        s(m, n) = exp2f(s(m, n) * scale_log2 - shift);
         sum += s(m, n);
       }
       row_sum[m] = kFirst ? sum : row_sum[m] * o_scale[m] + sum;
@@ -96,7 +99,7 @@ struct OnlineSoftmax {
       float const sum = quad_sum(row_sum[m]);
       bool const empty = sum == 0.f || sum != sum;
       o_scale[m] = empty ? 0.f : 1.f / sum;
-      lse[m] = empty ? -INFINITY : row_max[m] * softmax_scale + logf(sum);
+      lse[m] = empty ? -INFINITY : row_max[m] * softmax_scale + logf(sum) - float(kMaxOffset) * float(M_LN2);
     }
   }
 };

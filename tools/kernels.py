@@ -1,10 +1,18 @@
-"""The one list of compiled forward kernels, the environment switches that select a subset, and the
-generator of hopper/instantiations/.
+"""The one declarative table of the forward kernels: which kernel keys exist, which features they carry, the
+environment switches that select a subset, and the generator of everything derived from it.
 
-Each instantiation file holds one (dtype, compiled head dim) and both mask policies (no mask, causal);
-everything else (varlen, GQA, strides) is a runtime property of one kernel. setup.py and
-build_standalone.sh both ask this file what to compile; CI checks that `python tools/kernels.py --check`
-finds the checked-in files identical to what it would generate.
+A kernel key is the tuple of compile-time axes, declared once in `AXES`; `KERNELS` is the list of keys that
+exist. Everything else is a runtime property of one kernel (varlen, GQA, strides) or a switch compiled into
+each instantiation (the mask: no mask / causal). From this file come:
+  hopper/instantiations/<key>_sm90.cu  one translation unit per key
+  hopper/instantiations/kernel_key.h   the declaration of the kernel template, one parameter per axis
+  hopper/instantiations/registry.inc   FLASH3_FWD_KERNEL(...) entries, one per linked key: hopper/api.cu
+                                       builds its kernel table, its head-dim rounding and its supported()
+                                       predicate from them (csrc/ reaches it through run_fwd)
+  hopper/instantiations/features.inc   FLASH3_FEATURE(name, built) for every feature name
+  flash_attn3/_build_config.py         the Python record of the build (written by setup.py via build_record)
+setup.py and build_standalone.sh both ask this file what to compile; CI checks that
+`python tools/kernels.py --check` finds the checked-in files identical to what it would generate.
 
 Environment switches (comma-separated; unset = everything):
   FLASH_ATTN3_DTYPES   e.g. "bf16" or "fp16,bf16"
@@ -15,27 +23,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INST_DIR = ROOT / "hopper" / "instantiations"
 
-# C++ element type of each dtype tag.
+# The element type and C enum of each dtype tag.
 CPP_ELEMENT = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
 CPP_DTYPE = {"fp16": "FLASH3_FLOAT16", "bf16": "FLASH3_BFLOAT16"}
-# Compiled head dims per dtype. A real head dim runs on the next compiled one (80 -> 96).
-HEAD_DIMS = {"fp16": (64, 96, 128), "bf16": (64, 96, 128)}
 
 
 @dataclass(frozen=True)
 class FwdKernel:
-    dtype: str
-    head_dim: int
+    """One kernel key: the compile-time axes, each with the C++ template parameter it becomes, in the order of
+    the template run_fwd_sm90<...> (declared from this list in instantiations/kernel_key.h and defined in
+    hopper/launch_fwd_sm90.h)."""
+
+    dtype: str = field(metadata={"cpp": "class Element"})  # of q, k, v
+    # compiled head dim of q and k; a smaller real one runs here (80 -> 96)
+    head_dim: int = field(metadata={"cpp": "int kHeadDim"})
+    head_dim_v: int = field(metadata={"cpp": "int kHeadDimV"})  # compiled head dim of v and out
 
     @property
     def name(self) -> str:
-        return f"fwd_{self.dtype}_hdim{self.head_dim}"
+        return f"fwd_{self.dtype}_hdim{self.head_dim}" + (f"_v{self.head_dim_v}" if self.head_dim_v != self.head_dim
+                                                          else "")
 
     @property
     def define(self) -> str:
@@ -46,9 +59,36 @@ class FwdKernel:
     def source(self) -> Path:
         return INST_DIR / f"{self.name}_sm90.cu"
 
+    def template_args(self) -> str:
+        """The C++ template arguments of this key, axis by axis."""
+        return ", ".join(str(v) if f.name != "dtype" else CPP_ELEMENT[v] for f, v in zip(fields(self), astuple(self)))
+
+
+AXES = tuple(f.name for f in fields(FwdKernel))
+
+# The kernels that exist. Head dims 64, 96 and 128 with dv = d, for both 16-bit dtypes.
+KERNELS = tuple(FwdKernel(dt, hd, hd) for dt in ("fp16", "bf16") for hd in (64, 96, 128))
+
+# Features beyond the kernel keys, and whether the kernels implement them. A feature that is False is refused
+# with NotImplementedError (Python) / FLASH3_NOT_COMPILED (C API) naming it.
+FEATURES = {
+    "varlen": True,
+    "gqa": True,
+    "causal": True,
+    "local": False,
+    "softcap": False,
+    "split_kv": False,
+    "paged_kv": False,
+    "append_kv": False,
+    "fp8": False,
+    "pack_gqa": False,
+    "kv_batch_idx": False,
+    "leftpad_k": False,
+}
+
 
 def all_kernels() -> list[FwdKernel]:
-    return [FwdKernel(dt, hd) for dt, hds in HEAD_DIMS.items() for hd in hds]
+    return list(KERNELS)
 
 
 def _env_list(name: str, env) -> list[str] | None:
@@ -60,17 +100,18 @@ def selected_kernels(env=os.environ) -> list[FwdKernel]:
     """The kernels to build under the current environment switches; raises on an unknown value."""
     dtypes = _env_list("FLASH_ATTN3_DTYPES", env)
     hdims = _env_list("FLASH_ATTN3_HDIMS", env)
+    known_dtypes = sorted({k.dtype for k in KERNELS})
+    known_hdims = sorted({k.head_dim for k in KERNELS})
     if dtypes:
-        bad = sorted(set(dtypes) - set(HEAD_DIMS))
+        bad = sorted(set(dtypes) - set(known_dtypes))
         if bad:
-            raise ValueError(f"FLASH_ATTN3_DTYPES: unknown dtype(s) {bad}; choose from {sorted(HEAD_DIMS)}")
+            raise ValueError(f"FLASH_ATTN3_DTYPES: unknown dtype(s) {bad}; choose from {known_dtypes}")
     if hdims:
-        known = sorted({h for hs in HEAD_DIMS.values() for h in hs})
-        bad = [h for h in hdims if not h.isdigit() or int(h) not in known]
+        bad = [h for h in hdims if not h.isdigit() or int(h) not in known_hdims]
         if bad:
-            raise ValueError(f"FLASH_ATTN3_HDIMS: unknown head dim(s) {bad}; choose from {known}")
+            raise ValueError(f"FLASH_ATTN3_HDIMS: unknown head dim(s) {bad}; choose from {known_hdims}")
     out = [
-        k for k in all_kernels()
+        k for k in KERNELS
         if (dtypes is None or k.dtype in dtypes) and (hdims is None or str(k.head_dim) in hdims)
     ]
     if not out:
@@ -78,36 +119,80 @@ def selected_kernels(env=os.environ) -> list[FwdKernel]:
     return out
 
 
+def build_record(built: bool, kernels) -> str:
+    """The text of flash_attn3/_build_config.py for an install that compiled `kernels` (none if not built)."""
+    return "\n".join([
+        '"""What this install compiled. Generated by setup.py from tools/kernels.py; do not edit."""',
+        f"CUDA_EXTENSION_BUILT = {built!r}",
+        f"AXES = {AXES!r}",
+        f"FWD_KERNELS = {[astuple(k) for k in kernels]!r}",
+        f"FEATURES = {({name: (on and built) for name, on in FEATURES.items()})!r}",
+        "",
+    ])
+
+
+GENERATED = "// Generated by tools/kernels.py from its kernel table; do not edit."
+
+
 def render(kernel: FwdKernel) -> str:
     return (
-        "// Generated by tools/kernels.py from its kernel list; do not edit.\n"
-        f"// Forward kernels for {kernel.dtype}, compiled head dim {kernel.head_dim}, both mask policies.\n"
+        f"{GENERATED}\n"
+        f"// Forward kernels for {', '.join(f'{a} {v}' for a, v in zip(AXES, astuple(kernel)))}; both mask policies.\n"
         '#include "../launch_fwd_sm90.h"\n\n'
         "namespace flash3 {\n"
-        f"template cudaError_t run_fwd_sm90<{CPP_ELEMENT[kernel.dtype]}, {kernel.head_dim}>("
-        "FwdParams const&, cudaStream_t);\n"
+        f"template cudaError_t run_fwd_sm90<{kernel.template_args()}>(FwdParams const&, cudaStream_t);\n"
         "}  // namespace flash3\n"
     )
 
 
+def render_kernel_key() -> str:
+    params = ", ".join(f.metadata["cpp"] for f in fields(FwdKernel))
+    return "\n".join([
+        GENERATED,
+        "// The forward kernel of one key: defined in hopper/launch_fwd_sm90.h, instantiated per key in",
+        "// <key>_sm90.cu, listed in registry.inc.",
+        "#pragma once",
+        "",
+        "#include <cuda_runtime_api.h>",
+        "",
+        '#include "../params.h"',
+        "",
+        "namespace flash3 {",
+        f"template <{params}>",
+        "cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream);",
+        "}  // namespace flash3",
+        "",
+    ])
+
+
 def render_registry() -> str:
-    """The dispatch table hopper/api.cu includes: one entry per kernel, present only if it was built."""
+    """One entry per kernel key, present only if the build defined its FLASH3_HAS_* switch."""
     lines = [
-        "// Generated by tools/kernels.py from its kernel list; do not edit.",
-        "// Included by hopper/api.cu with FLASH3_FWD_KERNEL(dtype enum, element type, compiled head dim)",
-        "// defined; each entry exists only when the build defined its FLASH3_HAS_* switch.",
+        GENERATED,
+        "// FLASH3_FWD_KERNEL(dtype enum, head_dim, head_dim_v, kernel function): included by hopper/api.cu",
+        "// with the macro defined.",
     ]
-    for k in all_kernels():
-        lines += [f"#ifdef {k.define}", f"FLASH3_FWD_KERNEL({CPP_DTYPE[k.dtype]}, {CPP_ELEMENT[k.dtype]}, {k.head_dim})",
+    for k in KERNELS:
+        lines += [f"#ifdef {k.define}",
+                  f"FLASH3_FWD_KERNEL({CPP_DTYPE[k.dtype]}, {k.head_dim}, {k.head_dim_v}, "
+                  f"(run_fwd_sm90<{k.template_args()}>))",
                   "#endif"]
+    return "\n".join(lines) + "\n"
+
+
+def render_features() -> str:
+    lines = [GENERATED, "// FLASH3_FEATURE(name, built): included by hopper/api.cu with the macro defined."]
+    lines += [f"FLASH3_FEATURE({name}, {'true' if on else 'false'})" for name, on in FEATURES.items()]
     return "\n".join(lines) + "\n"
 
 
 def generate(check: bool = False) -> int:
     INST_DIR.mkdir(parents=True, exist_ok=True)
-    wanted = {k.source: render(k) for k in all_kernels()}
+    wanted = {k.source: render(k) for k in KERNELS}
+    wanted[INST_DIR / "kernel_key.h"] = render_kernel_key()
     wanted[INST_DIR / "registry.inc"] = render_registry()
-    stale = [p for p in list(INST_DIR.glob("*.cu")) + list(INST_DIR.glob("*.inc")) if p not in wanted]
+    wanted[INST_DIR / "features.inc"] = render_features()
+    stale = [p for p in [*INST_DIR.glob("*.cu"), *INST_DIR.glob("*.inc"), *INST_DIR.glob("*.h")] if p not in wanted]
     changed = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if check:
         for p in changed + stale:
