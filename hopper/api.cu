@@ -194,12 +194,13 @@ int compiled_head_dim(DType dtype, int head_dim) {
 
 Status check_supported(FwdParams const& p) {
   auto missing = [](char const* what) { return fail(FLASH3_NOT_COMPILED, std::string(what) + " is not implemented yet"); };
-  if (p.dtype == FLASH3_FLOAT8_E4M3 && !kBuilt.fp8) { return missing("FP8 (float8_e4m3fn inputs)"); }
+  // Each message names the argument that asks for the feature.
+  if (p.dtype == FLASH3_FLOAT8_E4M3 && !kBuilt.fp8) { return missing("q/k/v dtype float8_e4m3fn (FP8)"); }
   if (p.softcap != 0.f && !kBuilt.softcap) { return missing("softcap"); }
-  if (is_local(p.mask) && !kBuilt.local) { return missing("local (sliding window) attention"); }
+  if (is_local(p.mask) && !kBuilt.local) { return missing("window_size (local attention)"); }
   if (is_causal(p.mask) && !kBuilt.causal) { return missing("causal attention"); }
-  if ((is_varlen_q(p) || is_varlen_k(p)) && !kBuilt.varlen) { return missing("varlen (cu_seqlens)"); }
-  if (p.num_heads != p.num_heads_k && !kBuilt.gqa) { return missing("GQA/MQA (num_heads != num_heads_k)"); }
+  if ((is_varlen_q(p) || is_varlen_k(p)) && !kBuilt.varlen) { return missing("cu_seqlens (varlen)"); }
+  if (p.num_heads != p.num_heads_k && !kBuilt.gqa) { return missing("num_heads != num_heads_k (GQA/MQA)"); }
   // An empty problem launches nothing, so it needs no kernel; the features above it still must exist, so
   // that an empty batch fails the same way a full one would.
   bool const empty = p.batch == 0 || p.q.rows == 0 || p.num_heads == 0;

@@ -55,8 +55,8 @@ struct PersistentScheduler {
     return {m, hb % num_heads, hb / num_heads};
   }
 
-  // The tile this CTA's producer warp takes after its current one (the whole warp calls it). Called before
-  // the current tile's loads are issued, so the atomic's round trip overlaps them.
+  // The tile this CTA's producer warp takes after `current` (the whole claimer warp calls it, one tile ahead
+  // of the producer, so the atomic's round trip overlaps the producer's loads).
   __device__ int claim_next_tile(int current) const {
     if (tile_counter != nullptr) {
       int claimed = 0;  // one lane claims; the others hold 0, so the max broadcasts the claim
