@@ -8,8 +8,16 @@ no call finds its inputs in L2. A case whose call takes under ~50 us is timed by
 those calls (launch overhead would otherwise dominate); longer ones are timed call by call with CUDA events.
 
 Grids: `paper` (b·s = 16k tokens, hidden 2048 so h = 2048/d, d in {64, 128, 256}, causal and not, s from 512
-to 16k), `headline` (bf16, d 128, b 2, s 8192, h 16, non-causal), `production` (the four cases of the
-standalone guide, run through the varlen API), `all`. A kernel that is not built prints "not built".
+to 16k, in the --dtype: bf16, fp16 or fp8), `headline` (d 128, b 2, s 8192, h 16: bf16 non-causal, fp8
+non-causal and causal; and fp8 d 256, b 1, s 16384, h 8 non-causal, the FP8 headline of the FA3 paper),
+`production` (the four cases of the standalone guide, run through the varlen API), `all` (paper in the
+--dtype, headline, production). A kernel that is not built prints "not built".
+
+FP8 rows: q, k, v are bfloat16 randn quantised to float8_e4m3fn, descales None (= 1), output bfloat16; the
+FLOPs are counted as for 16-bit (FA3's benchmark_flash_attention_fp8.py: 4·b·s²·h·d, halved when causal, the
+same number). Backends: flash_attn3 and FA3 on the same fp8 tensors; cuDNN only if torch SDPA's cuDNN
+backend accepts fp8 inputs (probed once; torch has not exposed cuDNN's fp8 attention so far, so it shows n/a);
+FA2 has no fp8 (n/a). The max|diff| column then compares flash_attn3 with FA3 ("fa3:" prefix; CSV note).
 
 Writes an aligned table to stdout, a CSV (default benchmarks/results/fwd_<date>_<device>.csv) and, with
 --plot, a PNG of the paper grid.
@@ -69,7 +77,12 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
                     h = PAPER_HIDDEN // d
                     cases.append(Case("paper", dtype, PAPER_TOKENS // s, s, s, h, h, d, causal))
     if grid in ("headline", "all"):
-        cases.append(Case("headline", "bf16", 2, 8192, 8192, 16, 16, 128, False))
+        cases += [
+            Case("headline", "bf16", 2, 8192, 8192, 16, 16, 128, False),
+            Case("headline", "fp8", 2, 8192, 8192, 16, 16, 128, False),
+            Case("headline", "fp8", 2, 8192, 8192, 16, 16, 128, True),
+            Case("headline", "fp8", 1, 16384, 16384, 8, 8, 256, False),
+        ]
     if grid in ("production", "all"):
         cases += [
             Case("production", "fp8", 3, 1680, 1680, 16, 16, 80, False, varlen=True),
@@ -118,10 +131,31 @@ def make_backends(torch):
                 qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
         return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal)
 
+    fp8_probe = {}  # backend -> None (SDPA ran fp8 inputs) or the reason it did not
+
+    def sdpa_fp8_unsupported(backend):
+        """Whether torch SDPA's `backend` takes float8_e4m3fn inputs, from one tiny call (cached)."""
+        if backend not in fp8_probe:
+            x = torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+            try:
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(x, x, x)
+                torch.cuda.synchronize()
+                fp8_probe[backend] = None
+            except Exception as e:
+                torch.cuda.synchronize()
+                msg = re.sub(r"\s+", " ", str(e)).strip()
+                fp8_probe[backend] = f"torch SDPA takes no fp8 ({type(e).__name__}: {msg[:60]})"
+        return fp8_probe[backend]
+
     def sdpa(backend):
         def factory(case, q, k, v, cu_q, cu_k):
             if case.dtype == "fp8":
-                raise Unsupported("no fp8 in torch SDPA")
+                if backend != SDPBackend.CUDNN_ATTENTION:
+                    raise Unsupported("no fp8 in FlashAttention-2")
+                reason = sdpa_fp8_unsupported(backend)
+                if reason is not None:
+                    raise Unsupported(reason)
             # SDPA wants (b, h, s, d): transposed views, no copies. Its is_causal is top-left aligned; FA's is
             # bottom-right, which for one query row (decode) means no mask, and otherwise needs a bias.
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -195,7 +229,8 @@ def time_graph(torch, fns, iters: int) -> float:
 
 
 def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
-    """Returns {backend: (status, ms, tflops, note)} and the max |flash_attn3 - SDPA| if both ran."""
+    """Returns {backend: (status, ms, tflops, note)}, the max |flash_attn3 - reference| if both ran, and the
+    reference's name: SDPA (cuDNN, else FA2), or for fp8 rows without an SDPA result, FA3."""
     device = torch.device("cuda")
     elem = 1 if case.dtype == "fp8" else 2
     set_bytes = elem * case.head_dim * (2 * case.batch * case.seqlen_q * case.heads
@@ -235,14 +270,17 @@ def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
             msg = re.sub(r"\s+", " ", str(e)).strip()
             results[name] = ("error", None, None, f"{type(e).__name__}: {msg[:100]}")
             torch.cuda.synchronize()
-    diff = None
+    diff, diff_ref = None, None
     ours = outputs.get("flash_attn3")
     ref = outputs.get("cudnn", outputs.get("fa2"))
+    if ref is not None:
+        ref, diff_ref = ref.transpose(1, 2), "sdpa"  # back to (b, s, h, d)
+    elif case.dtype == "fp8" and outputs.get("fa3") is not None:
+        ref, diff_ref = outputs["fa3"], "fa3"  # FA3's layout is ours: (b, s, h, d) or packed (b·s, h, d)
     if ours is not None and ref is not None:
-        ref = ref.transpose(1, 2)  # back to (b, s, h, d)
         diff = (ours.float().reshape(ref.shape) - ref.float()).abs().max().item()
     del sets, outputs
-    return results, diff
+    return results, diff, diff_ref
 
 
 def device_tag(torch) -> str:
@@ -303,7 +341,8 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=("paper", "headline", "production", "all"), default="all")
-    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="dtype of the paper grid")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
+                    help="dtype of the paper grid (fp8: float8_e4m3fn inputs, bfloat16 output)")
     ap.add_argument("--hdim", help="comma-separated head dims to keep, e.g. 64,128 (default: all)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
@@ -353,7 +392,8 @@ def main() -> int:
     print("-" * len(head))
     rows = []
     for case in cases:
-        results, diff = bench_case(torch, case, backends, iters, l2_bytes)
+        results, diff, diff_ref = bench_case(torch, case, backends, iters, l2_bytes)
+        fa3_diff = f"max|diff| vs fa3 {diff:.3e}" if diff is not None and diff_ref == "fa3" else ""
         cells = []
         for name in backends:
             status, ms, tflops, note = results[name]
@@ -363,10 +403,12 @@ def main() -> int:
                          "heads_k": case.heads_k, "head_dim": case.head_dim, "causal": str(case.causal),
                          "varlen": str(case.varlen), "backend": name, "status": status,
                          "ms": f"{ms:.5f}" if ms is not None else "", "tflops": f"{tflops:.2f}" if tflops else "",
-                         "max_diff_vs_sdpa": f"{diff:.3e}" if diff is not None and name == "flash_attn3" else "",
-                         "note": note, "torch": torch.__version__})
-        print(f"{case.label:<{width}}" + "".join(f" | {c:>20}" for c in cells)
-              + f" | {'' if diff is None else f'{diff:.1e}'}", flush=True)
+                         "max_diff_vs_sdpa": (f"{diff:.3e}" if diff is not None and diff_ref == "sdpa"
+                                              and name == "flash_attn3" else ""),
+                         "note": "; ".join(x for x in (note, fa3_diff if name == "flash_attn3" else "") if x),
+                         "torch": torch.__version__})
+        shown = "" if diff is None else (f"{diff:.1e}" if diff_ref == "sdpa" else f"{diff_ref}:{diff:.1e}")
+        print(f"{case.label:<{width}}" + "".join(f" | {c:>20}" for c in cells) + f" | {shown}", flush=True)
         for name in backends:
             status, _, _, note = results[name]
             if status in ("error",):

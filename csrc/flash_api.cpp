@@ -17,6 +17,7 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -138,6 +139,23 @@ flash3::Operand operand(at::Tensor const& t) {
   return op;
 }
 
+// An FP8 dequantisation scale: float32 (batch, num_heads_k) on q's device, any strides; absent = 1.
+flash3_descale descale(OptTensor const& t, char const* name, int64_t batch, int64_t num_heads_k, bool is_fp8,
+                       at::Tensor const& q) {
+  flash3_descale d;
+  if (!t.has_value()) { return d; }
+  TORCH_CHECK(is_fp8, "flash_attn3 fwd: ", name, " is only valid with float8_e4m3fn inputs, got ", q.scalar_type());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "flash_attn3 fwd: ", name, " must be float32, got ", t->scalar_type());
+  check_same_device(*t, name, q);
+  check_shape(*t, name, {batch, num_heads_k});
+  d.ptr = t->data_ptr<float>();
+  d.batch_stride = t->stride(0);
+  d.head_stride = t->stride(1);
+  TORCH_CHECK(d.batch_stride >= 0 && d.head_stride >= 0, "flash_attn3 fwd: ", name, " must have strides >= 0, got ",
+              t->strides());
+  return d;
+}
+
 flash3::DType to_dtype(at::ScalarType t) {
   if (t == at::kHalf) return FLASH3_FLOAT16;
   if (t == at::kBFloat16) return FLASH3_BFLOAT16;
@@ -195,8 +213,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   not_implemented_if(page_table.has_value(), "paged KV (page_table)");
   not_implemented_if(kv_batch_idx.has_value(), "kv_batch_idx");
   not_implemented_if(leftpad_k.has_value(), "leftpad_k");
-  not_implemented_if(q_descale.has_value() || k_descale.has_value() || v_descale.has_value(),
-                     "float8 descales (q/k/v_descale)");
   not_implemented_if(num_splits > 1, "split-KV (num_splits > 1)");
   // What FwdParams can express (dtype, head dims, softcap, windows) is judged by flash3::check_supported,
   // through run_fwd below: the kernel table is the one record of what was built.
@@ -304,6 +320,9 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.softmax_scale = static_cast<float>(softmax_scale);
   params.softcap = static_cast<float>(softcap);
   params.num_sms = dev.num_sms - static_cast<int>(sm_margin);
+  params.fp8.q = descale(q_descale, "q_descale", batch, num_heads_k, is_fp8, q);
+  params.fp8.k = descale(k_descale, "k_descale", batch, num_heads_k, is_fp8, q);
+  params.fp8.v = descale(v_descale, "v_descale", batch, num_heads_k, is_fp8, q);
   // pack_gqa has no field: the kernel's heuristic decides packing. It is validated above so the schema keeps
   // FA3's meaning and a later override can use it without changing callers.
 
@@ -323,6 +342,16 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   if (flash3::is_causal(params.mask) || varlen_q || varlen_k) {
     tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
     params.tile_counter = tile_counter.data_ptr<int32_t>();
+  }
+
+  // FP8: the transposed copy of V (hopper/fp8_vt.h) in memory from torch's caching allocator, so the call
+  // stays stream-ordered and capturable.
+  at::Tensor workspace;
+  if (int64_t const bytes = flash3_fwd_workspace_size(&params); bytes > 0) {
+    workspace = at::empty({bytes + 256}, q.options().dtype(at::kByte));
+    uintptr_t const base = reinterpret_cast<uintptr_t>(workspace.data_ptr());
+    params.workspace = reinterpret_cast<void*>((base + 255) / 256 * 256);
+    params.workspace_bytes = bytes;
   }
 
   cudaError_t cuda_err = cudaSuccess;

@@ -7,6 +7,7 @@
 
 #include <cutlass/numeric_types.h>
 
+#include "fp8_vt.h"
 #include "instantiations/kernel_key.h"
 
 #include <cmath>
@@ -132,6 +133,11 @@ Status validate(FwdParams const& p) {
     return fail(FLASH3_INVALID_ARGUMENT, "num_heads: must be a positive multiple of num_heads_k, got " +
                                              str(p.num_heads) + " and " + str(p.num_heads_k));
   }
+  if (p.dtype == FLASH3_FLOAT8_E4M3 && (p.head_dim % 16 != 0 || p.head_dim_v % 16 != 0)) {
+    // The transposed V copy moves 16-byte rows (fp8_vt.h); FA3 has the same rule for FP8.
+    return fail(FLASH3_INVALID_ARGUMENT, "head_dim, head_dim_v: must be multiples of 16 for float8_e4m3fn inputs, got " +
+                                             str(p.head_dim) + " and " + str(p.head_dim_v));
+  }
   if (p.batch < 0) { return fail(FLASH3_INVALID_ARGUMENT, "batch: must be >= 0, got " + str(p.batch)); }
   if (p.num_sms < 0) { return fail(FLASH3_INVALID_ARGUMENT, "num_sms: must be >= 0 (0 = all), got " + str(p.num_sms)); }
   for (auto [name, op] : {std::pair{"q", &p.q}, std::pair{"k", &p.k}, std::pair{"v", &p.v}, std::pair{"out", &p.out}}) {
@@ -164,6 +170,20 @@ Status validate(FwdParams const& p) {
   }
   if (p.lse.head_stride < 0 || (!is_varlen_q(p) && p.lse.batch_stride < 0)) {
     return fail(FLASH3_INVALID_ARGUMENT, "lse: strides must be >= 0");
+  }
+  if (p.dtype == FLASH3_FLOAT8_E4M3) {
+    for (auto [name, d] : {std::pair{"fp8.q", &p.fp8.q}, std::pair{"fp8.k", &p.fp8.k}, std::pair{"fp8.v", &p.fp8.v}}) {
+      if (d->ptr == nullptr) { continue; }  // NULL = 1
+      if (reinterpret_cast<uintptr_t>(d->ptr) % alignof(float) != 0 || d->batch_stride < 0 || d->head_stride < 0) {
+        return fail(FLASH3_INVALID_ARGUMENT, std::string(name) + ": a (batch, num_heads_k) float32 descale needs a "
+                                             "4-byte aligned pointer and strides >= 0");
+      }
+    }
+    int64_t const need = fwd_workspace_bytes(p);
+    if (p.workspace != nullptr && (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0 || p.workspace_bytes < need)) {
+      return fail(FLASH3_INVALID_ARGUMENT, "workspace: must be 256-byte aligned with at least " + str(need) +
+                                               " bytes (flash3_fwd_workspace_size), got " + str(p.workspace_bytes));
+    }
   }
   return FLASH3_SUCCESS;
 }
@@ -236,6 +256,16 @@ Status run_fwd(FwdParams const& p, cudaStream_t stream, cudaError_t* cuda_error)
   if (p.k.rows == 0) {
     fill_empty_rows<<<256, 256, 0, stream>>>(p);
     err = cudaGetLastError();
+  } else if (int64_t const need = fwd_workspace_bytes(p); need > 0 && p.workspace == nullptr) {
+    // No workspace given: a stream-ordered one for this call (capturable in a CUDA graph as well).
+    FwdParams q = p;
+    err = cudaMallocAsync(&q.workspace, size_t(need), stream);
+    if (err == cudaSuccess) {
+      q.workspace_bytes = need;
+      err = find_kernel(p.dtype, p.head_dim, p.head_dim_v)->run(q, stream);
+      cudaError_t const freed = cudaFreeAsync(q.workspace, stream);
+      if (err == cudaSuccess) { err = freed; }
+    }
   } else {
     err = find_kernel(p.dtype, p.head_dim, p.head_dim_v)->run(p, stream);
   }
@@ -264,6 +294,10 @@ flash3_status flash3_fwd(flash3_fwd_params const* params, cudaStream_t stream) {
 }
 
 int flash3_compiled_head_dim(flash3_dtype dtype, int head_dim) { return flash3::compiled_head_dim(dtype, head_dim); }
+
+int64_t flash3_fwd_workspace_size(flash3_fwd_params const* params) {
+  return params == nullptr ? 0 : flash3::fwd_workspace_bytes(*params);
+}
 
 char const* flash3_status_string(flash3_status status) { return flash3::status_string(status); }
 

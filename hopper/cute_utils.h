@@ -59,6 +59,44 @@ __host__ __device__ constexpr auto acc_as_operand_a(Layout const& l) {
                      coalesce(make_layout(get<2, 1>(v), get<2>(l))));
 }
 
+// The register A operand of an FP8 P V WGMMA for a key block of kBlockN: per 32-key K slice a thread holds
+// 16 values, (4 consecutive K, 2 rows 8 apart, 2 halves of 16 K), compact; slices follow each other.
+template <int kBlockN>
+__host__ __device__ constexpr auto fp8_operand_a_layout() {
+  return make_layout(Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>{});
+}
+
+// FP8 P from the fp32 S accumulator, without moving data between threads. Per 32 keys the accumulator gives
+// a thread, per row i, the column pairs (2q, 2q+1) of the 8-column groups j = 0..3 (storage c + 2i + 4j);
+// the 8-bit A operand wants per row and 16-key half h four consecutive K positions in one register. So the
+// register of (row i, half h) takes the pairs of groups 2h and 2h + 1: K position 16h + 4q + e then holds
+// key 16h + 8 (e / 2) + 2q + e % 2, the order in which fp8_vt.h stores V's keys (key_of_position).
+template <class TensorS, class TensorP>
+__device__ __forceinline__ void scores_to_fp8_operand(TensorS const& s, TensorP& p) {
+  using Fp8 = typename TensorP::value_type;
+  constexpr int kSlices = decltype(size(s))::value / 16;
+  static_assert(decltype(size(p))::value == 16 * kSlices);
+  cutlass::NumericArrayConverter<Fp8, float, 4> convert;
+  float const* in = raw_pointer_cast(s.data());
+  auto* out = reinterpret_cast<cutlass::Array<Fp8, 4>*>(raw_pointer_cast(p.data()));
+  CUTLASS_PRAGMA_UNROLL
+  for (int slice = 0; slice < kSlices; ++slice) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        int const j = 4 * slice + 2 * h;  // the first of the two 8-column groups
+        cutlass::Array<float, 4> four;
+        four[0] = in[2 * i + 4 * j];
+        four[1] = in[1 + 2 * i + 4 * j];
+        four[2] = in[2 * i + 4 * (j + 1)];
+        four[3] = in[1 + 2 * i + 4 * (j + 1)];
+        out[i + 2 * h + 4 * slice] = convert(four);
+      }
+    }
+  }
+}
+
 // Converts a register fragment elementwise into an existing fragment of the same size (no second copy
 // stays live, which matters for register pressure inside the mainloop).
 template <class EngineSrc, class LayoutSrc, class EngineDst, class LayoutDst>

@@ -12,8 +12,7 @@ namespace {
 // The first argument, among those of features not built, that a caller set; nullptr if none.
 char const* unbuilt_feature(void const* k_new, void const* v_new, void const* q_v, void const* cu_seqlens_k_new,
                             void const* page_table, void const* kv_batch_idx, void const* leftpad_k,
-                            void const* rotary_cos, void const* rotary_sin, void const* q_descale,
-                            void const* k_descale, void const* v_descale, int attention_chunk, float softcap,
+                            void const* rotary_cos, void const* rotary_sin, int attention_chunk, float softcap,
                             int num_splits, void const* out_accum, void const* softmax_lse_accum) {
   if (k_new || v_new || cu_seqlens_k_new) return "k_new/v_new: appending new keys and values is not implemented yet";
   if (q_v) return "q_v: is not implemented yet";
@@ -21,7 +20,6 @@ char const* unbuilt_feature(void const* k_new, void const* v_new, void const* q_
   if (kv_batch_idx) return "kv_batch_idx: is not implemented yet";
   if (leftpad_k) return "leftpad_k: is not implemented yet";
   if (rotary_cos || rotary_sin) return "rotary_cos/rotary_sin: rotary embedding is not implemented yet";
-  if (q_descale || k_descale || v_descale) return "q/k/v_descale: FP8 forward kernels are not built yet";
   if (attention_chunk != 0) return "attention_chunk: chunked attention is not implemented yet";
   if (softcap != 0.f) return "softcap: is not implemented yet";
   if (num_splits > 1 || out_accum || softmax_lse_accum) return "num_splits > 1: split-KV is not implemented yet";
@@ -44,14 +42,14 @@ extern "C" flash3_status mha_fwd_standalone(
     int64_t /*k_new_batch_stride*/, int64_t /*k_new_row_stride*/, int64_t /*k_new_head_stride*/,
     int64_t /*v_new_batch_stride*/, int64_t /*v_new_row_stride*/, int64_t /*v_new_head_stride*/,
     int64_t /*q_v_batch_stride*/, int64_t /*q_v_row_stride*/, int64_t /*q_v_head_stride*/,
-    int64_t /*page_table_batch_stride*/, int64_t /*q_descale_batch_stride*/, int64_t /*q_descale_head_stride*/,
-    int64_t /*k_descale_batch_stride*/, int64_t /*k_descale_head_stride*/, int64_t /*v_descale_batch_stride*/,
-    int64_t /*v_descale_head_stride*/, float softmax_scale, bool is_causal, int window_size_left,
+    int64_t /*page_table_batch_stride*/, int64_t q_descale_batch_stride, int64_t q_descale_head_stride,
+    int64_t k_descale_batch_stride, int64_t k_descale_head_stride, int64_t v_descale_batch_stride,
+    int64_t v_descale_head_stride, float softmax_scale, bool is_causal, int window_size_left,
     int window_size_right, int attention_chunk, float softcap, bool /*is_rotary_interleaved*/, int num_splits,
     int /*pack_gqa*/, int sm_margin, void* softmax_lse, void* out_accum, void* softmax_lse_accum,
     cudaStream_t stream) {
   if (char const* what = unbuilt_feature(k_new, v_new, q_v, cu_seqlens_k_new, page_table, kv_batch_idx, leftpad_k,
-                                         rotary_cos, rotary_sin, q_descale, k_descale, v_descale, attention_chunk,
+                                         rotary_cos, rotary_sin, attention_chunk,
                                          softcap, num_splits, out_accum, softmax_lse_accum)) {
     return flash3::report_failure(FLASH3_NOT_COMPILED, what);
   }
@@ -83,6 +81,13 @@ extern "C" flash3_status mha_fwd_standalone(
   p.varlen.max_seqlen_k = max_seqlen_k;
   p.mask.window_left = window_size_left < 0 ? -1 : window_size_left;
   p.mask.window_right = is_causal ? 0 : (window_size_right < 0 ? -1 : window_size_right);
+  if ((q_descale || k_descale || v_descale) && !is_e4m3) {
+    return flash3::report_failure(FLASH3_INVALID_ARGUMENT, "q/k/v_descale: only valid with is_e4m3 inputs");
+  }
+  // float32 (batch, num_heads_k) with the given element strides; NULL = 1.
+  p.fp8.q = {static_cast<float const*>(q_descale), q_descale_batch_stride, q_descale_head_stride};
+  p.fp8.k = {static_cast<float const*>(k_descale), k_descale_batch_stride, k_descale_head_stride};
+  p.fp8.v = {static_cast<float const*>(v_descale), v_descale_batch_stride, v_descale_head_stride};
   p.softmax_scale = softmax_scale < 0.f ? 1.f / std::sqrt(float(head_size)) : softmax_scale;
 
   int device = 0, sms = 0;

@@ -28,6 +28,9 @@ flash3_fwd_params flash3_fwd_params_default(void);
 /* Checks `params` and runs the forward pass on `stream`. */
 flash3_status flash3_fwd(flash3_fwd_params const* params, cudaStream_t stream);
 
+/* Bytes of device workspace the call described by `params` needs (params.workspace; 0 for 16-bit inputs).
+ * FP8 calls stage V transposed there; without one they take it from cudaMallocAsync on the call's stream. */
+int64_t flash3_fwd_workspace_size(flash3_fwd_params const* params);
 /* The compiled head dim that serves `head_dim` (the next compiled one), or 0 if none was built. */
 int flash3_compiled_head_dim(flash3_dtype dtype, int head_dim);
 

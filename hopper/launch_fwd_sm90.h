@@ -10,6 +10,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "epilogue_fwd_sm90.h"
+#include "fp8_vt.h"
 #include "instantiations/kernel_key.h"
 #include "kernel_fwd_sm90.h"
 #include "mainloop_fwd_sm90.h"
@@ -21,9 +22,11 @@ namespace flash3 {
 template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   static_assert(kHeadDimV == kHeadDim, "kernels with a v head dim unlike q's are not written yet");
-  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal>;
+  constexpr bool kFp8 = sizeof(Element) == 1;
+  using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;  // FP8 in, BF16 out (FA3)
+  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal, int(sizeof(Element))>;
   using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask>;
-  using Epilogue = EpilogueFwdSm90<Element, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
+  using Epilogue = EpilogueFwdSm90<ElementOut, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
                                    typename Mainloop::TiledMmaPV>;
   using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
 
@@ -34,23 +37,12 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   typename Mainloop::Arguments mainloop_args;
   mainloop_args.q = static_cast<Element const*>(p.q.ptr);
   mainloop_args.k = static_cast<Element const*>(p.k.ptr);
-  mainloop_args.v = static_cast<Element const*>(p.v.ptr);
   mainloop_args.shape_q = make_shape(p.q.rows, p.head_dim, p.num_heads, varlen_q ? 1 : p.batch);
   mainloop_args.stride_q = make_stride(p.q.row_stride, _1{}, p.q.head_stride, varlen_q ? int64_t(0) : p.q.batch_stride);
   mainloop_args.shape_kv = make_shape(p.k.rows, p.head_dim, p.num_heads_k, varlen_k ? 1 : p.batch);
   mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
-  mainloop_args.stride_v = make_stride(p.v.row_stride, _1{}, p.v.head_stride, varlen_k ? int64_t(0) : p.v.batch_stride);
   mainloop_args.softmax_scale = p.softmax_scale;
-
-  typename Epilogue::Arguments epilogue_args;
-  epilogue_args.out = static_cast<Element*>(p.out.ptr);
-  epilogue_args.out_batch_stride = p.out.batch_stride;
-  epilogue_args.out_row_stride = p.out.row_stride;
-  epilogue_args.out_head_stride = p.out.head_stride;
-  epilogue_args.lse = p.lse.ptr;
-  epilogue_args.lse_batch_stride = p.lse.batch_stride;
-  epilogue_args.lse_head_stride = p.lse.head_stride;
-  epilogue_args.head_dim_v = p.head_dim_v;
+  mainloop_args.descale = p.fp8;
 
   SeqlenArgs seqlen_args;
   seqlen_args.cu_seqlens_q = p.varlen.cu_seqlens_q;
@@ -59,6 +51,32 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   seqlen_args.seqused_k = p.varlen.seqused_k;
   seqlen_args.rows_q = p.q.rows;
   seqlen_args.rows_k = p.k.rows;
+
+  if constexpr (kFp8) {
+    // V transposed into the workspace first (fp8_vt.h); the kernel reads that copy, same stream.
+    VtLayout const vt = vt_layout(p);
+    cudaError_t const err = launch_transpose_v_fp8(p, seqlen_args, p.workspace, stream);
+    if (err != cudaSuccess) { return err; }
+    mainloop_args.v_read = static_cast<Element const*>(p.workspace);
+    mainloop_args.shape_v = make_shape(p.head_dim_v, int32_t(vt.cols), p.num_heads_k, vt.batches);
+    mainloop_args.stride_v = make_stride(vt.cols, _1{}, vt.head_stride(), vt.batches > 1 ? vt.batch_stride() : int64_t(0));
+    mainloop_args.v_packed = varlen_k;
+  } else {
+    mainloop_args.v_read = static_cast<Element const*>(p.v.ptr);
+    mainloop_args.shape_v = mainloop_args.shape_kv;
+    mainloop_args.stride_v = make_stride(p.v.row_stride, _1{}, p.v.head_stride, varlen_k ? int64_t(0) : p.v.batch_stride);
+    mainloop_args.v_packed = false;
+  }
+
+  typename Epilogue::Arguments epilogue_args;
+  epilogue_args.out = static_cast<ElementOut*>(p.out.ptr);
+  epilogue_args.out_batch_stride = p.out.batch_stride;
+  epilogue_args.out_row_stride = p.out.row_stride;
+  epilogue_args.out_head_stride = p.out.head_stride;
+  epilogue_args.lse = p.lse.ptr;
+  epilogue_args.lse_batch_stride = p.lse.batch_stride;
+  epilogue_args.lse_head_stride = p.lse.head_stride;
+  epilogue_args.head_dim_v = p.head_dim_v;
 
   int const num_m_blocks = (max_seqlen_q(p) + Config::kBlockM - 1) / Config::kBlockM;
   // K + V of one (head, batch): what a causal L2 section keeps cached. A quarter of H100's 50 MB L2 leaves

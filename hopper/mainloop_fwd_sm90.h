@@ -15,6 +15,7 @@
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
 
 #include "cute_utils.h"
+#include "fp8_vt.h"
 #include "mask.h"
 #include "named_barrier.h"
 #include "pipeline.h"
@@ -28,9 +29,12 @@ namespace flash3 {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
-          class Score_ = ScaledScores>
+          class Score_ = ScaledScores<sizeof(Element_) == 1>>
 struct MainloopFwdSm90 {
   using Element = Element_;
+  // FP8 (e4m3): both WGMMA operands must be K-major, so P V reads V transposed (fp8_vt.h), P is reordered
+  // into the 8-bit A operand, and the softmax keeps 8 bits of headroom so P uses e4m3's range.
+  static constexpr bool kFp8 = sizeof(Element) == 1;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -56,10 +60,12 @@ struct MainloopFwdSm90 {
   using WarpGroupLayout = Layout<Shape<Int<kNumConsumerWarpGroups>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(),
                                              WarpGroupLayout{}));
-  // P (A) from registers, K-major; V (B) is row-major (keys, d) in smem, i.e. MN-major for this GEMM.
+  // P (A) from registers, K-major. V (B): 16-bit, row-major (keys, d) in smem, i.e. MN-major for this GEMM;
+  // FP8, the transposed copy (d, keys), K-major.
+  static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
   using TiledMmaPV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, GMMA::Major::MN>(),
-      WarpGroupLayout{}));
+      GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, kMajorV>(), WarpGroupLayout{}));
+  static_assert(!kFp8 || (kHeadDim % 32 == 0 && kBlockN % 32 == 0), "FP8 WGMMA has K = 32");
 
   using SmemLayoutQ = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>(),
@@ -67,15 +73,22 @@ struct MainloopFwdSm90 {
   using SmemLayoutKV = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>(),
       Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V seen as the B operand of P V: (d, keys, stage), the same bytes as SmemLayoutKV.
-  using SmemLayoutVt = decltype(composition(
+  // V as the B operand of P V: (d, keys, stage). 16-bit: the same bytes as SmemLayoutKV (V as loaded);
+  // FP8: its own K-major layout, filled by TMA from the transposed copy.
+  using SmemLayoutVtFp8 = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kHeadDim>, Int<kBlockN>>(),
+      Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+  using SmemLayoutVt16 = decltype(composition(
       SmemLayoutKV{},
       make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutVt = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutVt16>;
+  // What the V TMA writes: (keys, d, stage) for 16-bit, (d, keys, stage) for FP8.
+  using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutKV>;
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutVLoad>> v;
   };
 
   using Pipeline = TmaPipeline<kStages>;
@@ -92,6 +105,10 @@ struct MainloopFwdSm90 {
                                       select<0, 2>(TileShapeQK{}), _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
                                        select<1, 2>(TileShapeQK{}), _1{}));
+  // The tile of V one stage holds, in the order of SmemLayoutVLoad: (N, d) or, FP8, (d, N).
+  using TileShapeVLoad = std::conditional_t<kFp8, Shape<Int<kHeadDim>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDim>>>;
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{},
+                                      _1{}));
 
   struct Arguments {
     Element const* q;
@@ -101,16 +118,24 @@ struct MainloopFwdSm90 {
     StrideQKV stride_q;
     ShapeQKV shape_kv;  // (rows, head_dim, num_heads_k, batch)
     StrideQKV stride_k;
+    // V as the kernel reads it: 16-bit, the caller's (rows, d, head, batch); FP8, the transposed copy
+    // (d, cols, head, batch entry) with cols contiguous (fp8_vt.h).
+    Element const* v_read;
+    ShapeQKV shape_v;
     StrideQKV stride_v;
+    bool v_packed;  // FP8: the copy of a packed K (its sequences start at VtLayout::first_column)
     float softmax_scale;
+    flash3_fp8 descale;
   };
 
   struct Params {
     TmaQ tma_q;
     TmaKV tma_k;
-    TmaKV tma_v;
+    TmaV tma_v;
     ShapeQKV shape_q;
     ShapeQKV shape_kv;
+    ShapeQKV shape_v;
+    bool v_packed;
     int head_ratio;  // num_heads / num_heads_k: q heads sharing one kv head
     typename Score::Params score;
   };
@@ -118,14 +143,16 @@ struct MainloopFwdSm90 {
   static Params to_params(Arguments const& a) {
     Tensor mQ = make_tensor(make_gmem_ptr(a.q), a.shape_q, a.stride_q);
     Tensor mK = make_tensor(make_gmem_ptr(a.k), a.shape_kv, a.stride_k);
-    Tensor mV = make_tensor(make_gmem_ptr(a.v), a.shape_kv, a.stride_v);
+    Tensor mV = make_tensor(make_gmem_ptr(a.v_read), a.shape_v, a.stride_v);
     Params p{make_tma_copy(SM90_TMA_LOAD{}, mQ, SmemLayoutQ{}, select<0, 2>(TileShapeQK{}), _1{}),
              make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(SmemLayoutKV{}), select<1, 2>(TileShapeQK{}), _1{}),
-             make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(SmemLayoutKV{}), select<1, 2>(TileShapeQK{}), _1{}),
+             make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{}, _1{}),
              a.shape_q,
              a.shape_kv,
+             a.shape_v,
+             a.v_packed,
              get<2>(a.shape_q) / get<2>(a.shape_kv),
-             Score::to_params(a.softmax_scale)};
+             Score::to_params(a.softmax_scale, a.descale)};
     return p;
   }
 
@@ -142,18 +169,27 @@ struct MainloopFwdSm90 {
                        SeqlenInfo const& seqlen, BlockRange const& range, bool wait_q_free) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
-    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});   // (N, d, PIPE)
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVLoad{});  // (N, d, PIPE) | FP8 (d, N, PIPE)
 
     int const head_k = tile.head / p.head_ratio;
     Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
                               p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, seqlen.batch_q));
     Tensor mK = domain_offset(make_coord(seqlen.offset_k, _0{}),
                               p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, seqlen.batch_k));
-    Tensor mV = domain_offset(make_coord(seqlen.offset_k, _0{}),
-                              p.tma_v.get_tma_tensor(p.shape_kv)(_, _, head_k, seqlen.batch_k));
+    auto v_start = [&] {
+      if constexpr (kFp8) {
+        return make_coord(_0{}, int(VtLayout::first_column(p.v_packed, tile.batch, seqlen.offset_k)));
+      } else {
+        return make_coord(seqlen.offset_k, _0{});
+      }
+    };
+    Tensor mV = domain_offset(v_start(), p.tma_v.get_tma_tensor(p.shape_v)(_, _, head_k, seqlen.batch_k));
     Tensor gQ = local_tile(mQ, select<0, 2>(TileShapeQK{}), make_coord(tile.m_block, _0{}));  // (M, d)
     Tensor gK = local_tile(mK, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
-    Tensor gV = local_tile(mV, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
+    auto v_block = [&] {
+      if constexpr (kFp8) { return make_coord(_0{}, _); } else { return make_coord(_, _0{}); }
+    };
+    Tensor gV = local_tile(mV, TileShapeVLoad{}, v_block());  // (N, d, n) | FP8 (d, N, n)
 
     auto cta_q = p.tma_q.get_slice(_0{});
     auto cta_k = p.tma_k.get_slice(_0{});
@@ -188,6 +224,9 @@ struct MainloopFwdSm90 {
       state_v.advance();
     };
     load_k(range.end - 1);
+    // Not unrolled: issuing is cheap, and the unrolled loop's extra counters do not fit the producer's 24
+    // registers (the FP8 kernels spilled one).
+#pragma unroll 1
     for (int n = range.end - 2; n >= range.begin; --n) {
       load_k(n);
       load_v(n + 1);
@@ -198,14 +237,28 @@ struct MainloopFwdSm90 {
   // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next
   // sequence, unused seqused_k rows, or NaN poison); P is 0 there but 0 * NaN is NaN, so those rows are
   // zeroed in shared memory before any warpgroup's P V GEMM reads them.
+  // FP8: the same for the key columns of the transposed tile, from the sequence's last group of 16 on (the
+  // copy zeroed the keys past the end inside that group).
   __device__ void zero_v_tail(SharedStorage& smem, int stage, int first_row, int thread_idx) const {
-    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // (N, d, PIPE)
-    constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
-    int const num_chunks = (kBlockN - first_row) * kChunksPerRow;
-    for (int i = thread_idx; i < num_chunks; i += kNumMmaThreads) {
-      int const row = first_row + i / kChunksPerRow;
-      int const col = (i % kChunksPerRow) * 8;
-      *reinterpret_cast<uint4*>(&sV(row, col, stage)) = make_uint4(0, 0, 0, 0);
+    if constexpr (kFp8) {
+      Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVtFp8{});  // (d, N, PIPE)
+      constexpr int kChunksPerRow = kBlockN / 16;
+      int const first_chunk = (first_row + 15) / 16;
+      int const chunks = kChunksPerRow - first_chunk;
+      for (int i = thread_idx; i < chunks * kHeadDim; i += kNumMmaThreads) {
+        int const d = i / chunks;
+        int const col = (first_chunk + i % chunks) * 16;
+        *reinterpret_cast<uint4*>(&sVt(d, col, stage)) = make_uint4(0, 0, 0, 0);
+      }
+    } else {
+      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // (N, d, PIPE)
+      constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
+      int const num_chunks = (kBlockN - first_row) * kChunksPerRow;
+      for (int i = thread_idx; i < num_chunks; i += kNumMmaThreads) {
+        int const row = first_row + i / kChunksPerRow;
+        int const col = (i % kChunksPerRow) * 8;
+        *reinterpret_cast<uint4*>(&sV(row, col, stage)) = make_uint4(0, 0, 0, 0);
+      }
     }
     cutlass::arch::fence_view_async_shared();  // make the generic-proxy stores visible to WGMMA
     named_barrier_sync<kNumMmaThreads>(FwdBarrier::VTailZeroed);
@@ -251,7 +304,7 @@ struct MainloopFwdSm90 {
                       TileCoord const& tile, int thread_idx) const {
     // Built here from the kernel params rather than passed in, so that values the policy takes straight from
     // the params can be re-read from there instead of occupying registers across the loop.
-    Score const score = Score::for_tile(p.score, tile);
+    Score const score = Score::for_tile(p.score, tile, tile.head / p.head_ratio);
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
     Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVt{});  // (d, N, PIPE)
@@ -267,13 +320,22 @@ struct MainloopFwdSm90 {
     Tensor tScS = thr_qk.partition_C(cS);                          // (MMA, MMA_M, MMA_N)
     Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
-    // P of the block whose P V is next, in the input type: S's registers reused as the A operand of P V.
-    Tensor rP = make_tensor<Element>(partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{})).layout());
-    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a(rP.layout()));  // (MMA, MMA_M, MMA_K)
+    // P of the block whose P V is next, in the input type, as the A operand of P V. 16-bit: S's register
+    // layout reused as it is; FP8: the 8-bit A operand's own layout, filled by scores_to_fp8_operand.
+    auto make_p = [&] {
+      if constexpr (kFp8) {
+        return make_tensor<Element>(fp8_operand_a_layout<kBlockN>());
+      } else {
+        // Stored in S's order (convert_fragment_into copies in storage order), viewed as the A operand.
+        return make_tensor<Element>(
+            acc_as_operand_a(partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{})).layout()));
+      }
+    };
+    Tensor tOrP = make_p();  // (MMA, MMA_M, MMA_K)
 
     int const thread_in_wg = thread_idx % kWarpGroupThreads;
     int const warp_group = thread_idx / kWarpGroupThreads;
-    OnlineSoftmax<kRowsPerThread> softmax(score.scale_log2);
+    OnlineSoftmax<kRowsPerThread, kFp8 ? 8 : 0> softmax(score.scale_log2);
     typename Pipeline::State state_v = state_k;  // V is consumed one block behind K
     clear(tOrO);
 
@@ -311,7 +373,13 @@ struct MainloopFwdSm90 {
         state_v.advance();
         if constexpr (kScores) { OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale); }
       }
-      if constexpr (kScores) { convert_fragment_into(tSrS, rP); }
+      if constexpr (kScores) {
+        if constexpr (kFp8) {
+          scores_to_fp8_operand(tSrS, tOrP);
+        } else {
+          convert_fragment_into(tSrS, tOrP);
+        }
+      }
     };
     using cute::false_type;
     using cute::true_type;
@@ -341,6 +409,10 @@ struct MainloopFwdSm90 {
 
     float o_scale[kRowsPerThread];
     softmax.finalize(score.softmax_scale, o_scale, lse);
+    if constexpr (kFp8) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int m = 0; m < kRowsPerThread; ++m) { o_scale[m] *= score.o_scale; }
+    }
     OnlineSoftmax<kRowsPerThread>::rescale_o(tOrO_rc, o_scale);
   }
 };

@@ -67,6 +67,19 @@ typedef struct flash3_mask {
   int32_t window_right FLASH3_DEFAULT(-1);
 } flash3_mask;
 
+/* FP8 dequantisation scales, float32 (batch, num_heads_k) with any element strides (0 broadcasts one value);
+ * NULL = 1. The q heads of a kv group share their q_descale. The kernel folds q_descale * k_descale into the
+ * softmax scale and v_descale into the output's normalisation. */
+typedef struct flash3_descale {
+  float const* ptr FLASH3_DEFAULT(nullptr);
+  int64_t batch_stride FLASH3_DEFAULT(0);
+  int64_t head_stride FLASH3_DEFAULT(0);
+} flash3_descale;
+
+typedef struct flash3_fp8 {
+  flash3_descale q, k, v;
+} flash3_fp8;
+
 typedef struct flash3_fwd_params {
   flash3_dtype dtype FLASH3_DEFAULT(FLASH3_BFLOAT16);     /* of q, k, v */
   flash3_dtype out_dtype FLASH3_DEFAULT(FLASH3_BFLOAT16); /* of out: the input dtype (bf16 for fp8 inputs) */
@@ -91,6 +104,15 @@ typedef struct flash3_fwd_params {
    * problems (tiles of unequal cost) are scheduled dynamically; NULL selects the static schedule. The
    * kernel leaves it non-zero: zero it again before the next call that passes it. */
   int32_t* tile_counter FLASH3_DEFAULT(nullptr);
+
+  flash3_fp8 fp8; /* only read for FLASH3_FLOAT8_E4M3 inputs */
+
+  /* Optional device scratch memory of flash3_fwd_workspace_size(&params) bytes, 256-byte aligned, needed by
+   * FP8 calls (they stage V transposed there: FP8 tensor-core operands must be K-major). NULL: the call
+   * takes it from the stream-ordered allocator (cudaMallocAsync / cudaFreeAsync on the call's stream), which
+   * is also CUDA-graph capturable. */
+  void* workspace FLASH3_DEFAULT(nullptr);
+  int64_t workspace_bytes FLASH3_DEFAULT(0);
 } flash3_fwd_params;
 
 #ifdef __cplusplus

@@ -1,7 +1,7 @@
 // Tile shapes of the SM90 forward kernel: the only place where tile numbers live, each with its reason.
 // kBlockM is the query rows of one CTA (64 per consumer warpgroup), kBlockN the keys of one pipeline stage.
-// Shared memory per CTA = Q (kBlockM x d) + kStages x (K + V) (kBlockN x d each) plus barriers, 16-bit
-// elements; the kernel static_asserts that it fits the 227 KB a CTA may use (kMaxSharedBytes).
+// Shared memory per CTA = Q (kBlockM x d) + kStages x (K + V) (kBlockN x d each) plus barriers; the kernel
+// static_asserts that it fits the 227 KB a CTA may use (kMaxSharedBytes).
 #pragma once
 
 namespace flash3 {
@@ -15,8 +15,13 @@ struct TileShape {
   int stages;
 };
 
-// The tile of a kernel key (head dims, 2-byte elements) and mask.
-constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal) {
+// The tile of a kernel key (head dims, element bytes) and mask.
+constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes) {
+  // FP8 (1-byte elements): 128x128 up to d 128. FP8 WGMMA needs key blocks that are multiples of 32 (its K),
+  // so 176 is out; shared memory is half of 16-bit's. d 256: the O accumulator alone is 128 registers per
+  // thread, and with 128 keys (S 64 + P 16) one of the two kernels spilled 28 bytes; 96 keys (S 48 + P 12)
+  // fit. Shared memory 32 + 2 x 48 KB.
+  if (elem_bytes == 1) { return {128, head_dim > 128 ? 96 : 128, 2}; }
   // hdim 128, non-causal: 128x176, 2 stages = 32 + 176 KB = 208 KB. Wider key blocks cut the per-block fixed
   // costs (barrier waits, row max/sum shuffles, O rescale) relative to GEMM work; 176 is the widest that
   // fits: 128x192 would need 224 KB plus barriers, over the cap. S (88 regs), P (44) and O (64) are live
@@ -32,9 +37,9 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal) {
   return {128, 128, 2};
 }
 
-template <int kHeadDim, int kHeadDimV, bool kCausal>
+template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2>
 struct TileConfigSm90 {
-  static constexpr TileShape kShape = tile_shape_sm90(kHeadDim, kHeadDimV, kCausal);
+  static constexpr TileShape kShape = tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
   static constexpr int kStages = kShape.stages;

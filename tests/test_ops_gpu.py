@@ -196,9 +196,15 @@ def _bad_calls():
         "num_splits": (NotImplementedError, "num_splits", _op_args(q, k, v, num_splits=3)),
         "local_window": (NotImplementedError, "local",
                          _op_args(q, k, v, window_size_left=64, window_size_right=0)),
-        "fp8": (NotImplementedError, "float8",
+        # With FP8 built, a descale of the wrong shape; without, the feature itself.
+        "fp8": (RuntimeError, "q_descale",
                 _op_args(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)),
-                         out=torch.empty(q.shape, dtype=torch.bfloat16, device=DEVICE))),
+                         out=torch.empty(q.shape, dtype=torch.bfloat16, device=DEVICE),
+                         q_descale=torch.ones(1, 1, device=DEVICE)))
+        if _ops.BUILD.has("fp8") else
+        (NotImplementedError, "float8",
+         _op_args(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)),
+                  out=torch.empty(q.shape, dtype=torch.bfloat16, device=DEVICE))),
     }
 
 

@@ -39,13 +39,20 @@ GUIDE_CASES = {
     "guide4_fp16_gqa_decode": "--fp16 --batch_size 1 --max_seqlen_q 1 --max_seqlen_k 2048 --num_heads 16 "
                               "--num_heads_k 2 --head_size 80 --causal",
 }
-# FP8 kernels are not built yet (issue: FP8 E4M3 forward): the runner must say so and exit 2.
-FP8_NOT_BUILT = {"guide1_fp8_prefill", "guide2_fp8_small_batch"}
 
 # Head dims 64/80/96/128 (80 runs on the 96 kernel, 72 and 120 round up too), fp16 and bf16, causal or not,
 # GQA ratios 1, 2, 8 and MQA, random varlen with zero-length and length-1 sequences, s_q != s_k both ways,
 # dense layout, and one odd seed each so lengths differ between rows.
 TABLE_CASES = {
+    # FP8 e4m3 (descales 1, BF16 out): edge lengths, GQA/MQA, causal, s_q != s_k, dense, d 64..256.
+    "fp8_d80_edge_lengths_gqa4_causal": "--fp8 --batch_size 6 --max_seqlen_q 200 --max_seqlen_k 200 --num_heads 8 "
+                                        "--num_heads_k 2 --head_size 80 --edge_lengths --causal --seed 21",
+    "fp8_d64_sq_lt_sk": "--fp8 --batch_size 3 --max_seqlen_q 17 --max_seqlen_k 1023 --head_size 64 --seed 22",
+    "fp8_d128_mqa_causal": "--fp8 --batch_size 2 --max_seqlen_q 700 --max_seqlen_k 700 --num_heads 8 --num_heads_k 1 "
+                           "--head_size 128 --causal --seed 23",
+    "fp8_d256_dense": "--fp8 --dense --batch_size 2 --max_seqlen_q 333 --max_seqlen_k 333 --head_size 256 --seed 24",
+    "fp8_d96_dense_sq_gt_sk_causal": "--fp8 --dense --batch_size 2 --max_seqlen_q 1023 --max_seqlen_k 113 "
+                                     "--head_size 96 --causal --seed 25",
     "fp16_d64": "--fp16 --batch_size 3 --max_seqlen_q 300 --max_seqlen_k 300 --head_size 64 --seed 1",
     "bf16_d64_causal": "--bf16 --batch_size 3 --max_seqlen_q 300 --max_seqlen_k 300 --head_size 64 --causal --seed 2",
     "fp16_d80_gqa2": "--fp16 --batch_size 4 --max_seqlen_q 257 --max_seqlen_k 257 --num_heads 8 --num_heads_k 4 "
@@ -98,10 +105,6 @@ def test_runner_case_verifies(name):
     args = {**GUIDE_CASES, **TABLE_CASES}[name]
     proc = run_binary(RUNNER, f"{args} --verify --iters 3")
     log = f"$ {RUNNER.name} {args} --verify --iters 3\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    if name in FP8_NOT_BUILT:
-        assert proc.returncode == 2, log
-        assert "RESULT: NOT BUILT" in proc.stderr and "FP8" in proc.stderr, log
-        return
     assert proc.returncode == 0, log
     lines = proc.stdout.strip().splitlines()
     assert lines and lines[-1] == "RESULT: PASS (verified)", log

@@ -1,4 +1,5 @@
-"""Checks the machine code of built forward kernels: each one must use Hopper's warpgroup MMA (HGMMA), must
+"""Checks the machine code of built forward kernels: each one must use Hopper's warpgroup MMA (HGMMA for
+16-bit inputs, QGMMA for FP8; the table's "GMMA" column counts both), must
 not touch local memory (no LDL/STL instructions), and, where a `-Xptxas -v` log is given, must report
 0 bytes of spill stores and loads. It prints one table row per kernel and exits 1 if any check fails.
 
@@ -231,9 +232,9 @@ def main() -> int:
     rows = []
     for k in sorted(fwd, key=lambda k: names[k.name]):
         problems = []
-        hgmma, ldl, stl = k.count("HGMMA"), k.count("LDL"), k.count("STL")
+        hgmma, ldl, stl = k.count("HGMMA") + k.count("QGMMA"), k.count("LDL"), k.count("STL")
         if hgmma == 0:
-            problems.append("no HGMMA")
+            problems.append("no HGMMA/QGMMA")
         if ldl or stl:
             problems.append(f"local memory ({ldl} LDL, {stl} STL)")
         if args.ptxas_log:
@@ -249,7 +250,7 @@ def main() -> int:
         if problems:
             failures.append(k)
 
-    header = ("kernel", "regs", "smem(static)", "stack", "HGMMA", "LDL/STL", "spill st/ld", "verdict")
+    header = ("kernel", "regs", "smem(static)", "stack", "GMMA", "LDL/STL", "spill st/ld", "verdict")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -116,8 +116,8 @@ standalone() {
     echo '$ bash build_standalone.sh -j 16'
     bash build_standalone.sh -j 16 || return 1
     for args in \
-      "--fp8 --batch_size 3 --max_seqlen_q 1680 --max_seqlen_k 1680 --num_heads 16 --num_heads_k 16 --head_size 80" \
-      "--fp8 --batch_size 84 --max_seqlen_q 64 --max_seqlen_k 64 --num_heads 16 --num_heads_k 16 --head_size 80" \
+      "--fp8 --batch_size 3 --max_seqlen_q 1680 --max_seqlen_k 1680 --num_heads 16 --num_heads_k 16 --head_size 80 --verify" \
+      "--fp8 --batch_size 84 --max_seqlen_q 64 --max_seqlen_k 64 --num_heads 16 --num_heads_k 16 --head_size 80 --verify" \
       "--fp16 --batch_size 1 --max_seqlen_q 1285 --max_seqlen_k 1285 --num_heads 16 --num_heads_k 2 --head_size 80 --causal" \
       "--fp16 --batch_size 1 --max_seqlen_q 1 --max_seqlen_k 2048 --num_heads 16 --num_heads_k 2 --head_size 80 --causal" \
       "--fp16 --batch_size 2 --max_seqlen_q 512 --max_seqlen_k 512 --verify" \
@@ -179,12 +179,12 @@ sanitize() {
 import torch, flash_attn3
 torch.manual_seed(0)
 ran = 0
-for dtype in (torch.float16, torch.bfloat16):
-    for d in (64, 96, 128):
+for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+    for d in (64, 96, 128) + ((256,) if dtype == torch.float8_e4m3fn else ()):
         for causal in (False, True):
-            q = torch.randn(2, 77, 8, d, device="cuda", dtype=dtype)
-            k = torch.randn(2, 133, 2, d, device="cuda", dtype=dtype)
-            v = torch.randn_like(k)
+            q = torch.randn(2, 77, 8, d, device="cuda").to(dtype)
+            k = torch.randn(2, 133, 2, d, device="cuda").to(dtype)
+            v = torch.randn(2, 133, 2, d, device="cuda").to(dtype)
             try:
                 flash_attn3.flash_attn_func(q, k, v, causal=causal)
                 cu_q = torch.tensor([0, 77, 154], device="cuda", dtype=torch.int32)
@@ -213,6 +213,7 @@ EOF
   [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
   if [[ -x build_standalone/test_varlen_inference ]]; then
     for args in "--fp16 --batch_size 5 --max_seqlen_q 200 --max_seqlen_k 200 --head_size 80 --edge_lengths --causal" \
+      "--fp8 --batch_size 5 --max_seqlen_q 200 --max_seqlen_k 200 --num_heads 8 --num_heads_k 2 --head_size 80 --edge_lengths --causal" \
       "--bf16 --batch_size 2 --max_seqlen_q 300 --max_seqlen_k 300 --num_heads 8 --num_heads_k 1 --head_size 128"; do
       echo "--- compute-sanitizer --tool memcheck test_varlen_inference $args --verify --iters 1" | tee -a "$OUT/sanitize.log"
       compute-sanitizer --tool memcheck --error-exitcode 1 ./build_standalone/test_varlen_inference $args --verify \

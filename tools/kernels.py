@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 INST_DIR = ROOT / "hopper" / "instantiations"
 
 # The element type and C enum of each dtype tag.
-CPP_ELEMENT = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
-CPP_DTYPE = {"fp16": "FLASH3_FLOAT16", "bf16": "FLASH3_BFLOAT16"}
+CPP_ELEMENT = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t", "fp8": "cutlass::float_e4m3_t"}
+CPP_DTYPE = {"fp16": "FLASH3_FLOAT16", "bf16": "FLASH3_BFLOAT16", "fp8": "FLASH3_FLOAT8_E4M3"}
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,10 @@ class FwdKernel:
 
 AXES = tuple(f.name for f in fields(FwdKernel))
 
-# The kernels that exist. Head dims 64, 96 and 128 with dv = d, for both 16-bit dtypes.
-KERNELS = tuple(FwdKernel(dt, hd, hd) for dt in ("fp16", "bf16") for hd in (64, 96, 128))
+# The kernels that exist. Head dims 64, 96 and 128 with dv = d, for both 16-bit dtypes; FP8 e4m3 (BF16 out)
+# at 64, 96, 128 and 256 (FP8 WGMMA's K is 32, so every compiled head dim is a multiple of 32).
+KERNELS = (tuple(FwdKernel(dt, hd, hd) for dt in ("fp16", "bf16") for hd in (64, 96, 128)) +
+           tuple(FwdKernel("fp8", hd, hd) for hd in (64, 96, 128, 256)))
 
 # Features beyond the kernel keys, and whether the kernels implement them. A feature that is False is refused
 # with NotImplementedError (Python) / FLASH3_NOT_COMPILED (C API) naming it.
@@ -80,7 +82,7 @@ FEATURES = {
     "split_kv": False,
     "paged_kv": False,
     "append_kv": False,
-    "fp8": False,
+    "fp8": True,
     "pack_gqa": False,
     "kv_batch_idx": False,
     "leftpad_k": False,

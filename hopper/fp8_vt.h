@@ -1,0 +1,138 @@
+// V transposed for the FP8 kernels. FP8 WGMMA reads both operands K-major; in O = P V the reduction runs over
+// keys, so the kernel needs V as (dim, keys) with keys contiguous, while callers hold V as (keys, dim). Before
+// the attention kernel, one small kernel copies V into the call's workspace in that layout (about 2% of the
+// attention time at s 8k, d 128; see benchmarks/NOTES.md for the choice against an on-chip transpose).
+//
+// The copy also reorders keys inside every aligned group of 16, so that P can go from the S accumulator
+// into the A operand of the P V WGMMA without moving data between threads. In the S accumulator a thread
+// holds, per row and 16 keys, the columns {2q, 2q+1, 8+2q, 9+2q} (q = lane % 4); the FP8 A operand wants
+// that thread to hold K positions {4q .. 4q+3}. So K position 4q + e of a group is given key
+// 8 * (e / 2) + 2q + e % 2 (key_of_position below), and V's rows are stored in that order: the product
+// sum_k P[k] V[k] pairs the same keys, only in another order.
+//
+// Layout in the workspace: (batch entry, head_k, dim, column) bytes, columns contiguous, with `cols`
+// columns per row (a multiple of 16, so every TMA stride is a multiple of 16 bytes). A sequence's keys start
+// at a column that is a multiple of 16 (so the groups of 16 line up with the kernel's key blocks, which start
+// at the sequence's first key) and take round_up(seqlen_k, 16) columns; the keys past seqlen_k inside the
+// last group are zero. Dense K: one batch entry per sequence, column 0. Packed K: one batch entry, sequence b
+// at column floor16(offset_k) + 16 b; with cols = round_up(k.rows, 16) + 16 batch these regions never
+// overlap and stay inside the buffer even for metadata that lies (offsets and lengths are the kernel's
+// clamped ones, SeqlenInfo).
+#pragma once
+
+#include <cstdint>
+
+#include "params.h"
+#include "seqlen.h"
+
+namespace flash3 {
+
+struct VtLayout {
+  int64_t cols;     // columns (key slots) per (batch entry, head, dim) row
+  int32_t batches;  // batch entries: the batch for dense K, 1 for packed K
+  int32_t heads;    // num_heads_k
+  int32_t dims;     // head_dim_v (the real one: the kernel's TMA fills the compiled rest with zeros)
+
+  __host__ __device__ int64_t head_stride() const { return cols * dims; }
+  __host__ __device__ int64_t batch_stride() const { return cols * dims * heads; }
+  __host__ __device__ int64_t bytes() const { return batch_stride() * batches; }
+  // The first column of sequence `batch` (see the header comment).
+  __host__ __device__ static int64_t first_column(bool packed, int batch, int offset_k) {
+    return packed ? int64_t(offset_k / 16 * 16) + 16 * int64_t(batch) : 0;
+  }
+};
+
+__host__ __device__ inline int64_t round_up_16(int64_t x) { return (x + 15) / 16 * 16; }
+
+__host__ __device__ inline VtLayout vt_layout(FwdParams const& p) {
+  bool const packed = p.varlen.cu_seqlens_k != nullptr;
+  VtLayout l;
+  l.cols = packed ? round_up_16(p.k.rows) + 16 * int64_t(p.batch) : round_up_16(p.k.rows);
+  l.batches = packed ? 1 : p.batch;
+  l.heads = p.num_heads_k;
+  l.dims = p.head_dim_v;
+  return l;
+}
+
+// Workspace bytes an FP8 call needs (0 for 16-bit inputs), rounded up to 256 so buffers can be carved.
+__host__ __device__ inline int64_t fwd_workspace_bytes(FwdParams const& p) {
+  if (p.dtype != FLASH3_FLOAT8_E4M3 || p.batch <= 0 || p.q.rows <= 0 || p.k.rows <= 0) { return 0; }
+  return (vt_layout(p).bytes() + 255) / 256 * 256;
+}
+
+// Inside a group of 16 columns: which key (0..15 of the group) column `pos` holds.
+__host__ __device__ constexpr int key_of_position(int pos) {
+  return 8 * ((pos & 3) >> 1) + 2 * (pos >> 2) + (pos & 1);
+}
+
+#if defined(__CUDACC__)
+// One CTA per (64-key block, sequence) along x (x = block + blocks_per_sequence * sequence, so any batch
+// fits the grid) and kv head along y; 128 threads. Reads the block's V rows in 16-byte chunks
+// into shared memory (zeros past the sequence), then writes each dim's 64 columns as four 16-byte chunks in
+// the permuted order. Every read is inside [0, k.rows) of V and every write inside the sequence's region.
+// A template (kKeys: keys per CTA) so that every TU that includes this header may instantiate it.
+constexpr int kVtThreads = 128;
+
+template <int kVtKeys>
+__global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, SeqlenArgs seqlen_args, VtLayout l,
+                                                              uint8_t* vt, int blocks_per_sequence) {
+  __shared__ alignas(16) uint8_t tile[kVtKeys][256 + 16];  // +16: rows start on different banks
+  int const batch = blockIdx.x / blocks_per_sequence;
+  int const head = blockIdx.y;
+  SeqlenInfo const seqlen(seqlen_args, batch);
+  int const key0 = (blockIdx.x % blocks_per_sequence) * kVtKeys;
+  int64_t const slots = round_up_16(seqlen.seqlen_k);  // columns of this sequence's region
+  if (key0 >= slots) { return; }
+  int const chunks_per_row = l.dims / 16;
+
+  bool const packed = p.varlen.cu_seqlens_k != nullptr;
+  uint8_t const* v = static_cast<uint8_t const*>(p.v.ptr) + (packed ? 0 : int64_t(batch) * p.v.batch_stride) +
+                     int64_t(seqlen.offset_k) * p.v.row_stride + int64_t(head) * p.v.head_stride;
+  for (int i = threadIdx.x; i < kVtKeys * chunks_per_row; i += kVtThreads) {
+    int const key = i / chunks_per_row;
+    int const chunk = i % chunks_per_row;
+    uint4 value = make_uint4(0, 0, 0, 0);
+    if (key0 + key < seqlen.seqlen_k) {
+      value = *reinterpret_cast<uint4 const*>(v + int64_t(key0 + key) * p.v.row_stride + chunk * 16);
+    }
+    *reinterpret_cast<uint4*>(&tile[key][chunk * 16]) = value;
+  }
+  __syncthreads();
+
+  uint8_t* out = vt + (packed ? 0 : int64_t(batch) * l.batch_stride()) + int64_t(head) * l.head_stride() +
+                 VtLayout::first_column(packed, batch, seqlen.offset_k) + key0;
+  int const groups = int(min(int64_t(kVtKeys), slots - key0)) / 16;  // whole groups of 16 in this block
+  for (int i = threadIdx.x; i < l.dims * groups; i += kVtThreads) {
+    int const dim = i / groups;
+    int const group = i % groups;
+    uint32_t words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        word |= uint32_t(tile[group * 16 + key_of_position(4 * w + b)][dim]) << (8 * b);
+      }
+      words[w] = word;
+    }
+    *reinterpret_cast<uint4*>(out + int64_t(dim) * l.cols + group * 16) =
+        make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+// Launches the copy on `stream` into `vt` (fwd_workspace_bytes(p) bytes).
+inline cudaError_t launch_transpose_v_fp8(FwdParams const& p, SeqlenArgs const& seqlen_args, void* vt,
+                                          cudaStream_t stream) {
+  constexpr int kVtKeys = 64;
+  VtLayout const l = vt_layout(p);
+  int64_t const longest = round_up_16(max_seqlen_k(p));
+  int const blocks_per_sequence = int((longest + kVtKeys - 1) / kVtKeys);
+  if (blocks_per_sequence == 0) { return cudaSuccess; }
+  dim3 const grid(unsigned(int64_t(blocks_per_sequence) * p.batch), unsigned(p.num_heads_k));
+  transpose_v_fp8<kVtKeys><<<grid, kVtThreads, 0, stream>>>(p, seqlen_args, l, static_cast<uint8_t*>(vt),
+                                                   blocks_per_sequence);
+  return cudaGetLastError();
+}
+#endif
+
+}  // namespace flash3
