@@ -17,11 +17,16 @@ struct TileShape {
 
 // The tile of a kernel key (head dims, element bytes) and mask.
 constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes) {
-  // FP8 (1-byte elements): 128x128 up to d 128. FP8 WGMMA needs key blocks that are multiples of 32 (its K),
-  // so 176 is out; shared memory is half of 16-bit's. d 256: the O accumulator alone is 128 registers per
-  // thread, and with 128 keys (S 64 + P 16) one of the two kernels spilled 28 bytes; 96 keys (S 48 + P 12)
-  // fit. Shared memory 32 + 2 x 48 KB.
-  if (elem_bytes == 1) { return {128, head_dim > 128 ? 96 : 128, 2}; }
+  // FP8 (1-byte elements). FP8 WGMMA needs key blocks that are multiples of 32 (its K), so 176 is out;
+  // shared memory is half of 16-bit's, so wider blocks fit. Non-causal d 96 / 128: 128x192 (Q 12-16 KB +
+  // 2 x (K + V^T) 72-96 KB); S 96 + P 24 + O 48-64 registers, 0 spills; 128x224 (FA3's d 128 tile) spilled 4
+  // bytes. 128x128 for d 128 ran at 665 TFLOPS against FA3's 794 (H200, s 8k), so the per-block fixed costs
+  // matter as they did for 16-bit. Causal: 128, as for 16-bit (the diagonal block stays square). d 256: the O
+  // accumulator alone is 128 registers per thread; with 128 keys one kernel spilled 28 bytes, 96 keys fit.
+  if (elem_bytes == 1) {
+    if (head_dim > 128) { return {128, 96, 2}; }
+    return {128, !causal && head_dim >= 96 ? 192 : 128, 2};
+  }
   // hdim 128, non-causal: 128x176, 2 stages = 32 + 176 KB = 208 KB. Wider key blocks cut the per-block fixed
   // costs (barrier waits, row max/sum shuffles, O rescale) relative to GEMM work; 176 is the widest that
   // fits: 128x192 would need 224 KB plus barriers, over the cap. S (88 regs), P (44) and O (64) are live
