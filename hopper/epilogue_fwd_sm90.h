@@ -14,6 +14,7 @@ namespace flash3 {
 
 using namespace cute;
 
+// Element: the output's type (the input's, or bfloat16 for FP8 inputs).
 template <class Element, int kBlockM, int kHeadDim, int kRowsPerThread, class TiledMmaPV>
 struct EpilogueFwdSm90 {
 

@@ -6,7 +6,10 @@
 //    softmax, O += P V with P taken straight from registers (RS WGMMA), software-pipelined so the softmax
 //    of one block runs while the tensor cores work on the next (see `mma`).
 // Each consumer warpgroup owns 64 query rows of the tile; the warpgroups share the K/V stages and take
-// turns issuing GEMMs (ping-pong). Shapes in comments are per thread unless they say otherwise.
+// turns issuing GEMMs (ping-pong). FP8 inputs (kFp8) differ in three places only: V is read from its
+// transposed copy (fp8_vt.h) as a K-major operand, P is written into the 8-bit A operand's register order
+// (scores_to_fp8_operand), and the score policy carries the descales. Shapes in comments are per thread
+// unless they say otherwise.
 #pragma once
 
 #include <cute/tensor.hpp>
