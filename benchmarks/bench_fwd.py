@@ -31,6 +31,7 @@ import math
 import re
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,8 +393,16 @@ def main() -> int:
     print(head)
     print("-" * len(head))
     rows = []
-    for case in cases:
+    progress = sys.stderr.isatty()  # a progress line on a terminal only, so logs and CSVs stay clean
+    started = time.perf_counter()
+    for i, case in enumerate(cases):
+        if progress:
+            elapsed = time.perf_counter() - started
+            eta = f", ~{elapsed / i * (len(cases) - i):.0f} s left" if i else ""
+            print(f"\r[{i + 1}/{len(cases)}{eta}] {case.label:<{width}}", end="", file=sys.stderr, flush=True)
         results, diff, diff_ref = bench_case(torch, case, backends, iters, l2_bytes)
+        if progress:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
         fa3_diff = f"max|diff| vs fa3 {diff:.3e}" if diff is not None and diff_ref == "fa3" else ""
         cells = []
         for name in backends:
