@@ -179,6 +179,11 @@ Status validate(FwdParams const& p) {
                                              "4-byte aligned pointer and strides >= 0");
       }
     }
+    // The transposed copy's columns are a TMA dimension and coordinate (int32), with a key block of room.
+    if (p.k.rows > 0 && vt_layout(p).cols > INT32_MAX - 256) {
+      return fail(FLASH3_INVALID_ARGUMENT, "k.rows: with float8_e4m3fn inputs, k.rows + 16 * batch must stay below "
+                                           "2^31 - 256, got k.rows " + str(p.k.rows) + ", batch " + str(p.batch));
+    }
     int64_t const need = fwd_workspace_bytes(p);
     if (p.workspace != nullptr && (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0 || p.workspace_bytes < need)) {
       return fail(FLASH3_INVALID_ARGUMENT, "workspace: must be 256-byte aligned with at least " + str(need) +

@@ -15,9 +15,10 @@
 // at a column that is a multiple of 16 (so the groups of 16 line up with the kernel's key blocks, which start
 // at the sequence's first key) and take round_up(seqlen_k, 16) columns; the keys past seqlen_k inside the
 // last group are zero. Dense K: one batch entry per sequence, column 0. Packed K: one batch entry, sequence b
-// at column floor16(offset_k) + 16 b; with cols = round_up(k.rows, 16) + 16 batch these regions never
-// overlap and stay inside the buffer even for metadata that lies (offsets and lengths are the kernel's
-// clamped ones, SeqlenInfo).
+// at column floor16(offset_k) + 16 b; with cols = round_up(k.rows, 16) + 16 batch these regions do not
+// overlap for valid metadata and stay inside the buffer for any metadata (offsets and lengths are the
+// kernel's clamped ones, SeqlenInfo); lying metadata can make regions overlap: a race on values that are
+// wrong anyway, never an access outside the buffer.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +57,10 @@ __host__ __device__ inline VtLayout vt_layout(FwdParams const& p) {
 
 // Workspace bytes an FP8 call needs (0 for 16-bit inputs), rounded up to 256 so buffers can be carved.
 __host__ __device__ inline int64_t fwd_workspace_bytes(FwdParams const& p) {
-  if (p.dtype != FLASH3_FLOAT8_E4M3 || p.batch <= 0 || p.q.rows <= 0 || p.k.rows <= 0) { return 0; }
+  if (p.dtype != FLASH3_FLOAT8_E4M3 || p.batch <= 0 || p.q.rows <= 0 || p.k.rows <= 0 || p.num_heads_k <= 0 ||
+      p.head_dim_v <= 0) {
+    return 0;
+  }
   return (vt_layout(p).bytes() + 255) / 256 * 256;
 }
 
@@ -73,36 +77,26 @@ __host__ __device__ constexpr int key_of_position(int pos) {
 // A template (kKeys: keys per CTA) so that every TU that includes this header may instantiate it.
 constexpr int kVtThreads = 128;
 
+// One block of kVtKeys keys starting at key0 of a sequence: its V rows into shared memory (zeros from the
+// sequence's end on), then each dim's columns as 16-byte chunks in the permuted order, into `out` (the region's
+// column key0). Called by every thread of the CTA; ends with the CTA synchronised, so `tile` can be reused.
 template <int kVtKeys>
-__global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, SeqlenArgs seqlen_args, VtLayout l,
-                                                              uint8_t* vt, int blocks_per_sequence) {
-  __shared__ alignas(16) uint8_t tile[kVtKeys][256 + 16];  // +16: rows start on different banks
-  int const batch = blockIdx.x / blocks_per_sequence;
-  int const head = blockIdx.y;
-  SeqlenInfo const seqlen(seqlen_args, batch);
-  int const key0 = (blockIdx.x % blocks_per_sequence) * kVtKeys;
-  int64_t const slots = round_up_16(seqlen.seqlen_k);  // columns of this sequence's region
-  if (key0 >= slots) { return; }
-  int const chunks_per_row = l.dims / 16;
-
-  bool const packed = p.varlen.cu_seqlens_k != nullptr;
-  uint8_t const* v = static_cast<uint8_t const*>(p.v.ptr) + (packed ? 0 : int64_t(batch) * p.v.batch_stride) +
-                     int64_t(seqlen.offset_k) * p.v.row_stride + int64_t(head) * p.v.head_stride;
+__device__ __forceinline__ void copy_block(FwdParams const& p, int seqlen_k, int64_t slots, int chunks_per_row,
+                                           uint8_t const* v, uint8_t* out, int64_t key0, int64_t cols,
+                                           uint8_t (&tile)[kVtKeys][256 + 16]) {
   for (int i = threadIdx.x; i < kVtKeys * chunks_per_row; i += kVtThreads) {
     int const key = i / chunks_per_row;
     int const chunk = i % chunks_per_row;
     uint4 value = make_uint4(0, 0, 0, 0);
-    if (key0 + key < seqlen.seqlen_k) {
-      value = *reinterpret_cast<uint4 const*>(v + int64_t(key0 + key) * p.v.row_stride + chunk * 16);
+    if (key0 + key < seqlen_k) {
+      value = *reinterpret_cast<uint4 const*>(v + (key0 + key) * p.v.row_stride + chunk * 16);
     }
     *reinterpret_cast<uint4*>(&tile[key][chunk * 16]) = value;
   }
   __syncthreads();
-
-  uint8_t* out = vt + (packed ? 0 : int64_t(batch) * l.batch_stride()) + int64_t(head) * l.head_stride() +
-                 VtLayout::first_column(packed, batch, seqlen.offset_k) + key0;
+  int const dims = chunks_per_row * 16;
   int const groups = int(min(int64_t(kVtKeys), slots - key0)) / 16;  // whole groups of 16 in this block
-  for (int i = threadIdx.x; i < l.dims * groups; i += kVtThreads) {
+  for (int i = threadIdx.x; i < dims * groups; i += kVtThreads) {
     int const dim = i / groups;
     int const group = i % groups;
     uint32_t words[4];
@@ -115,8 +109,33 @@ __global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, Seqle
       }
       words[w] = word;
     }
-    *reinterpret_cast<uint4*>(out + int64_t(dim) * l.cols + group * 16) =
+    *reinterpret_cast<uint4*>(out + int64_t(dim) * cols + group * 16) =
         make_uint4(words[0], words[1], words[2], words[3]);
+  }
+  __syncthreads();
+}
+
+template <int kVtKeys>
+__global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, SeqlenArgs seqlen_args, VtLayout l,
+                                                              uint8_t* vt, int blocks_per_sequence) {
+  __shared__ alignas(16) uint8_t tile[kVtKeys][256 + 16];  // +16: rows start on different banks
+  int const batch = blockIdx.x / blocks_per_sequence;
+  int const head = blockIdx.y;
+  SeqlenInfo const seqlen(seqlen_args, batch);
+  int64_t const slots = round_up_16(seqlen.seqlen_k);  // columns of this sequence's region
+  int const chunks_per_row = l.dims / 16;
+  bool const packed = p.varlen.cu_seqlens_k != nullptr;
+  uint8_t const* v = static_cast<uint8_t const*>(p.v.ptr) + (packed ? 0 : int64_t(batch) * p.v.batch_stride) +
+                     int64_t(seqlen.offset_k) * p.v.row_stride + int64_t(head) * p.v.head_stride;
+  uint8_t* const region = vt + (packed ? 0 : int64_t(batch) * l.batch_stride()) + int64_t(head) * l.head_stride() +
+                          VtLayout::first_column(packed, batch, seqlen.offset_k);
+  // The grid is sized by the host's max_seqlen_k, but the attention kernel reads every column up to the
+  // device-side seqlen_k: each CTA strides over its sequence's blocks, so a sequence longer than an understated
+  // max_seqlen_k is still copied whole and no column the kernel reads is left unwritten. With a true bound each
+  // CTA copies one block (or none). The loop condition is uniform across the CTA, so its barriers are too.
+  for (int64_t key0 = int64_t(blockIdx.x % blocks_per_sequence) * kVtKeys; key0 < slots;
+       key0 += int64_t(blocks_per_sequence) * kVtKeys) {
+    copy_block<kVtKeys>(p, seqlen.seqlen_k, slots, chunks_per_row, v, region + key0, key0, l.cols, tile);
   }
 }
 
@@ -125,12 +144,13 @@ inline cudaError_t launch_transpose_v_fp8(FwdParams const& p, SeqlenArgs const& 
                                           cudaStream_t stream) {
   constexpr int kVtKeys = 64;
   VtLayout const l = vt_layout(p);
+  // At least one CTA per sequence, even for max_seqlen_k = 0 (the CTAs stride over longer sequences).
   int64_t const longest = round_up_16(max_seqlen_k(p));
-  int const blocks_per_sequence = int((longest + kVtKeys - 1) / kVtKeys);
-  if (blocks_per_sequence == 0) { return cudaSuccess; }
-  dim3 const grid(unsigned(int64_t(blocks_per_sequence) * p.batch), unsigned(p.num_heads_k));
+  int64_t const blocks_per_sequence = longest > 0 ? (longest + kVtKeys - 1) / kVtKeys : 1;
+  if (blocks_per_sequence * p.batch > INT32_MAX || p.num_heads_k > 65535) { return cudaErrorInvalidConfiguration; }
+  dim3 const grid(unsigned(blocks_per_sequence * p.batch), unsigned(p.num_heads_k));
   transpose_v_fp8<kVtKeys><<<grid, kVtThreads, 0, stream>>>(p, seqlen_args, l, static_cast<uint8_t*>(vt),
-                                                   blocks_per_sequence);
+                                                            int(blocks_per_sequence));
   return cudaGetLastError();
 }
 #endif

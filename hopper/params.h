@@ -109,8 +109,10 @@ typedef struct flash3_fwd_params {
 
   /* Optional device scratch memory of flash3_fwd_workspace_size(&params) bytes, 256-byte aligned, needed by
    * FP8 calls (they stage V transposed there: FP8 tensor-core operands must be K-major). NULL: the call
-   * takes it from the stream-ordered allocator (cudaMallocAsync / cudaFreeAsync on the call's stream), which
-   * is also CUDA-graph capturable. */
+   * takes it from the stream-ordered allocator (cudaMallocAsync / cudaFreeAsync on the call's stream). That is
+   * capturable too, but a captured graph then holds memory-allocation nodes (CUDA restricts how such graphs
+   * are instantiated and updated) and the default pool may return the memory to the system between calls:
+   * pass an explicit workspace for graph capture and for the lowest latency. */
   void* workspace FLASH3_DEFAULT(nullptr);
   int64_t workspace_bytes FLASH3_DEFAULT(0);
 } flash3_fwd_params;

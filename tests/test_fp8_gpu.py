@@ -582,3 +582,25 @@ def test_op_rejects_bad_fp8_arguments(case):
     with pytest.raises((RuntimeError, ValueError), match=match):
         torch.ops.flash_attn3.fwd(*args)
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An understated max_seqlen_k (a host bound below the longest sequence) must not leave part of the transposed
+# V copy unwritten: the result equals the call with the true bound, and nothing non-finite appears.
+
+@needs_fp8
+@pytest.mark.parametrize("max_k", [0, 1, 64, 200])
+def test_varlen_understated_max_seqlen_k(max_k):
+    d = 128
+    _require_head_dim(d)
+    lk, lq = [17, 1023, 400, 0], [5, 33, 200, 9]
+    cu_q, cu_k = _cu_seqlens(lq), _cu_seqlens(lk)
+    q, k, v = _packed_qkv("contig", sum(lq), sum(lk), 8, 2, d)
+    kw = dict(causal=False, **_descales("random", len(lq), 2))
+    want = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), **kw)
+    # Fill the caching allocator's free blocks with fp8 NaN bytes, so stale workspace memory would show.
+    junk = torch.full((64 << 20,), 0x7F, dtype=torch.uint8, device=DEVICE)
+    del junk
+    got = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max_k, **kw)
+    assert torch.isfinite(got).all(), f"max_seqlen_k={max_k}: non-finite output (unwritten workspace read)"
+    assert torch.equal(got, want), f"max_seqlen_k={max_k}: result differs from the true bound's"
