@@ -18,3 +18,17 @@ def skip_reason() -> str | None:
     if not getattr(_ops, "HAS_EXTENSION", False):
         return f"flash_attn3._C is not built or failed to load: {getattr(_ops, 'LOAD_ERROR', None)}"
     return None
+
+
+def capture_graph(fn):
+    """Warms `fn` up on a side stream (first-call work such as attribute setup must not land in the capture),
+    then captures one call of it in a CUDA graph. Returns (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -32,7 +32,7 @@ import math
 import pytest
 import torch
 
-from _gpu import skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
+from _gpu import capture_graph, skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.gpu
 
@@ -454,14 +454,7 @@ def test_cuda_graph_capture_and_replay():
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True, return_attn_probs=True,
                                       **descale)
 
-    side = torch.cuda.Stream()  # warm up on a side stream, as capture requires
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_g, lse_g = attn()
+    graph, (out_g, lse_g) = capture_graph(attn)
 
     # New data and new descale values (read at replay time, not baked in at capture), then new lengths with
     # the same totals and maxima.

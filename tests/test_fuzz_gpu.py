@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from _gpu import skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
+from _gpu import capture_graph, skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.gpu
 
@@ -622,14 +622,7 @@ def test_window_as_host_tensor_inside_cuda_graph():
     def attn():
         return flash_attn_func(q, k, v, window_size=window)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_g = attn()
+    graph, out_g = capture_graph(attn)
     q.copy_(torch.randn_like(q))
     graph.replay()
     assert torch.equal(out_g, attn()), "replay with new q must equal an eager call"

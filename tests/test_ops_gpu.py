@@ -14,7 +14,7 @@ import pytest
 import torch
 
 
-from _gpu import skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
+from _gpu import capture_graph, skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.gpu
 
@@ -110,15 +110,7 @@ def test_cuda_graph_capture_and_replay_varlen():
     def attn():
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_attn_probs=True)
 
-    # Warm up on a side stream (first-call work such as attribute setup must not land in the capture).
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_g, lse_g = attn()
+    graph, (out_g, lse_g) = capture_graph(attn)
 
     # New data, and new lengths with the same totals and maxima: the op must read its metadata on the device
     # at replay time, not bake in what it saw at capture.
