@@ -10,8 +10,22 @@ those calls (launch overhead would otherwise dominate); longer ones are timed ca
 Grids: `paper` (b·s = 16k tokens, hidden 2048 so h = 2048/d, d in {64, 128, 256}, causal and not, s from 512
 to 16k, in the --dtype: bf16, fp16 or fp8), `headline` (d 128, b 2, s 8192, h 16: bf16 non-causal, fp8
 non-causal and causal; and fp8 d 256, b 1, s 16384, h 8 non-causal, the FP8 headline of the FA3 paper),
-`production` (the four cases of the standalone guide, run through the varlen API), `all` (paper in the
---dtype, headline, production). A kernel that is not built prints "not built".
+`production` (the four cases of the standalone guide, run through the varlen API), `decode` (serving calls
+through flash_attn_with_kvcache with an int32 cache_seqlens tensor holding the full cache length, causal as
+vLLM calls it: bf16 d 128 h 32/8 one query token against a cache of batch x cache_len in {1x8k, 8x8k, 64x8k,
+128x2k, 16x32k}; the fp16 d 80 h 16/2 1 x 2048 decode of the standalone guide; and a bf16 d 128 h 32/8 chunked
+prefill of 4 x 512 new queries against 8192 cached keys), `all` (paper in the --dtype, headline, production,
+decode). A kernel that is not built prints "not built". Production and decode rows are always timed by CUDA-
+graph replay, as serving engines run them.
+
+Decode rows (one query token) are bound by reading the cache, so they report bandwidth instead of TFLOPS:
+GB/s = bytes of K and V read (b·s_k·h_k·(d + d_v)·element size) / median time, 1 GB = 1e9 bytes; the table
+shows GB/s and us, the CSV carries it in the `gbps` column (empty on other rows) beside the usual tflops. The
+chunked-prefill row reports TFLOPS with the bottom-right causal count above. For SDPA the cache is the (b,
+s_k, h_k, d) tensor transposed (it is full, so no masking by length); one query row needs no causal mask, and
+the chunked prefill passes cuDNN a prebuilt bottom-right boolean mask and FA2 torch's causal_lower_right bias
+(which FA2 runs natively as its own bottom-right causal). max|diff| compares flash_attn3 with SDPA (cuDNN,
+else FA2), or with FA3 where neither ran ("fa3:" prefix).
 
 FP8 rows: q, k, v are bfloat16 randn quantised to float8_e4m3fn, descales None (= 1), output bfloat16; the
 FLOPs are counted as for 16-bit (FA3's benchmark_flash_attention_fp8.py: 4·b·s²·h·d, halved when causal, the
@@ -37,6 +51,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALL_CASE_MS = 0.05  # below this, time by CUDA-graph replay
+GRAPH_GROUPS = ("production", "decode")  # serving calls, which engines replay from CUDA graphs: always so timed
 PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 PAPER_TOKENS, PAPER_HIDDEN = 16384, 2048
 BACKENDS = ("flash_attn3", "cudnn", "fa2", "fa3")
@@ -54,17 +69,32 @@ class Case:
     head_dim: int
     causal: bool
     varlen: bool = False
+    kvcache: bool = False  # through flash_attn_with_kvcache: k, v are the cache, cache_seqlens = seqlen_k
+
+    @property
+    def reports_gbps(self) -> bool:
+        """Decode (one query token against a cache): memory bound, so the table shows GB/s."""
+        return self.kvcache and self.seqlen_q == 1
 
     @property
     def label(self) -> str:
         heads = f"{self.heads}" if self.heads == self.heads_k else f"{self.heads}/{self.heads_k}"
         seq = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}x{self.seqlen_k}"
         return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{self.head_dim}"
-                f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}")
+                f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}"
+                f"{' kvcache' if self.kvcache else ''}")
 
     def flops(self) -> float:
         avg_sk = (max(0, self.seqlen_k - self.seqlen_q) + self.seqlen_k) / 2 if self.causal else self.seqlen_k
         return 2.0 * self.batch * self.heads * self.seqlen_q * avg_sk * (2 * self.head_dim)
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V a forward reads once: every cached key and value of every KV head."""
+        elem = 1 if self.dtype == "fp8" else 2
+        return self.batch * self.seqlen_k * self.heads_k * self.head_dim * 2 * elem
+
+    def gbps(self, ms: float) -> float:
+        return self.kv_bytes() / (ms * 1e-3) / 1e9
 
 
 def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
@@ -91,6 +121,13 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
             Case("production", "fp16", 1, 1285, 1285, 16, 2, 80, True, varlen=True),
             Case("production", "fp16", 1, 1, 2048, 16, 2, 80, True, varlen=True),
         ]
+    if grid in ("decode", "all"):
+        cases += [Case("decode", "bf16", b, 1, s, 32, 8, 128, True, kvcache=True)
+                  for b, s in ((1, 8192), (8, 8192), (64, 8192), (128, 2048), (16, 32768))]
+        cases += [
+            Case("decode", "fp16", 1, 1, 2048, 16, 2, 80, True, kvcache=True),  # case 4 of the guide
+            Case("decode", "bf16", 4, 512, 8192, 32, 8, 128, True, kvcache=True),  # chunked prefill
+        ]
     return cases
 
 
@@ -103,13 +140,21 @@ class Unsupported(Exception):
 
 
 def make_backends(torch):
-    """name -> factory(case, q, k, v, cu_q, cu_k) returning a no-argument callable that runs one forward."""
+    """name -> factory(case, q, k, v, cu_q, cu_k) returning a no-argument callable that runs one forward.
+    For kvcache cases k and v are the caches (b, s_k, h_k, d), all s_k positions valid."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+
+    def full_cache_seqlens(case, q):
+        # Built with the callable, outside the timed region: the int32 (batch,) tensor a serving engine keeps.
+        return torch.full((case.batch,), case.seqlen_k, dtype=torch.int32, device=q.device)
 
     def ours(case, q, k, v, cu_q, cu_k):
         import flash_attn3
 
+        if case.kvcache:
+            seqlens = full_cache_seqlens(case, q)
+            return lambda: flash_attn3.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, causal=case.causal)
         if case.varlen:
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn3.flash_attn_varlen_func(
@@ -126,6 +171,10 @@ def make_backends(torch):
                 import fa3_fwd_interface as flash_attn_interface
             except ImportError as e:
                 raise Unsupported("neither flash_attn_interface nor fa3_fwd_interface is installed") from e
+        if case.kvcache:
+            seqlens = full_cache_seqlens(case, q)
+            return lambda: flash_attn_interface.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens,
+                                                                        causal=case.causal)
         if case.varlen:
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn_interface.flash_attn_varlen_func(
@@ -133,6 +182,14 @@ def make_backends(torch):
         return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal)
 
     fp8_probe = {}  # backend -> None (SDPA ran fp8 inputs) or the reason it did not
+    causal_masks = {}  # (s_q, s_k, device) -> bottom-right causal boolean mask, shared by the input sets
+
+    def bottom_right_mask(case, device):
+        key = (case.seqlen_q, case.seqlen_k, str(device))
+        if key not in causal_masks:
+            ones = torch.ones(case.seqlen_q, case.seqlen_k, dtype=torch.bool, device=device)
+            causal_masks[key] = ones.tril(case.seqlen_k - case.seqlen_q)  # query i sees keys <= i + s_k - s_q
+        return causal_masks[key]
 
     def sdpa_fp8_unsupported(backend):
         """Whether torch SDPA's `backend` takes float8_e4m3fn inputs, from one tiny call (cached)."""
@@ -157,13 +214,18 @@ def make_backends(torch):
                 reason = sdpa_fp8_unsupported(backend)
                 if reason is not None:
                     raise Unsupported(reason)
-            # SDPA wants (b, h, s, d): transposed views, no copies. Its is_causal is top-left aligned; FA's is
-            # bottom-right, which for one query row (decode) means no mask, and otherwise needs a bias.
+            # SDPA wants (b, h, s, d): transposed views, no copies (a kvcache case's cache is full, so it is
+            # plain k, v). Its is_causal is top-left aligned; FA's is bottom-right, which for one query row
+            # (decode) means no mask, and otherwise needs a bias. FA2 takes torch's causal_lower_right, which it
+            # runs as its own (bottom-right) causal; for cuDNN that bias would rebuild a dense mask inside every
+            # timed call, so cuDNN gets the same boolean mask built once here.
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             mask, is_causal = None, case.causal
             if case.causal and case.seqlen_q != case.seqlen_k:
                 is_causal = False
-                if case.seqlen_q > 1:
+                if case.seqlen_q > 1 and backend == SDPBackend.CUDNN_ATTENTION:
+                    mask = bottom_right_mask(case, q.device)
+                elif case.seqlen_q > 1:
                     from torch.nn.attention.bias import causal_lower_right
                     mask = causal_lower_right(case.seqlen_q, case.seqlen_k)
             gqa = case.heads != case.heads_k
@@ -231,11 +293,13 @@ def time_graph(torch, fns, iters: int) -> float:
 
 def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
     """Returns {backend: (status, ms, tflops, note)}, the max |flash_attn3 - reference| if both ran, and the
-    reference's name: SDPA (cuDNN, else FA2), or for fp8 rows without an SDPA result, FA3."""
+    reference's name: SDPA (cuDNN, else FA2), or for fp8 and kvcache rows without an SDPA result, FA3."""
     device = torch.device("cuda")
     elem = 1 if case.dtype == "fp8" else 2
     set_bytes = elem * case.head_dim * (2 * case.batch * case.seqlen_q * case.heads
                                         + 2 * case.batch * case.seqlen_k * case.heads_k)
+    # Sets add up to at most 2·L2 + one set, so memory stays bounded: the largest decode set (64 x 8192 or
+    # 16 x 32768 cached tokens, h_k 8, d 128) is 2 GiB of K and V and runs alone.
     n_sets = max(1, min(64, math.ceil(2 * l2_bytes / set_bytes)))
     sets = [make_inputs(torch, case, device) for _ in range(n_sets)]
     results, outputs = {}, {}
@@ -252,8 +316,7 @@ def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
                 f()
             first = time_eager(torch, fns[:1], 3)
             note = ""
-            # The production cases are serving calls, which engines replay from CUDA graphs: always timed so.
-            if first < SMALL_CASE_MS or case.group == "production":
+            if first < SMALL_CASE_MS or case.group in GRAPH_GROUPS:
                 try:
                     ms = time_graph(torch, fns, iters)
                     note = f"graph x{n_sets}"
@@ -277,7 +340,7 @@ def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
     ref = outputs.get("cudnn", outputs.get("fa2"))
     if ref is not None:
         ref, diff_ref = ref.transpose(1, 2), "sdpa"  # back to (b, s, h, d)
-    elif case.dtype == "fp8" and outputs.get("fa3") is not None:
+    elif (case.dtype == "fp8" or case.kvcache) and outputs.get("fa3") is not None:
         ref, diff_ref = outputs["fa3"], "fa3"  # FA3's layout is ours: (b, s, h, d) or packed (b·s, h, d)
     if ours is not None and ref is not None:
         diff = (ours.float().reshape(ref.shape) - ref.float()).abs().max().item()
@@ -342,7 +405,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=("paper", "headline", "production", "all"), default="all")
+    ap.add_argument("--grid", choices=("paper", "headline", "production", "decode", "all"), default="all")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
                     help="dtype of the paper grid (fp8: float8_e4m3fn inputs, bfloat16 output)")
     ap.add_argument("--hdim", help="comma-separated head dims to keep, e.g. 64,128 (default: all)")
@@ -407,7 +470,13 @@ def main() -> int:
         cells = []
         for name in backends:
             status, ms, tflops, note = results[name]
-            cells.append(f"{tflops:7.1f} TF {ms:8.4f} ms" if status == "ok" else status)
+            gbps = case.gbps(ms) if status == "ok" and case.reports_gbps else None
+            if status != "ok":
+                cells.append(status)
+            elif gbps is not None:
+                cells.append(f"{gbps:5.0f} GB/s {ms * 1e3:6.1f} us")
+            else:
+                cells.append(f"{tflops:7.1f} TF {ms:8.4f} ms")
             rows.append({"date": date, "device": dev, "group": case.group, "dtype": case.dtype, "batch": case.batch,
                          "seqlen_q": case.seqlen_q, "seqlen_k": case.seqlen_k, "heads": case.heads,
                          "heads_k": case.heads_k, "head_dim": case.head_dim, "causal": str(case.causal),
@@ -416,7 +485,8 @@ def main() -> int:
                          "max_diff_vs_sdpa": (f"{diff:.3e}" if diff is not None and diff_ref == "sdpa"
                                               and name == "flash_attn3" else ""),
                          "note": "; ".join(x for x in (note, fa3_diff if name == "flash_attn3" else "") if x),
-                         "torch": torch.__version__})
+                         "torch": torch.__version__,
+                         "gbps": f"{gbps:.1f}" if gbps is not None else ""})  # last: older CSVs lack it
         shown = "" if diff is None else (f"{diff:.1e}" if diff_ref == "sdpa" else f"{diff_ref}:{diff:.1e}")
         print(f"{case.label:<{width}}" + "".join(f" | {c:>20}" for c in cells) + f" | {shown}", flush=True)
         for name in backends:

@@ -15,6 +15,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include "../hopper/api.h"
+#include "../hopper/combine.h"
 #include "../hopper/params.h"
 
 namespace {
@@ -213,7 +215,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   not_implemented_if(page_table.has_value(), "paged KV (page_table)");
   not_implemented_if(kv_batch_idx.has_value(), "kv_batch_idx");
   not_implemented_if(leftpad_k.has_value(), "leftpad_k");
-  not_implemented_if(num_splits > 1, "split-KV (num_splits > 1)");
   // What FwdParams can express (dtype, head dims, softcap, windows) is judged by flash3::check_supported,
   // through run_fwd below: the kernel table is the one record of what was built.
 
@@ -323,8 +324,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.fp8.q = descale(q_descale, "q_descale", batch, num_heads_k, is_fp8, q);
   params.fp8.k = descale(k_descale, "k_descale", batch, num_heads_k, is_fp8, q);
   params.fp8.v = descale(v_descale, "v_descale", batch, num_heads_k, is_fp8, q);
-  // pack_gqa has no field: the kernel's heuristic decides packing. It is validated above so the schema keeps
-  // FA3's meaning and a later override can use it without changing callers.
+  params.schedule.num_splits = static_cast<int32_t>(num_splits);
+  params.schedule.pack_gqa = static_cast<int32_t>(pack_gqa);
 
   // ---- nothing to compute: no launch (run_fwd itself handles K without rows), but a feature that is not
   // built fails as it would with data ----
@@ -337,9 +338,14 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   }
 
   // Causal and varlen tiles differ in cost: give the kernel a zeroed tile counter so it schedules them
-  // dynamically. Stream-ordered allocation + memset, so this stays CUDA-graph capturable.
+  // dynamically, unless every CTA has one tile anyway (decode). Stream-ordered allocation + memset, so this
+  // stays CUDA-graph capturable. A call the plan rejects gets its message from run_fwd below.
   at::Tensor tile_counter;
-  if (flash3::is_causal(params.mask) || varlen_q || varlen_k) {
+  flash3::FwdPlan plan;
+  bool const planned = flash3::plan_fwd(params, &plan) == FLASH3_SUCCESS;
+  bool const unequal = flash3::is_causal(params.mask) || varlen_q || varlen_k || seqused_q.has_value() ||
+                       seqused_k.has_value();
+  if (planned && unequal && plan.num_tiles > plan.grid) {
     tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
     params.tile_counter = tile_counter.data_ptr<int32_t>();
   }
@@ -347,7 +353,7 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   // FP8: the transposed copy of V (hopper/fp8_vt.h) in memory from torch's caching allocator, so the call
   // stays stream-ordered and capturable.
   at::Tensor workspace;
-  if (int64_t const bytes = flash3_fwd_workspace_size(&params); bytes > 0) {
+  if (int64_t const bytes = planned ? plan.workspace_bytes : 0; bytes > 0) {
     workspace = at::empty({bytes + 256}, q.options().dtype(at::kByte));
     uintptr_t const base = reinterpret_cast<uintptr_t>(workspace.data_ptr());
     params.workspace = reinterpret_cast<void*>((base + 255) / 256 * 256);
@@ -367,6 +373,118 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
               " from run_fwd: ", flash3::status_string(status));
 }
 
+// flash_attn_combine: out_partial (splits, batch, seqlen, heads, dim) or (splits, total, heads, dim) float32
+// with the last dim contiguous; lse_partial its shape without dim, any strides; out (the shape without
+// splits, float32/float16/bfloat16, last dim contiguous) and lse (float32, out's shape without dim, any
+// strides) are written. Python (flash_attn3.interface) checks the same and allocates the outputs.
+void combine(at::Tensor const& out_partial, at::Tensor const& lse_partial, at::Tensor& out, at::Tensor& lse) {
+  TORCH_CHECK(out_partial.is_cuda(), "flash_attn3 combine: out_partial must be a CUDA tensor");
+  check_same_device(lse_partial, "lse_partial", out_partial);
+  check_same_device(out, "out", out_partial);
+  check_same_device(lse, "lse", out_partial);
+  TORCH_CHECK(out_partial.scalar_type() == at::kFloat && lse_partial.scalar_type() == at::kFloat &&
+                  lse.scalar_type() == at::kFloat,
+              "flash_attn3 combine: out_partial, lse_partial and lse must be float32");
+  int64_t const rank = out_partial.dim();
+  TORCH_CHECK(rank == 4 || rank == 5, "flash_attn3 combine: out_partial must be 4-D or 5-D, got ", rank, "-D");
+  TORCH_CHECK(out_partial.stride(-1) == 1 && out.stride(-1) == 1,
+              "flash_attn3 combine: out_partial and out must have a contiguous last dimension");
+  check_shape(lse_partial, "lse_partial", out_partial.sizes().slice(0, rank - 1));
+  check_shape(out, "out", out_partial.sizes().slice(1));
+  check_shape(lse, "lse", out_partial.sizes().slice(1, rank - 2));
+  flash3::CombineParams c;
+  c.num_splits = to_int32(out_partial.size(0), "num_splits");
+  bool const dense = rank == 5;
+  c.batch = dense ? to_int32(out_partial.size(1), "batch") : 1;
+  c.rows = to_int32(out_partial.size(dense ? 2 : 1), "seqlen");
+  c.heads = to_int32(out_partial.size(-2), "num_heads");
+  c.head_dim = to_int32(out_partial.size(-1), "head_dim");
+  auto stride = [](at::Tensor const& t, int64_t dim) { return t.stride(dim); };
+  c.o_partial = out_partial.data_ptr<float>();
+  c.o_split_stride = stride(out_partial, 0);
+  c.o_batch_stride = dense ? stride(out_partial, 1) : 0;
+  c.o_row_stride = stride(out_partial, rank - 3);
+  c.o_head_stride = stride(out_partial, rank - 2);
+  c.lse_partial = lse_partial.data_ptr<float>();
+  c.lse_split_stride = stride(lse_partial, 0);
+  c.lse_batch_stride = dense ? stride(lse_partial, 1) : 0;
+  c.lse_row_stride = stride(lse_partial, rank - 3);
+  c.lse_head_stride = stride(lse_partial, rank - 2);
+  c.out = out.data_ptr();
+  at::ScalarType const ot = out.scalar_type();
+  TORCH_CHECK(ot == at::kFloat || ot == at::kHalf || ot == at::kBFloat16,
+              "flash_attn3 combine: out must be float32, float16 or bfloat16, got ", ot);
+  c.out_type = ot == at::kFloat ? flash3::CombineOut::kFloat32
+               : ot == at::kHalf ? flash3::CombineOut::kFloat16 : flash3::CombineOut::kBFloat16;
+  c.out_batch_stride = dense ? stride(out, 0) : 0;
+  c.out_row_stride = stride(out, rank - 4);
+  c.out_head_stride = stride(out, rank - 3);
+  c.lse = lse.data_ptr<float>();
+  c.lse_out_batch_stride = dense ? stride(lse, 0) : 0;
+  c.lse_out_row_stride = stride(lse, rank - 4);
+  c.lse_out_head_stride = stride(lse, rank - 3);
+  c10::cuda::CUDAGuard const guard(out_partial.device());
+  cudaError_t cuda_err = cudaSuccess;
+  flash3::Status const status = flash3::run_combine(c, c10::cuda::getCurrentCUDAStream().stream(), &cuda_err);
+  TORCH_CHECK(status != FLASH3_CUDA_ERROR, "flash_attn3 combine: CUDA error: ", cudaGetErrorString(cuda_err));
+  TORCH_CHECK(status == FLASH3_SUCCESS, "flash_attn3 combine: invalid argument: ", flash3::last_error_detail());
+}
+
+// The plan a forward call with these sizes would follow on `device` (get_scheduler_metadata): [num_splits,
+// pack_gqa, block_m, block_n, num_m_blocks, num_tiles, grid]. The sizes are described to the planner with
+// contiguous layouts at a placeholder address: it reads no memory.
+std::vector<int64_t> plan(int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t num_heads,
+                          int64_t num_heads_k, int64_t head_dim, int64_t head_dim_v, at::ScalarType qkv_dtype,
+                          bool varlen_q, int64_t window_size_left, int64_t window_size_right, double softcap,
+                          int64_t num_splits, int64_t pack_gqa, int64_t sm_margin, at::Device device) {
+  TORCH_CHECK(device.is_cuda() && device.has_index(), "flash_attn3 plan: device must be an indexed CUDA device");
+  DeviceInfo const& dev = device_info(device.index());
+  TORCH_CHECK(sm_margin >= 0 && sm_margin < dev.num_sms, "flash_attn3 plan: sm_margin must be in [0, ", dev.num_sms,
+              "), got ", sm_margin);
+  flash3::FwdParams p;
+  p.dtype = to_dtype(qkv_dtype);
+  p.out_dtype = p.dtype == FLASH3_FLOAT8_E4M3 ? FLASH3_BFLOAT16 : p.dtype;
+  p.batch = to_int32(batch, "batch_size");
+  p.num_heads = to_int32(num_heads, "num_heads_q");
+  p.num_heads_k = to_int32(num_heads_k, "num_heads_kv");
+  p.head_dim = to_int32(head_dim, "headdim");
+  p.head_dim_v = to_int32(head_dim_v, "headdim_v");
+  static int64_t placeholder[64];  // 256-byte aligned enough for every alignment rule; never read
+  void* const fake = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(placeholder) + 255) / 256 * 256);
+  int32_t const sq = to_int32(max_seqlen_q, "max_seqlen_q");
+  int32_t const sk = to_int32(max_seqlen_k, "max_seqlen_k");
+  auto describe = [&](flash3::Operand& op, int32_t rows, int64_t heads, int64_t dim) {
+    op.ptr = fake;
+    op.head_stride = dim;
+    op.row_stride = heads * dim;
+    op.batch_stride = int64_t(rows) * heads * dim;
+    op.rows = varlen_q ? rows * p.batch : rows;
+  };
+  describe(p.q, sq, num_heads, head_dim);
+  describe(p.out, sq, num_heads, head_dim_v);
+  describe(p.k, sk, num_heads_k, head_dim);
+  describe(p.v, sk, num_heads_k, head_dim_v);
+  p.k.rows = sk;  // the cache: dense rows (seqused_k picks each sequence's length)
+  p.v.rows = sk;
+  if (varlen_q) {
+    static int32_t const fake_cu[2] = {0, 0};
+    p.varlen.cu_seqlens_q = fake_cu;  // only its presence matters to the plan
+    p.varlen.max_seqlen_q = sq;
+  }
+  p.lse.ptr = reinterpret_cast<float*>(fake);
+  p.mask.window_left = static_cast<int32_t>(window_size_left < 0 ? -1 : window_size_left);
+  p.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
+  p.softcap = static_cast<float>(softcap);
+  p.num_sms = dev.num_sms - static_cast<int>(sm_margin);
+  p.schedule.num_splits = static_cast<int32_t>(num_splits);
+  p.schedule.pack_gqa = static_cast<int32_t>(pack_gqa);
+  flash3::FwdPlan pl;
+  flash3::Status const st = flash3::plan_fwd(p, &pl);
+  TORCH_CHECK_NOT_IMPLEMENTED(st != FLASH3_NOT_COMPILED, "flash_attn3 plan: ", flash3::last_error_detail());
+  TORCH_CHECK(st == FLASH3_SUCCESS, "flash_attn3 plan: invalid argument: ", flash3::last_error_detail());
+  return {pl.num_splits, pl.pack_gqa ? 1 : 0, pl.block_m, pl.block_n, pl.num_m_blocks, pl.num_tiles, pl.grid};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flash_attn3, m) {
@@ -378,9 +496,20 @@ TORCH_LIBRARY(flash_attn3, m) {
       "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
       "float softmax_scale, int window_size_left, int window_size_right, float softcap, "
       "int num_splits, int pack_gqa, int sm_margin) -> ()");
+  m.def("combine(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def(
+      "plan(int batch, int max_seqlen_q, int max_seqlen_k, int num_heads, int num_heads_k, int head_dim, "
+      "int head_dim_v, ScalarType qkv_dtype, bool varlen_q, int window_size_left, int window_size_right, "
+      "float softcap, int num_splits, int pack_gqa, int sm_margin, Device device) -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(flash_attn3, CUDA, m) { m.impl("fwd", &fwd); }
+TORCH_LIBRARY_IMPL(flash_attn3, CUDA, m) {
+  m.impl("fwd", &fwd);
+  m.impl("combine", &combine);
+}
+
+// plan takes no tensor, so the dispatcher cannot route it by device: it is registered for every backend.
+TORCH_LIBRARY_IMPL(flash_attn3, CompositeExplicitAutograd, m) { m.impl("plan", &plan); }
 
 // `flash_attn3._C` is a Python module only so that importing it loads this shared library; the operators
 // are reached through torch.ops.flash_attn3, so the module itself is empty.

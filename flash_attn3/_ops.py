@@ -157,6 +157,21 @@ def fwd(*schema_args) -> None:
     torch.ops.flash_attn3.fwd(*schema_args)
 
 
+def combine(out_partial, lse_partial, out, lse) -> None:
+    """torch.ops.flash_attn3.combine: writes out and lse (shapes checked by flash_attn_combine)."""
+    torch.ops.flash_attn3.combine(out_partial, lse_partial, out, lse)
+
+
+# get_scheduler_metadata's tensor: METADATA_TAG, then the plan's 7 values (csrc/flash_api.cpp `plan`).
+METADATA_TAG = 0x46413301
+METADATA_LEN = 8
+
+
+def plan(*args) -> list:
+    """torch.ops.flash_attn3.plan: [num_splits, pack_gqa, block_m, block_n, num_m_blocks, num_tiles, grid]."""
+    return list(torch.ops.flash_attn3.plan(*args))
+
+
 def _fwd_fake(*schema_args):
     # The dispatcher hands a fake every argument positionally (even those the caller named), so FwdArgs names
     # them in schema order. The op writes into `out` and `softmax_lse` and returns nothing, so the fake only
@@ -173,5 +188,10 @@ def _fwd_fake(*schema_args):
     return None
 
 
+def _combine_fake(out_partial, lse_partial, out, lse):
+    return None
+
+
 if HAS_EXTENSION:
     torch.library.register_fake("flash_attn3::fwd")(_fwd_fake)
+    torch.library.register_fake("flash_attn3::combine")(_combine_fake)

@@ -93,7 +93,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     return (out, softmax_lse) if return_attn_probs else out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):  # noqa: E501
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, scheduler_metadata=None):  # noqa: E501
     """Attention over packed variable-length sequences.
 
     Sequence i occupies rows [cu_seqlens_q[i], cu_seqlens_q[i + 1]) of q and [cu_seqlens_k[i],
@@ -109,6 +109,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             device-side cu_seqlens unless checked mode is on (flash_attn3.checked_mode).
         seqused_q, seqused_k: optional int32 (batch,): only the first seqused[i] rows of sequence i are used;
             output rows beyond them are not written.
+        scheduler_metadata: optional, from get_scheduler_metadata with the same sizes (as vLLM passes it).
         Other arguments: as in flash_attn_func.
 
     Returns:
@@ -121,7 +122,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
-        sm_margin=sm_margin, extra_tensors={"qv": qv})
+        sm_margin=sm_margin, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata})
+    _check_scheduler_metadata(scheduler_metadata, call)
     _reject_unimplemented(qv, attention_chunk)
     out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs else out
@@ -144,7 +146,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         page_table: int32 (batch, max_pages): page indices into k_cache/v_cache; the cache of batch entry i
             is the concatenation of its pages, max_pages * page_size positions.
         cu_seqlens_k_new: varlen layout of k/v (only with k/v).
-        scheduler_metadata: not implemented (must be None).
+        scheduler_metadata: optional int32 tensor from get_scheduler_metadata for the same sizes and options.
+            The kernel schedules itself on the device from cache_seqlens (no host sync, so a captured decode
+            step replays correctly with new lengths), so the metadata only records the host-side choices
+            (num_splits, pack_gqa); its dtype, shape and device are checked, and in checked mode its tag. The
+            call's own plan (from its shapes and num_splits / pack_gqa) is what runs, so metadata made with a
+            different max_seqlen_k (vLLM passes the batch's longest) is harmless.
         num_splits: 0 = heuristic (default), 1 = no split-KV, > 1 (up to 256) forced.
         Other arguments: as in flash_attn_func.
 
@@ -197,8 +204,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         raise NotImplementedError(
             "k, v: appending new keys/values to the cache (append_kv) is not implemented in flash_attn3 yet; "
             "write them into k_cache/v_cache and raise cache_seqlens instead")
-    if scheduler_metadata is not None:
-        raise _checks.not_implemented("scheduler_metadata")
+    _check_scheduler_metadata(scheduler_metadata, call)
     if cache_seqlens_int is not None:
         # A tensor built on the device from a Python int: no host sync, graph-capturable.
         call = dataclasses.replace(
@@ -234,12 +240,14 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
         out_partial: float32 (num_splits, batch, seqlen, num_heads, head_dim) or (num_splits, total_q,
             num_heads, head_dim), last dim contiguous; num_splits <= 256.
         lse_partial: float32 (num_splits, batch, seqlen, num_heads) (or varlen (num_splits, total_q,
-            num_heads)) with stride(-2) == 1 (sequence-contiguous).
+            num_heads)), any strides (FA3 requires stride(-2) == 1; every layout FA3 accepts works here).
         out: optional output buffer; out_dtype: float32 (default), float16 or bfloat16.
 
     Returns:
-        (out, lse). Not implemented in this version: validates the arguments, then raises
-        NotImplementedError. flash_attn3.reference.combine_ref computes the same result in PyTorch.
+        (out, lse): out with out_partial's shape without the split dim, in out_dtype; lse float32 with
+        lse_partial's shape without the split dim (a view of a (batch, num_heads, seqlen) buffer, as FA3).
+        Rows whose splits all have lse = -inf give out = 0, lse = -inf. flash_attn3.reference.combine_ref
+        computes the same in PyTorch.
     """
     _checks.check_tensor("out_partial", out_partial)
     _checks.check_tensor("lse_partial", lse_partial)
@@ -257,9 +265,6 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
                          f"the head dim, {tuple(out_partial.shape[:-1])}")
     _checks.check_int("num_splits (out_partial.shape[0])", out_partial.shape[0], 1, _checks.MAX_SPLITS)
     _checks.check_last_dim_contiguous("out_partial", out_partial)
-    if lse_partial.shape[-2] > 1 and lse_partial.stride(-2) != 1:
-        raise ValueError("lse_partial: the sequence dimension must be contiguous (stride(-2) == 1), got stride "
-                         f"{lse_partial.stride(-2)}")
     out_dtype = out_dtype or torch.float32
     if out is not None:
         if out.dtype != out_dtype:
@@ -268,14 +273,27 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(out_partial.shape[1:])}")
         _checks.check_last_dim_contiguous("out", out)
     _checks.check_devices({"out_partial": out_partial, "lse_partial": lse_partial, "out": out})
-    raise _checks.not_implemented("flash_attn_combine (the split-KV combine kernel)")
+    _ops.require_extension()
+    if out is None:
+        out = torch.empty(out_partial.shape[1:], dtype=out_dtype, device=out_partial.device)
+    if out_partial.dim() == 5:  # (batch, seqlen, heads) as a view of a (batch, heads, seqlen) buffer
+        b, sq, h = out_partial.shape[1:4]
+        lse = torch.empty((b, h, sq), dtype=torch.float32, device=out_partial.device).transpose(1, 2)
+    else:
+        tq, h = out_partial.shape[1:3]
+        lse = torch.empty((h, tq), dtype=torch.float32, device=out_partial.device).t()
+    _ops.combine(out_partial, lse_partial, out, lse)
+    return out, lse
 
 
 def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim, cache_seqlens, qkv_dtype=torch.bfloat16, headdim_v=None, cu_seqlens_q=None, cu_seqlens_k_new=None, cache_leftpad=None, page_size=None, max_seqlen_k_new=0, causal=False, window_size=(-1, -1), attention_chunk=0, has_softcap=False, num_splits=0, pack_gqa=None, sm_margin=0):  # noqa: E501
-    """Precomputes the varlen tile schedule of a later flash_attn_with_kvcache call (FA3 API).
+    """Precomputes the schedule of a later flash_attn_with_kvcache call with these sizes (FA3 API).
 
-    Not implemented in this version: validates the scalar arguments, then raises NotImplementedError.
-    flash_attn_with_kvcache schedules itself when scheduler_metadata is None.
+    Returns an int32 tensor on cache_seqlens' device: [tag, num_splits, pack_gqa, block_m, block_n,
+    num_m_blocks, num_tiles, grid], the host-side choices the call will make (the device-side split of each
+    sequence follows cache_seqlens at run time, so the metadata stays valid when the lengths change between
+    CUDA-graph replays). Built with device fills only, so it may be created while a graph is captured. Pass
+    it as scheduler_metadata= together with the same num_splits and pack_gqa.
     """
     for name, x in (("batch_size", batch_size), ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k),
                     ("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv), ("headdim", headdim),
@@ -284,4 +302,45 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
         _checks.check_int(name, x, 0)
     _checks.check_int("num_splits", num_splits, 0, _checks.MAX_SPLITS)
     _checks.check_tensor("cache_seqlens", cache_seqlens)
-    raise _checks.not_implemented("get_scheduler_metadata")
+    if headdim_v is not None:
+        _checks.check_int("headdim_v", headdim_v, 1)
+    if pack_gqa is not None:
+        _checks.check_bool("pack_gqa", pack_gqa)
+    _checks.check_bool("has_softcap", has_softcap)
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k_new", cu_seqlens_k_new),
+                    ("cache_leftpad", cache_leftpad)):
+        _checks.check_tensor(name, t, optional=True)
+    if cu_seqlens_k_new is not None or max_seqlen_k_new:
+        raise _checks.not_implemented("cu_seqlens_k_new / max_seqlen_k_new (appending new keys, append_kv)")
+    if page_size is not None:
+        raise _checks.not_implemented("page_size (paged KV)")
+    if cache_leftpad is not None:
+        raise _checks.not_implemented("cache_leftpad")
+    if attention_chunk:
+        raise _checks.not_implemented("attention_chunk != 0 (chunked attention)")
+    if not cache_seqlens.is_cuda:
+        raise ValueError(f"cache_seqlens: must be a CUDA tensor, got device {cache_seqlens.device}")
+    _ops.require_extension()
+    window_left, window_right = _checks.normalize_window(window_size, causal, max_seqlen_q, max_seqlen_k)
+    plan = _ops.plan(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,
+                     headdim if headdim_v is None else headdim_v, qkv_dtype, cu_seqlens_q is not None,
+                     window_left, window_right, 1.0 if has_softcap else 0.0, num_splits,
+                     -1 if pack_gqa is None else int(pack_gqa), sm_margin, cache_seqlens.device)
+    values = [_ops.METADATA_TAG, *plan]
+    md = torch.empty(len(values), dtype=torch.int32, device=cache_seqlens.device)
+    for i, v in enumerate(values):
+        md[i].fill_(v)
+    return md
+
+
+def _check_scheduler_metadata(md, call):
+    """The rules a scheduler_metadata tensor must follow (checked mode: also that it was made for `call`)."""
+    if md is None:
+        return
+    if md.dtype != torch.int32 or md.dim() != 1 or md.numel() != _ops.METADATA_LEN:
+        raise ValueError(f"scheduler_metadata: must be the int32 ({_ops.METADATA_LEN},) tensor of "
+                         f"get_scheduler_metadata, got {md.dtype} of shape {tuple(md.shape)}")
+    if md.device != call.q.device:
+        raise ValueError(f"scheduler_metadata: must be on q's device ({call.q.device}), got {md.device}")
+    if _checked.is_enabled() and int(md[0]) != _ops.METADATA_TAG:
+        raise ValueError("scheduler_metadata: not a tensor made by flash_attn3.get_scheduler_metadata")

@@ -7,8 +7,11 @@
 
 #include <cutlass/numeric_types.h>
 
+#include "combine.h"
 #include "fp8_vt.h"
 #include "instantiations/kernel_key.h"
+#include "tile_config.h"
+#include "workspace.h"
 
 #include <cmath>
 #include <cstdint>
@@ -17,6 +20,8 @@
 namespace flash3 {
 
 namespace {
+
+constexpr int kMaxSplits = 256;  // FA3's bound; the combine reads every split's LSE of a row
 
 thread_local std::string g_error_detail;
 thread_local cudaError_t g_cuda_error = cudaSuccess;
@@ -140,6 +145,14 @@ Status validate(FwdParams const& p) {
   }
   if (p.batch < 0) { return fail(FLASH3_INVALID_ARGUMENT, "batch: must be >= 0, got " + str(p.batch)); }
   if (p.num_sms < 0) { return fail(FLASH3_INVALID_ARGUMENT, "num_sms: must be >= 0 (0 = all), got " + str(p.num_sms)); }
+  if (p.schedule.num_splits < 0 || p.schedule.num_splits > kMaxSplits) {
+    return fail(FLASH3_INVALID_ARGUMENT, "schedule.num_splits: must be in [0, 256] (0 = heuristic, 1 = no split), got " +
+                                             str(p.schedule.num_splits));
+  }
+  if (p.schedule.pack_gqa < -1 || p.schedule.pack_gqa > 1) {
+    return fail(FLASH3_INVALID_ARGUMENT, "schedule.pack_gqa: must be -1 (heuristic), 0 or 1, got " +
+                                             str(p.schedule.pack_gqa));
+  }
   for (auto [name, op] : {std::pair{"q", &p.q}, std::pair{"k", &p.k}, std::pair{"v", &p.v}, std::pair{"out", &p.out}}) {
     if (op->rows < 0) { return fail(FLASH3_INVALID_ARGUMENT, std::string(name) + ".rows: must be >= 0"); }
   }
@@ -184,11 +197,6 @@ Status validate(FwdParams const& p) {
       return fail(FLASH3_INVALID_ARGUMENT, "k.rows: with float8_e4m3fn inputs, k.rows + 16 * batch must stay below "
                                            "2^31 - 256, got k.rows " + str(p.k.rows) + ", batch " + str(p.batch));
     }
-    int64_t const need = fwd_workspace_bytes(p);
-    if (p.workspace != nullptr && (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0 || p.workspace_bytes < need)) {
-      return fail(FLASH3_INVALID_ARGUMENT, "workspace: must be 256-byte aligned with at least " + str(need) +
-                                               " bytes (flash3_fwd_workspace_size), got " + str(p.workspace_bytes));
-    }
   }
   return FLASH3_SUCCESS;
 }
@@ -226,6 +234,8 @@ Status check_supported(FwdParams const& p) {
   if (is_causal(p.mask) && !kBuilt.causal) { return missing("causal attention"); }
   if ((is_varlen_q(p) || is_varlen_k(p)) && !kBuilt.varlen) { return missing("cu_seqlens (varlen)"); }
   if (p.num_heads != p.num_heads_k && !kBuilt.gqa) { return missing("num_heads != num_heads_k (GQA/MQA)"); }
+  if (p.schedule.num_splits != 1 && !kBuilt.split_kv) { return missing("num_splits != 1 (split-KV)"); }
+  if (p.schedule.pack_gqa == 1 && !kBuilt.pack_gqa) { return missing("pack_gqa"); }
   // An empty problem launches nothing, so it needs no kernel; the features above it still must exist, so
   // that an empty batch fails the same way a full one would.
   bool const empty = p.batch == 0 || p.q.rows == 0 || p.num_heads == 0;
@@ -250,30 +260,194 @@ char const* last_error_detail() { return g_error_detail.c_str(); }
 
 Status report_failure(Status status, char const* detail) { return fail(status, detail); }
 
+namespace {
+
+// Split-KV heuristic, for `tiles` work tiles without splitting and `n_blocks` key blocks in the longest
+// sequence. Splitting pays when the tiles leave SMs idle: decode (one query tile per sequence and head) on a
+// small batch reads its K/V through a few SMs only. It costs the combine kernel and fp32 partials, so it is
+// used only below 0.8 of a wave, and every split keeps at least kMinBlocksPerSplit key blocks, so that its
+// pipeline has loads to overlap. Splits fill one wave: floor(num_sms / tiles). Measured on the H200
+// (benchmarks/NOTES.md, "split-KV heuristic").
+constexpr int kMinBlocksPerSplit = 2;
+
+int split_heuristic(int64_t tiles, int n_blocks, int num_sms) {
+  if (tiles <= 0 || n_blocks < 2 * kMinBlocksPerSplit || tiles * 5 >= int64_t(num_sms) * 4) { return 1; }
+  int64_t splits = num_sms / tiles;
+  splits = splits < n_blocks / kMinBlocksPerSplit ? splits : n_blocks / kMinBlocksPerSplit;
+  splits = splits < kMaxSplits ? splits : kMaxSplits;
+  return splits > 1 ? int(splits) : 1;
+}
+
+// The fraction of a tile's rows that hold queries, for `rows` rows cut into tiles of block_m.
+double tile_fill(int64_t rows, int block_m) {
+  int64_t const padded = (rows + block_m - 1) / block_m * block_m;
+  return padded > 0 ? double(rows) / double(padded) : 1.0;
+}
+
+// p has passed validate() and check_supported() and is not empty.
+FwdPlan make_plan(FwdParams const& p, int num_sms) {
+  KernelEntry const* e = find_kernel(p.dtype, p.head_dim, p.head_dim_v);
+  TileShape const t = tile_shape_sm90(e->head_dim, e->head_dim_v, is_causal(p.mask), element_size(p.dtype));
+  FwdPlan plan;
+  plan.block_m = t.block_m;
+  plan.block_n = t.block_n;
+  plan.num_sms = num_sms;
+  int const group = p.num_heads / p.num_heads_k;
+  int64_t const sq = max_seqlen_q(p);
+  int const n_blocks = int((int64_t(max_seqlen_k(p)) + t.block_n - 1) / t.block_n);
+  auto m_blocks = [&](bool pack) { return (sq * (pack ? group : 1) + plan.block_m - 1) / plan.block_m; };
+  auto tiles = [&](bool pack) { return m_blocks(pack) * (pack ? p.num_heads_k : p.num_heads) * int64_t(p.batch); };
+  // PackGQA heuristic (FA3's rule): pack when the packed rows fill the query tiles clearly better (decode:
+  // 1 row of 128 against `group` rows), and whenever the keys are split (below).
+  bool pack = group > 1 && p.schedule.pack_gqa != 0 &&
+              (p.schedule.pack_gqa == 1 || tile_fill(sq, t.block_m) < 0.9 * tile_fill(sq * group, t.block_m));
+  int splits = 1;
+  if (p.k.rows > 0) {
+    if (p.schedule.num_splits > 1) {
+      splits = p.schedule.num_splits < n_blocks ? p.schedule.num_splits : (n_blocks > 1 ? n_blocks : 1);
+    } else if (p.schedule.num_splits == 0) {
+      splits = split_heuristic(tiles(pack), n_blocks, num_sms);
+      if (splits > 1 && !pack && group > 1 && p.schedule.pack_gqa == -1) {
+        pack = true;  // split tiles are short: K/V read once per group, and the split count redone for it
+        splits = split_heuristic(tiles(true), n_blocks, num_sms);
+      }
+    }
+  }
+  if (splits > 1) {  // split kernels have their own tile (tile_config.h): the block counts follow it
+    TileShape const ts = tile_shape_sm90(e->head_dim, e->head_dim_v, is_causal(p.mask), element_size(p.dtype), true);
+    plan.block_m = ts.block_m;
+    plan.block_n = ts.block_n;
+    int const blocks = int((int64_t(max_seqlen_k(p)) + ts.block_n - 1) / ts.block_n);
+    splits = splits < blocks ? splits : (blocks > 1 ? blocks : 1);
+  }
+  plan.num_splits = splits;
+  plan.pack_gqa = pack;
+  plan.num_m_blocks = int(m_blocks(pack));
+  plan.num_tiles = tiles(pack) * splits;
+  plan.grid = int(plan.num_tiles < num_sms ? plan.num_tiles : num_sms);
+  FwdParams resolved = p;
+  resolved.schedule.num_splits = splits;
+  resolved.schedule.pack_gqa = pack ? 1 : 0;
+  plan.workspace_bytes = p.k.rows > 0 ? workspace_layout(resolved).total : 0;
+  return plan;
+}
+
+Status device_sms(int* num_sms) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) { err = cudaDeviceGetAttribute(num_sms, cudaDevAttrMultiProcessorCount, device); }
+  if (err != cudaSuccess) {
+    g_cuda_error = err;
+    return fail(FLASH3_CUDA_ERROR, std::string("querying the device's SM count: ") + cudaGetErrorString(err));
+  }
+  return FLASH3_SUCCESS;
+}
+
+// validate + check_supported + the plan; `plan` is left default for an empty problem.
+Status checked_plan(FwdParams const& p, FwdPlan* plan) {
+  Status status = validate(p);
+  if (status == FLASH3_SUCCESS) { status = check_supported(p); }
+  if (status != FLASH3_SUCCESS || p.batch == 0 || p.q.rows == 0) { return status; }
+  int num_sms = p.num_sms;
+  if (num_sms <= 0) {
+    status = device_sms(&num_sms);
+    if (status != FLASH3_SUCCESS) { return status; }
+  }
+  int const group = p.num_heads / p.num_heads_k;
+  if (int64_t(max_seqlen_q(p)) * group > INT32_MAX - 256 && p.schedule.pack_gqa != 0) {
+    // Packed rows are int32 coordinates; the heuristic never packs such calls, a forced pack is refused.
+    if (p.schedule.pack_gqa == 1) {
+      return fail(FLASH3_INVALID_ARGUMENT, "schedule.pack_gqa: max_seqlen_q * (num_heads / num_heads_k) must stay "
+                                           "below 2^31 - 256 to pack the q heads");
+    }
+    FwdParams unpacked = p;
+    unpacked.schedule.pack_gqa = 0;
+    *plan = make_plan(unpacked, num_sms);
+  } else {
+    *plan = make_plan(p, num_sms);
+  }
+  if (plan->num_tiles > INT32_MAX) {
+    return fail(FLASH3_INVALID_ARGUMENT, "the call has " + str(plan->num_tiles) + " work tiles (query tiles x heads x "
+                                         "batch x splits); the kernel counts them in int32: use fewer splits");
+  }
+  return FLASH3_SUCCESS;
+}
+
+}  // namespace
+
+Status plan_fwd(FwdParams const& p, FwdPlan* plan) {
+  g_error_detail.clear();
+  *plan = FwdPlan{};
+  return checked_plan(p, plan);
+}
+
+int64_t fwd_workspace_bytes(FwdParams const& p) {
+  FwdPlan plan;
+  std::string const saved = g_error_detail;  // a size query does not disturb the last error
+  Status const status = checked_plan(p, &plan);
+  g_error_detail = saved;
+  return status == FLASH3_SUCCESS ? plan.workspace_bytes : 0;
+}
+
 Status run_fwd(FwdParams const& p, cudaStream_t stream, cudaError_t* cuda_error) {
   g_error_detail.clear();
   g_cuda_error = cudaSuccess;
   if (cuda_error != nullptr) { *cuda_error = cudaSuccess; }
-  Status status = validate(p);
-  if (status == FLASH3_SUCCESS) { status = check_supported(p); }
-  if (status != FLASH3_SUCCESS || p.batch == 0 || p.q.rows == 0) { return status; }
+  FwdPlan plan;
+  Status const status = checked_plan(p, &plan);
+  if (status != FLASH3_SUCCESS || p.batch == 0 || p.q.rows == 0) {
+    if (cuda_error != nullptr) { *cuda_error = g_cuda_error; }
+    return status;
+  }
+  if (p.workspace != nullptr && (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0 ||
+                                 p.workspace_bytes < plan.workspace_bytes)) {
+    return fail(FLASH3_INVALID_ARGUMENT, "workspace: must be 256-byte aligned with at least " +
+                                             str(plan.workspace_bytes) + " bytes (flash3_fwd_workspace_size), got " +
+                                             str(p.workspace_bytes));
+  }
+  FwdParams q = p;  // the call as planned: schedule and SM count resolved
+  q.schedule.num_splits = plan.num_splits;
+  q.schedule.pack_gqa = plan.pack_gqa ? 1 : 0;
+  q.num_sms = plan.num_sms;
   cudaError_t err = cudaSuccess;
   if (p.k.rows == 0) {
     fill_empty_rows<<<256, 256, 0, stream>>>(p);
     err = cudaGetLastError();
-  } else if (int64_t const need = fwd_workspace_bytes(p); need > 0 && p.workspace == nullptr) {
+  } else if (plan.workspace_bytes > 0 && p.workspace == nullptr) {
     // No workspace given: a stream-ordered one for this call (capturable in a CUDA graph as well).
-    FwdParams q = p;
-    err = cudaMallocAsync(&q.workspace, size_t(need), stream);
+    err = cudaMallocAsync(&q.workspace, size_t(plan.workspace_bytes), stream);
     if (err == cudaSuccess) {
-      q.workspace_bytes = need;
+      q.workspace_bytes = plan.workspace_bytes;
       err = find_kernel(p.dtype, p.head_dim, p.head_dim_v)->run(q, stream);
       cudaError_t const freed = cudaFreeAsync(q.workspace, stream);
       if (err == cudaSuccess) { err = freed; }
     }
   } else {
-    err = find_kernel(p.dtype, p.head_dim, p.head_dim_v)->run(p, stream);
+    err = find_kernel(p.dtype, p.head_dim, p.head_dim_v)->run(q, stream);
   }
+  if (err != cudaSuccess) {
+    g_cuda_error = err;
+    if (cuda_error != nullptr) { *cuda_error = err; }
+    return fail(FLASH3_CUDA_ERROR, cudaGetErrorString(err));
+  }
+  return FLASH3_SUCCESS;
+}
+
+Status run_combine(CombineParams const& c, cudaStream_t stream, cudaError_t* cuda_error) {
+  g_error_detail.clear();
+  g_cuda_error = cudaSuccess;
+  if (cuda_error != nullptr) { *cuda_error = cudaSuccess; }
+  if (c.num_splits < 1 || c.num_splits > kMaxSplits) {
+    return fail(FLASH3_INVALID_ARGUMENT, "num_splits: must be in [1, 256], got " + str(c.num_splits));
+  }
+  if (c.batch < 0 || c.rows < 0 || c.heads < 0 || c.head_dim < 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "combine: sizes must be >= 0");
+  }
+  if (int64_t(c.batch) * c.rows * c.heads == 0 || c.head_dim == 0) { return FLASH3_SUCCESS; }
+  if (c.o_partial == nullptr || c.lse_partial == nullptr || c.out == nullptr) {
+    return fail(FLASH3_INVALID_ARGUMENT, "combine: out_partial, lse_partial and out must not be NULL");
+  }
+  cudaError_t const err = launch_combine(c, stream);
   if (err != cudaSuccess) {
     g_cuda_error = err;
     if (cuda_error != nullptr) { *cuda_error = err; }

@@ -1,7 +1,8 @@
 // Epilogue of the SM90 forward kernel: writes this thread's rows of O (converted to the output type) and
 // their LSE straight from the accumulator registers, predicated on the sequence's rows and the real head
 // dim (which may be smaller than the compiled one), so nothing outside the sequence is written.
-// `store_zero` writes O = 0 and LSE = -inf for a tile whose rows see no key at all.
+// `store_zero` writes O = 0 and LSE = -inf for a tile whose rows see no key at all (or, split-KV, whose
+// split holds none of its keys).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -9,13 +10,18 @@
 
 #include "cute_utils.h"
 #include "seqlen.h"
+#include "tile_scheduler.h"
+#include "workspace.h"
 
 namespace flash3 {
 
 using namespace cute;
 
 // Element: the output's type (the input's, or bfloat16 for FP8 inputs).
-template <class Element, int kBlockM, int kHeadDim, int kRowsPerThread, class TiledMmaPV>
+// Split-KV (kSplit, a compile-time switch so that the kernels without it carry none of its code): the tile writes its split's float32 partial O and LSE into the workspace
+// (workspace.h) instead, for the combine kernel; the same rows and columns, another type and address.
+// PackGQA (pack > 1): packed row r of the tile is query r / pack of q head tile.head * pack + r % pack.
+template <class Element, int kBlockM, int kHeadDim, int kRowsPerThread, class TiledMmaPV, bool kSplit>
 struct EpilogueFwdSm90 {
 
   struct Arguments {
@@ -27,56 +33,85 @@ struct EpilogueFwdSm90 {
     int64_t lse_batch_stride;
     int64_t lse_head_stride;
     int head_dim_v;
+    int pack;
+    float* o_accum;  // (split, batch entry, row, head, dim), layout SplitAccumLayout
+    float* lse_accum;
+    SplitAccumLayout accum;
   };
   using Params = Arguments;  // nothing to precompute on the host
   static Params to_params(Arguments const& a) { return a; }
 
   template <class FragO>
   __device__ static void store(Params const& p, FragO const& tOrO, float const (&lse)[kRowsPerThread],
-                               int thread_idx, int m_block, int head, SeqlenInfo const& seqlen) {
-    Tensor rO = convert_fragment<Element>(tOrO);
-    Tensor rO_rc = make_tensor(rO.data(), acc_rowcol(rO.layout()));  // (rows, cols)
+                               int thread_idx, TileCoord const& tile, SeqlenInfo const& seqlen) {
+    if constexpr (kSplit) {
+      SplitAccumLayout const& a = p.accum;
+      write_rows<float>(p, tOrO, lse, thread_idx, tile, seqlen,
+                        p.o_accum + tile.split * a.o_split_stride() + seqlen.batch_q * a.o_batch_stride(),
+                        a.o_row_stride(), a.o_head_stride(),
+                        p.lse_accum + tile.split * a.lse_split_stride() + seqlen.batch_q * a.lse_batch_stride(),
+                        a.lse_head_stride());
+    } else {
+      write_rows<Element>(p, tOrO, lse, thread_idx, tile, seqlen, p.out + int64_t(seqlen.batch_q) * p.out_batch_stride,
+                          p.out_row_stride, p.out_head_stride,
+                          p.lse + int64_t(seqlen.batch_q) * p.lse_batch_stride, p.lse_head_stride);
+    }
+  }
+
+  // Rows of this thread into `out` (the batch entry's row 0, head 0) and `lse` (likewise, rows contiguous).
+  template <class T, class FragO>
+  __device__ static void write_rows(Params const& p, FragO const& tOrO, float const (&lse)[kRowsPerThread],
+                                    int thread_idx, TileCoord const& tile, SeqlenInfo const& seqlen, T* out,
+                                    int64_t row_stride, int64_t head_stride, float* lse_out, int64_t lse_head_stride) {
+    // float partials straight from the accumulator; other types through a converted copy.
+    auto rows_cols = [&] {
+      if constexpr (std::is_same_v<T, float>) {
+        return make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+      } else {
+        return convert_fragment<T>(tOrO);
+      }
+    };
+    auto rO = rows_cols();
+    Tensor rO_rc = [&] {
+      if constexpr (std::is_same_v<T, float>) { return rO; } else { return make_tensor(rO.data(), acc_rowcol(rO.layout())); }
+    }();  // (rows, cols)
     TiledMmaPV mma_pv;
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (M, d) -> (row, col)
     Tensor tOcO = mma_pv.get_slice(thread_idx).partition_C(cO);             // (MMA, MMA_M, MMA_N)
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));  // (rows, cols)
 
-    // The sequence's rows: a batch entry of a dense operand, or rows from offset_q on of a packed one.
-    Element* out = p.out + int64_t(seqlen.batch_q) * p.out_batch_stride + int64_t(seqlen.offset_q) * p.out_row_stride +
-                   int64_t(head) * p.out_head_stride;
-    float* lse_ptr = p.lse + int64_t(seqlen.batch_q) * p.lse_batch_stride + int64_t(head) * p.lse_head_stride +
-                     seqlen.offset_q;
-
     static_assert(decltype(size<1>(rO_rc))::value % 2 == 0);
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<0>(rO_rc); ++m) {
-      int const row = m_block * kBlockM + get<0>(tOcO_rc(m, 0));
-      if (row >= seqlen.seqlen_q) { continue; }
-      Element* out_row = out + int64_t(row) * p.out_row_stride;
-      // Columns come in adjacent pairs (the first mode of the column layout): one 32-bit store each.
+      int const packed_row = tile.m_block * kBlockM + get<0>(tOcO_rc(m, 0));
+      if (packed_row >= seqlen.seqlen_q * p.pack) { continue; }
+      int const row = packed_row / p.pack;
+      int const head = tile.head * p.pack + (packed_row - row * p.pack);
+      int64_t const q_row = int64_t(seqlen.offset_q) + row;
+      T* out_row = out + q_row * row_stride + int64_t(head) * head_stride;
+      // Columns come in adjacent pairs (the first mode of the column layout): one 32- or 64-bit store each.
       CUTLASS_PRAGMA_UNROLL
       for (int n = 0; n < size<1>(rO_rc); n += 2) {
         int const col = get<1>(tOcO_rc(m, n));
         if (col < p.head_dim_v) {
-          cutlass::AlignedArray<Element, 2> pair;
+          cutlass::AlignedArray<T, 2> pair;
           pair[0] = rO_rc(m, n);
           pair[1] = rO_rc(m, n + 1);
-          *reinterpret_cast<cutlass::AlignedArray<Element, 2>*>(out_row + col) = pair;
+          *reinterpret_cast<cutlass::AlignedArray<T, 2>*>(out_row + col) = pair;
         }
       }
-      if (get<1>(tOcO_rc(m, 0)) == 0) { lse_ptr[row] = lse[m]; }
+      if (get<1>(tOcO_rc(m, 0)) == 0) { lse_out[int64_t(head) * lse_head_stride + q_row] = lse[m]; }
     }
   }
 
-  __device__ static void store_zero(Params const& p, int thread_idx, int m_block, int head,
-                                    SeqlenInfo const& seqlen) {
+  __device__ static void store_zero(Params const& p, int thread_idx, TileCoord const& tile, SeqlenInfo const& seqlen) {
     TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     clear(tOrO);
     float lse[kRowsPerThread];
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < kRowsPerThread; ++m) { lse[m] = -INFINITY; }
-    store(p, tOrO, lse, thread_idx, m_block, head, seqlen);
+    store(p, tOrO, lse, thread_idx, tile, seqlen);
   }
 };
 

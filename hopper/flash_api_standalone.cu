@@ -12,8 +12,7 @@ namespace {
 // The first argument, among those of features not built, that a caller set; nullptr if none.
 char const* unbuilt_feature(void const* k_new, void const* v_new, void const* q_v, void const* cu_seqlens_k_new,
                             void const* page_table, void const* kv_batch_idx, void const* leftpad_k,
-                            void const* rotary_cos, void const* rotary_sin, int attention_chunk, float softcap,
-                            int num_splits, void const* out_accum, void const* softmax_lse_accum) {
+                            void const* rotary_cos, void const* rotary_sin, int attention_chunk, float softcap) {
   if (k_new || v_new || cu_seqlens_k_new) return "k_new/v_new: appending new keys and values is not implemented yet";
   if (q_v) return "q_v: is not implemented yet";
   if (page_table) return "page_table: paged KV is not implemented yet";
@@ -22,7 +21,6 @@ char const* unbuilt_feature(void const* k_new, void const* v_new, void const* q_
   if (rotary_cos || rotary_sin) return "rotary_cos/rotary_sin: rotary embedding is not implemented yet";
   if (attention_chunk != 0) return "attention_chunk: chunked attention is not implemented yet";
   if (softcap != 0.f) return "softcap: is not implemented yet";
-  if (num_splits > 1 || out_accum || softmax_lse_accum) return "num_splits > 1: split-KV is not implemented yet";
   return nullptr;
 }
 
@@ -46,11 +44,10 @@ extern "C" flash3_status mha_fwd_standalone(
     int64_t k_descale_batch_stride, int64_t k_descale_head_stride, int64_t v_descale_batch_stride,
     int64_t v_descale_head_stride, float softmax_scale, bool is_causal, int window_size_left,
     int window_size_right, int attention_chunk, float softcap, bool /*is_rotary_interleaved*/, int num_splits,
-    int /*pack_gqa*/, int sm_margin, void* softmax_lse, void* out_accum, void* softmax_lse_accum,
+    int pack_gqa, int sm_margin, void* softmax_lse, void* /*out_accum*/, void* /*softmax_lse_accum*/,
     cudaStream_t stream) {
   if (char const* what = unbuilt_feature(k_new, v_new, q_v, cu_seqlens_k_new, page_table, kv_batch_idx, leftpad_k,
-                                         rotary_cos, rotary_sin, attention_chunk,
-                                         softcap, num_splits, out_accum, softmax_lse_accum)) {
+                                         rotary_cos, rotary_sin, attention_chunk, softcap)) {
     return flash3::report_failure(FLASH3_NOT_COMPILED, what);
   }
   if (batch_size_k != batch_size) {
@@ -98,6 +95,10 @@ extern "C" flash3_status mha_fwd_standalone(
     return flash3::report_failure(FLASH3_INVALID_ARGUMENT, "sm_margin: must be in [0, number of SMs)");
   }
   p.num_sms = sms - sm_margin;
+  // The guide's "auto" is -1 for both; split-KV partials go to the library's own workspace (out_accum and
+  // softmax_lse_accum, FA3's buffers of its own layout, are not needed and not written).
+  p.schedule.num_splits = num_splits < 0 ? 0 : num_splits;
+  p.schedule.pack_gqa = pack_gqa < 0 ? -1 : (pack_gqa > 0 ? 1 : 0);
 
   if (scheduler_metadata != nullptr) {
     err = cudaMemsetAsync(scheduler_metadata, 0, sizeof(int32_t), stream);

@@ -9,12 +9,14 @@
  *  - softmax_lse is (num_heads, total_q) when packed, (batch, num_heads, max_seqlen_q) when dense.
  *  - softmax_scale < 0 means 1/sqrt(head_size) (the guide passes -1.0 for "auto").
  *  - window_size -1 = unbounded; is_causal sets the right side to 0.
- *  - num_splits and pack_gqa <= 1 / -1 mean "let the library choose"; sm_margin SMs are left free.
+ *  - num_splits: -1 (or 0) = heuristic, 1 = no split-KV, 2..256 forced; pack_gqa: -1 = heuristic, 0 off, 1 on;
+ *    sm_margin SMs are left free. Split-KV partials live in the library's workspace (taken from
+ *    cudaMallocAsync on `stream`); out_accum / softmax_lse_accum are accepted and not used.
  *  - scheduler_metadata (optional, >= 1 int32 of device memory) is used as the kernel's tile-counter
  *    workspace: its first int32 is zeroed on `stream` before each launch, so one allocation serves every
  *    call on that stream. NULL selects the static schedule.
  * Arguments for features this build does not have (k_new/v_new, q_v, paged KV, kv_batch_idx, leftpad_k,
- * rotary, FP8 descales, attention_chunk, softcap, split-KV accumulators) must be NULL / 0; otherwise the
+ * rotary, attention_chunk, softcap) must be NULL / 0; otherwise the
  * call returns FLASH3_NOT_COMPILED naming the feature. Pointer arguments are untyped so that callers may
  * pass int*, float* or void* device pointers as the guide's snippet does. */
 #ifndef FLASH3_FLASH_API_STANDALONE_H_

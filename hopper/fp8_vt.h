@@ -55,13 +55,14 @@ __host__ __device__ inline VtLayout vt_layout(FwdParams const& p) {
   return l;
 }
 
-// Workspace bytes an FP8 call needs (0 for 16-bit inputs), rounded up to 256 so buffers can be carved.
-__host__ __device__ inline int64_t fwd_workspace_bytes(FwdParams const& p) {
+// Bytes of the transposed copy an FP8 call needs (0 for 16-bit inputs or an empty problem); its region of
+// the workspace (workspace.h) starts at offset 0.
+__host__ __device__ inline int64_t vt_workspace_bytes(FwdParams const& p) {
   if (p.dtype != FLASH3_FLOAT8_E4M3 || p.batch <= 0 || p.q.rows <= 0 || p.k.rows <= 0 || p.num_heads_k <= 0 ||
       p.head_dim_v <= 0) {
     return 0;
   }
-  return (vt_layout(p).bytes() + 255) / 256 * 256;
+  return vt_layout(p).bytes();
 }
 
 // Inside a group of 16 columns: which key (0..15 of the group) column `pos` holds.
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, Seqle
   }
 }
 
-// Launches the copy on `stream` into `vt` (fwd_workspace_bytes(p) bytes).
+// Launches the copy on `stream` into `vt` (vt_workspace_bytes(p) bytes).
 inline cudaError_t launch_transpose_v_fp8(FwdParams const& p, SeqlenArgs const& seqlen_args, void* vt,
                                           cudaStream_t stream) {
   constexpr int kVtKeys = 64;

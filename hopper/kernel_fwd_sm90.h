@@ -33,6 +33,16 @@ struct FwdKernelSm90 {
 
   enum class Role : int { Producer = 0 };  // warpgroup 0; warpgroups 1.. are consumers
 
+  using Mask = typename Mainloop::Mask;
+  // What both roles derive identically for a tile, so they agree on which tiles carry work.
+  struct TileWork {
+    TileCoord tile;
+    SeqlenInfo seqlen;
+    Mask mask;
+    BlockRange range;
+    // Varlen grids are sized by the longest sequence: tiles past this sequence's end have no rows at all.
+    __device__ bool has_rows() const { return tile.m_block * kBlockM < seqlen.seqlen_q * mask.pack; }
+  };
   struct SharedStorage {
     typename Mainloop::SharedStorage mainloop;
     alignas(16) uint64_t barrier_q;
@@ -40,7 +50,8 @@ struct FwdKernelSm90 {
     alignas(8) uint64_t mailbox_empty;
     int tile_index;  // mailbox slot: the tile the consumers take next
     // The producer's next tile, handed over by the claimer warp (see claim_tiles): slot and its mbarriers.
-    int next_tile;
+    int next_index;
+    TileWork next_work;
     alignas(8) uint64_t next_full;
     alignas(8) uint64_t next_empty;
     typename Pipeline::Storage pipeline_k;
@@ -50,7 +61,6 @@ struct FwdKernelSm90 {
   static_assert(kSharedStorageSize <= kMaxSharedBytes, "the tile's shared storage exceeds what a CTA may use");
 
   using Scheduler = PersistentScheduler</*kHeaviestFirst=*/Mainloop::kUnequalTiles>;
-  using Mask = typename Mainloop::Mask;
   // The producer warp decides each CTA's next tile and posts it in a one-slot shared-memory mailbox guarded
   // by two mbarriers (arrive = release, wait = acquire): "full" after the producer wrote the slot, "empty"
   // after every consumer thread read it. Mailbox round r completes phase r of each.
@@ -60,48 +70,70 @@ struct FwdKernelSm90 {
     typename Epilogue::Params epilogue;
     SeqlenArgs seqlen;
     Scheduler scheduler;
+    int pack;  // PackGQA: q heads packed into a tile's rows (1 = none)
   };
 
   // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
   static dim3 grid(Scheduler const& scheduler, int num_sms) {
-    return dim3(scheduler.num_tiles() < num_sms ? scheduler.num_tiles() : num_sms);
+    return dim3(unsigned(scheduler.num_tiles() < num_sms ? scheduler.num_tiles() : num_sms));
   }
 
-  // What both roles derive identically for a tile, so they agree on which tiles carry work.
-  struct TileWork {
-    TileCoord tile;
-    SeqlenInfo seqlen;
-    Mask mask;
-    BlockRange range;
-    // Varlen grids are sized by the longest sequence: tiles past this sequence's end have no rows at all.
-    __device__ bool has_rows() const { return tile.m_block * kBlockM < seqlen.seqlen_q; }
-  };
+  // Split-KV: the tile's key blocks are cut into num_splits near-equal shares, by the device-side length, so
+  // that sequences of any length (seqused_k changing between CUDA-graph replays) split evenly; a share may be
+  // empty (a short sequence), and its tile then writes O = 0, LSE = -inf, which the combine ignores.
   __device__ static TileWork work_of(Params const& params, int idx) {
     TileCoord const tile = params.scheduler.tile(idx);
     SeqlenInfo const seqlen(params.seqlen, tile.batch);
-    Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block};
-    return {tile, seqlen, mask, mask.range()};
+    Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block, params.pack};
+    BlockRange range = mask.range();
+    if (params.scheduler.num_splits > 1) { range = range.split(tile.split, params.scheduler.num_splits); }
+    return {tile, seqlen, mask, range};
   }
 
-  // Warp 1 of the producer warpgroup claims the producer's tiles ahead of it: the claim is an atomic on the
-  // global tile counter (dynamic scheduling), whose round trip would otherwise stall the producer warp before
-  // it could issue the current tile's loads (the loads need registers the 24-register producer does not
-  // have to spare, so the claim cannot simply stay in flight across them: seen as -5 to -8% on causal
-  // attention, 2026-12-01). The hand-over is a one-slot mailbox between the two warps, like the consumers'
-  // one: next_full (the claimer wrote the slot) and next_empty (the producer read it), one arrival each;
-  // hand-over r completes phase r of both.
+  // Warp 1 of the producer warpgroup (the claimer) works out the producer's tiles ahead of it: it claims the
+  // next tile (an atomic on the global tile counter when scheduling dynamically) and derives its TileWork
+  // (coordinates, sequence, key-block range: integer divisions and metadata loads), while the producer warp
+  // still issues the current tile's loads. Both would otherwise stall the producer warp, and its 24
+  // registers do not hold the derivation next to the load loop's state (causal kernels spilled 4-16 bytes,
+  // 2026-12-01); the claim's round trip cost -5 to -8% on causal attention when the producer made it itself.
+  // The hand-over is a one-slot mailbox in shared memory: next_full (the claimer wrote the slot) and
+  // next_empty (the producer has issued that tile's loads), one arrival each; hand-over r completes phase r
+  // of both. The producer reads the slot's fields where it uses them, rather than keeping copies.
   __device__ static void claim_tiles(Params const& params, SharedStorage& smem) {
-    int const num_tiles = params.scheduler.num_tiles();
-    uint32_t round = 0;
-    for (int current = blockIdx.x; current < num_tiles; ++round) {
-      int const next = params.scheduler.claim_next_tile(current);
+    int const num_tiles = int(params.scheduler.num_tiles());
+    int current = blockIdx.x;
+    for (uint32_t round = 0;; ++round) {
+      TileWork const w = work_of(params, current < num_tiles ? current : 0);
       if (round > 0) { cutlass::arch::ClusterBarrier::wait(&smem.next_empty, (round - 1) & 1); }
       if (cute::elect_one_sync()) {
-        smem.next_tile = next;
+        smem.next_index = current;
+        smem.next_work = w;
         cutlass::arch::ClusterBarrier::arrive(&smem.next_full);
       }
       __syncwarp();
-      current = next;
+      if (current >= num_tiles) { break; }
+      current = params.scheduler.claim_next_tile(current);
+    }
+  }
+
+  // Warp 2 of the producer warpgroup, with PackGQA only: gathers each tile's packed Q (Mainloop::
+  // load_q_packed), following the tiles through the consumers' mailbox. A warp of its own because the
+  // producer warp's 24 registers hold its TMA loop's state already (the gather there spilled 28-40 bytes),
+  // and so that the gather overlaps the producer's first K/V loads.
+  __device__ static void gather_q(Params const& params, SharedStorage& smem, Mainloop const& mainloop) {
+    int const num_tiles = int(params.scheduler.num_tiles());
+    bool q_loaded = false;
+    for (uint32_t round = 0;; ++round) {
+      cutlass::arch::ClusterBarrier::wait(&smem.mailbox_full, round & 1);
+      int const idx = smem.tile_index;
+      __syncwarp();
+      if (cute::elect_one_sync()) { cutlass::arch::ClusterBarrier::arrive(&smem.mailbox_empty); }
+      if (idx >= num_tiles) { break; }
+      TileWork const w = work_of(params, idx);
+      if (w.has_rows() && !w.range.empty()) {
+        mainloop.load_q_packed(params.mainloop, smem.mainloop, smem.barrier_q, w.tile, w.seqlen, q_loaded);
+        q_loaded = true;
+      }
     }
   }
 
@@ -116,14 +148,15 @@ struct FwdKernelSm90 {
       Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups);
       Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups);
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_full, 1);
-      cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads);
+      // Readers of the mailbox: every consumer thread, plus the Q warp (one arrival) when it runs.
+      cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads + (params.pack > 1 ? 1 : 0));
       cutlass::arch::ClusterBarrier::init(&smem.next_full, 1);
       cutlass::arch::ClusterBarrier::init(&smem.next_empty, 1);
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
 
-    int const num_tiles = params.scheduler.num_tiles();
+    int const num_tiles = int(params.scheduler.num_tiles());
     Mainloop mainloop;
     Pipeline const pipe_k{&smem.pipeline_k};
     Pipeline const pipe_v{&smem.pipeline_v};
@@ -135,10 +168,15 @@ struct FwdKernelSm90 {
         claim_tiles(params, smem);
         return;
       }
+      if (warp_idx == 2) {
+        if (params.pack > 1) { gather_q(params, smem, mainloop); }
+        return;
+      }
       if (warp_idx != 0) { return; }  // one warp issues all loads
       bool q_loaded = false;
-      int idx = blockIdx.x;
       for (uint32_t round = 0;; ++round) {
+        cutlass::arch::ClusterBarrier::wait(&smem.next_full, round & 1);
+        int const idx = smem.next_index;
         if (round > 0) { cutlass::arch::ClusterBarrier::wait(&smem.mailbox_empty, (round - 1) & 1); }
         if (cute::elect_one_sync()) {
           smem.tile_index = idx;
@@ -146,14 +184,12 @@ struct FwdKernelSm90 {
         }
         __syncwarp();
         if (idx >= num_tiles) { break; }
-        TileWork const w = work_of(params, idx);
+        TileWork const& w = smem.next_work;
         if (w.has_rows() && !w.range.empty()) {
           mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
                         w.range, /*wait_q_free=*/q_loaded);
           q_loaded = true;
         }
-        cutlass::arch::ClusterBarrier::wait(&smem.next_full, round & 1);
-        idx = smem.next_tile;
         __syncwarp();
         if (cute::elect_one_sync()) { cutlass::arch::ClusterBarrier::arrive(&smem.next_empty); }
       }
@@ -170,7 +206,7 @@ struct FwdKernelSm90 {
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }
         if (w.range.empty()) {
-          Epilogue::store_zero(params.epilogue, thread_idx, w.tile.m_block, w.tile.head, w.seqlen);
+          Epilogue::store_zero(params.epilogue, thread_idx, w.tile, w.seqlen);
           continue;
         }
         typename Mainloop::TiledMmaPV mma_pv;
@@ -181,7 +217,7 @@ struct FwdKernelSm90 {
         q_phase ^= 1;
         // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.
         TileWork const we = work_of(params, idx);
-        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile.m_block, we.tile.head, we.seqlen);
+        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile, we.seqlen);
       }
     }
   }

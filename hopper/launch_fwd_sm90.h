@@ -9,6 +9,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "combine.h"
 #include "epilogue_fwd_sm90.h"
 #include "fp8_vt.h"
 #include "instantiations/kernel_key.h"
@@ -16,22 +17,28 @@
 #include "mainloop_fwd_sm90.h"
 #include "params.h"
 #include "tile_config.h"
+#include "workspace.h"
 
 namespace flash3 {
 
-template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask>
+template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   static_assert(kHeadDimV == kHeadDim, "kernels with a v head dim unlike q's are not written yet");
   constexpr bool kFp8 = sizeof(Element) == 1;
   using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;  // FP8 in, BF16 out (FA3)
-  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal, int(sizeof(Element))>;
+  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal, int(sizeof(Element)), kSplit>;
   using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask>;
   using Epilogue = EpilogueFwdSm90<ElementOut, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
-                                   typename Mainloop::TiledMmaPV>;
+                                   typename Mainloop::TiledMmaPV, kSplit>;
   using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
 
   bool const varlen_q = is_varlen_q(p);
   bool const varlen_k = is_varlen_k(p);
+  // The schedule as api.cu's plan_fwd resolved it (num_splits >= 1, pack_gqa 0 or 1).
+  int const num_splits = kSplit ? p.schedule.num_splits : 1;
+  int const pack = p.schedule.pack_gqa == 1 ? p.num_heads / p.num_heads_k : 1;
+  WorkspaceLayout const ws = workspace_layout(p);
+  char* const workspace = static_cast<char*>(p.workspace);
 
   // TMA sees each operand as (rows, d, head, batch); a packed operand is one batch entry of all its rows.
   typename Mainloop::Arguments mainloop_args;
@@ -43,6 +50,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
   mainloop_args.softmax_scale = p.softmax_scale;
   mainloop_args.descale = p.fp8;
+  mainloop_args.pack = pack;
 
   SeqlenArgs seqlen_args;
   seqlen_args.cu_seqlens_q = p.varlen.cu_seqlens_q;
@@ -55,9 +63,9 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   if constexpr (kFp8) {
     // V transposed into the workspace first (fp8_vt.h); the kernel reads that copy, same stream.
     VtLayout const vt = vt_layout(p);
-    cudaError_t const err = launch_transpose_v_fp8(p, seqlen_args, p.workspace, stream);
+    cudaError_t const err = launch_transpose_v_fp8(p, seqlen_args, workspace + ws.vt_offset, stream);
     if (err != cudaSuccess) { return err; }
-    mainloop_args.v_read = static_cast<Element const*>(p.workspace);
+    mainloop_args.v_read = reinterpret_cast<Element const*>(workspace + ws.vt_offset);
     mainloop_args.shape_v = make_shape(p.head_dim_v, int32_t(vt.cols), p.num_heads_k, vt.batches);
     mainloop_args.stride_v = make_stride(vt.cols, _1{}, vt.head_stride(), vt.batches > 1 ? vt.batch_stride() : int64_t(0));
     mainloop_args.v_packed = varlen_k;
@@ -77,17 +85,25 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   epilogue_args.lse_batch_stride = p.lse.batch_stride;
   epilogue_args.lse_head_stride = p.lse.head_stride;
   epilogue_args.head_dim_v = p.head_dim_v;
+  epilogue_args.pack = pack;
+  epilogue_args.o_accum = reinterpret_cast<float*>(workspace + ws.o_accum_offset);
+  epilogue_args.lse_accum = reinterpret_cast<float*>(workspace + ws.lse_accum_offset);
+  epilogue_args.accum = ws.accum;
 
-  int const num_m_blocks = (max_seqlen_q(p) + Config::kBlockM - 1) / Config::kBlockM;
-  // K + V of one (head, batch): what a causal L2 section keeps cached. A quarter of H100's 50 MB L2 leaves
-  // room for Q, O and the other SMs' traffic. GQA heads sharing a kv head are adjacent, so this overcounts.
-  int64_t const kv_bytes_per_head = int64_t(max_seqlen_k(p)) * (p.head_dim + p.head_dim_v) * sizeof(Element);
-  int const heads_per_section =
-      Kernel::Scheduler::heads_per_l2_section(p.num_heads, p.batch, kv_bytes_per_head, int64_t(12) << 20);
-  typename Kernel::Scheduler const scheduler{num_m_blocks, p.num_heads, p.batch, heads_per_section, p.tile_counter};
+  int const num_m_blocks = int((int64_t(max_seqlen_q(p)) * pack + Config::kBlockM - 1) / Config::kBlockM);
+  int const tile_heads = pack > 1 ? p.num_heads_k : p.num_heads;
+  // K + V of one unit (a split of one tile head's keys): what a causal L2 section keeps cached. A quarter of
+  // H100's 50 MB L2 leaves room for Q, O and the other SMs' traffic. GQA heads sharing a kv head are
+  // adjacent, so this overcounts.
+  int64_t const kv_bytes_per_unit =
+      int64_t(max_seqlen_k(p)) * (p.head_dim + p.head_dim_v) * int64_t(sizeof(Element)) / num_splits;
+  using Scheduler = typename Kernel::Scheduler;
+  Scheduler scheduler{num_m_blocks, tile_heads, p.batch, num_splits, 1, p.tile_counter};
+  scheduler.heads_per_section = Scheduler::units_per_l2_section(scheduler.num_units(), kv_bytes_per_unit,
+                                                                int64_t(12) << 20);
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
-                                        seqlen_args, scheduler};
+                                        seqlen_args, scheduler, pack};
 
   int num_sms = p.num_sms;
   if (num_sms <= 0) {  // callers without a device query of their own (the standalone runner)
@@ -102,14 +118,51 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   if (err != cudaSuccess) { return err; }
   kernel<<<grid, Kernel::kNumThreads, smem_size, stream>>>(kernel_params);
-  return cudaGetLastError();
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !kSplit) { return err; }
+
+  // Split-KV: merge the partials into out and lse, over the rows the attention kernel wrote.
+  CombineParams c;
+  c.num_splits = num_splits;
+  c.batch = p.batch;
+  c.rows = max_seqlen_q(p);
+  c.heads = p.num_heads;
+  c.head_dim = p.head_dim_v;
+  c.o_partial = epilogue_args.o_accum;
+  c.o_split_stride = ws.accum.o_split_stride();
+  c.o_batch_stride = ws.accum.o_batch_stride();
+  c.o_row_stride = ws.accum.o_row_stride();
+  c.o_head_stride = ws.accum.o_head_stride();
+  c.lse_partial = epilogue_args.lse_accum;
+  c.lse_split_stride = ws.accum.lse_split_stride();
+  c.lse_batch_stride = ws.accum.lse_batch_stride();
+  c.lse_row_stride = 1;
+  c.lse_head_stride = ws.accum.lse_head_stride();
+  c.out = p.out.ptr;
+  c.out_type = std::is_same_v<ElementOut, cutlass::half_t> ? CombineOut::kFloat16 : CombineOut::kBFloat16;
+  c.out_batch_stride = varlen_q ? 0 : p.out.batch_stride;
+  c.out_row_stride = p.out.row_stride;
+  c.out_head_stride = p.out.head_stride;
+  c.lse = p.lse.ptr;
+  c.lse_out_batch_stride = varlen_q ? 0 : p.lse.batch_stride;
+  c.lse_out_row_stride = 1;
+  c.lse_out_head_stride = p.lse.head_stride;
+  c.use_seqlen = true;
+  c.seqlen = seqlen_args;
+  return launch_combine(c, stream);
 }
 
-// The runtime -> compile-time switch of the mask (the one axis compiled into each instantiation).
+// The runtime -> compile-time switches compiled into each instantiation: the mask and split-KV.
+template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask>
+cudaError_t run_fwd_sm90_mask(FwdParams const& p, cudaStream_t stream) {
+  return p.schedule.num_splits > 1 ? launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, true>(p, stream)
+                                   : launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, false>(p, stream);
+}
+
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
-  return is_causal(p.mask) ? launch_fwd_sm90<Element, kHeadDim, kHeadDimV, MaskKind::kCausal>(p, stream)
-                           : launch_fwd_sm90<Element, kHeadDim, kHeadDimV, MaskKind::kNone>(p, stream);
+  return is_causal(p.mask) ? run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kCausal>(p, stream)
+                           : run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kNone>(p, stream);
 }
 
 }  // namespace flash3

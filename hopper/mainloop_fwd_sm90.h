@@ -129,6 +129,7 @@ struct MainloopFwdSm90 {
     bool v_packed;  // FP8: the copy of a packed K (its sequences start at VtLayout::first_column)
     float softmax_scale;
     flash3_fp8 descale;
+    int pack;  // PackGQA: q heads per packed tile row group (1 = none); Q is then gathered, not TMA-loaded
   };
 
   struct Params {
@@ -139,8 +140,14 @@ struct MainloopFwdSm90 {
     ShapeQKV shape_kv;
     ShapeQKV shape_v;
     bool v_packed;
-    int head_ratio;  // num_heads / num_heads_k: q heads sharing one kv head
+    int tile_heads_per_kv;  // num_heads / num_heads_k, or 1 with PackGQA (the tile head is the kv head)
+    int pack;
+    // PackGQA gathers Q rows with cp.async: the operand as the caller laid it out (element strides).
+    Element const* q;
+    StrideQKV stride_q;
     typename Score::Params score;
+
+    __device__ int head_k(int tile_head) const { return tile_head / tile_heads_per_kv; }
   };
 
   static Params to_params(Arguments const& a) {
@@ -154,7 +161,10 @@ struct MainloopFwdSm90 {
              a.shape_kv,
              a.shape_v,
              a.v_packed,
-             get<2>(a.shape_q) / get<2>(a.shape_kv),
+             a.pack > 1 ? 1 : get<2>(a.shape_q) / get<2>(a.shape_kv),
+             a.pack,
+             a.q,
+             a.stride_q,
              Score::to_params(a.softmax_scale, a.descale)};
     return p;
   }
@@ -174,7 +184,7 @@ struct MainloopFwdSm90 {
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVLoad{});  // (N, d, PIPE) | FP8 (d, N, PIPE)
 
-    int const head_k = tile.head / p.head_ratio;
+    int const head_k = p.head_k(tile.head);
     Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
                               p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, seqlen.batch_q));
     Tensor mK = domain_offset(make_coord(seqlen.offset_k, _0{}),
@@ -205,10 +215,12 @@ struct MainloopFwdSm90 {
     Tensor tVsV = cta_v.partition_D(sV);  // (TMA, TMA_N, TMA_D, PIPE)
 
     bool const leader = cute::elect_one_sync();
-    if (wait_q_free) { named_barrier_sync<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty); }
-    if (leader) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
-      copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
+    if (p.pack == 1) {  // a packed Q is gathered by the Q warp instead (load_q_packed)
+      if (wait_q_free) { named_barrier_sync<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty); }
+      if (leader) {
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
+        copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
+      }
     }
     // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
     typename Pipeline::State state_v = state;
@@ -235,6 +247,43 @@ struct MainloopFwdSm90 {
       load_v(n + 1);
     }
     load_v(range.begin);
+  }
+
+  // PackGQA: the tile's rows are (query, head) pairs of one kv group, which no TMA box describes, so a warp
+  // of the producer warpgroup of its own (the Q warp, see the kernel) gathers them with cp.async, 16 bytes
+  // per lane and copy, once the consumers are done with the previous tile's Q (wait_q_free), rows past the sequence skipped
+  // (garbage rows only ever reach their own rows of S and O, which are never stored) and columns past the
+  // real head dim zero-filled (K's are zero too, but garbage times zero may be NaN). Each lane's
+  // cp.async.mbarrier.arrive makes barrier_q's phase wait for its copies (the pending count is raised first,
+  // so it adds no arrival); one regular arrive, after __syncwarp, completes it.
+  __device__ void load_q_packed(Params const& p, SharedStorage& smem, uint64_t& barrier_q, TileCoord const& tile,
+                                SeqlenInfo const& seqlen, bool wait_q_free) const {
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});  // (M, d)
+    if (wait_q_free) { named_barrier_sync<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty); }
+    constexpr int kChunk = 16 / int(sizeof(Element));  // elements per copy
+    constexpr int kChunksPerRow = kHeadDim / kChunk;
+    static_assert(kChunksPerRow <= 32);
+    constexpr int kRowsPerPass = 32 / kChunksPerRow;  // lanes past kRowsPerPass whole rows stay idle
+    // Each lane keeps one column chunk for all its rows: few live values, as the producer has 24 registers.
+    int const lane = int(threadIdx.x) % 32;
+    int const col = (lane % kChunksPerRow) * kChunk;
+    int const src_bytes = col < get<1>(p.shape_q) ? 16 : 0;
+    int const first = tile.m_block * kBlockM;
+    int const rows = min(kBlockM, seqlen.seqlen_q * p.pack - first);
+    Element const* q = p.q + int64_t(seqlen.batch_q) * get<3>(p.stride_q) +
+                       int64_t(seqlen.offset_q) * get<0>(p.stride_q) + int64_t(tile.head) * p.pack * get<2>(p.stride_q) +
+                       (src_bytes ? col : 0);
+#pragma unroll 1
+    for (int r = lane < kRowsPerPass * kChunksPerRow ? lane / kChunksPerRow : kBlockM; r < rows; r += kRowsPerPass) {
+      int const query = (first + r) / p.pack;
+      int const head = first + r - query * p.pack;
+      Element const* src = src_bytes ? q + int64_t(query) * get<0>(p.stride_q) + int64_t(head) * get<2>(p.stride_q) : q;
+      uint32_t const dst = cute::cast_smem_ptr_to_uint(&sQ(r, col));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+    }
+    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(&barrier_q)));
+    __syncwarp();
+    if (cute::elect_one_sync()) { cutlass::arch::ClusterBarrier::arrive(&barrier_q); }
   }
 
   // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next
@@ -307,7 +356,7 @@ struct MainloopFwdSm90 {
                       TileCoord const& tile, int thread_idx) const {
     // Built here from the kernel params rather than passed in, so that values the policy takes straight from
     // the params can be re-read from there instead of occupying registers across the loop.
-    Score const score = Score::for_tile(p.score, tile, tile.head / p.head_ratio);
+    Score const score = Score::for_tile(p.score, tile, p.head_k(tile.head));
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
     Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVt{});  // (d, N, PIPE)
@@ -322,6 +371,8 @@ struct MainloopFwdSm90 {
     Tensor cS = make_identity_tensor(select<0, 1>(TileShapeQK{}));  // (M, N) -> (row, col) in the tile
     Tensor tScS = thr_qk.partition_C(cS);                          // (MMA, MMA_M, MMA_N)
     Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
+    auto const bounds = mask.row_bounds(tScS_rc);  // this thread's rows' visible keys, for every block
+    int const seqlen_k = mask.seqlen_k;
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
     // P of the block whose P V is next, in the input type, as the A operand of P V. 16-bit: S's register
     // layout reused as it is; FP8: the 8-bit A operand's own layout, filled by scores_to_fp8_operand.
@@ -364,9 +415,9 @@ struct MainloopFwdSm90 {
         // `masked` is a compile-time constant in the loops; the first block decides at run time, so that
         // its body exists once.
         if constexpr (std::is_same_v<decltype(masked), bool>) {
-          if (masked) { mask.apply(tSrS_rc, tScS_rc, n, softmax.masked_score()); }
+          if (masked) { Mask::apply(tSrS_rc, tScS_rc, bounds, n, softmax.masked_score()); }
         } else if constexpr (decltype(masked)::value) {
-          mask.apply(tSrS_rc, tScS_rc, n, softmax.masked_score());
+          Mask::apply(tSrS_rc, tScS_rc, bounds, n, softmax.masked_score());
         }
         softmax.template update</*kFirst=*/!kPV>(tSrS_rc, o_scale);
       }
@@ -388,15 +439,17 @@ struct MainloopFwdSm90 {
     using cute::true_type;
 
     cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, q_phase);
+    // A gathered Q (PackGQA) was written through the generic proxy; WGMMA reads through the async one.
+    if (p.pack > 1) { cutlass::arch::fence_view_async_shared(); }
 
     // The first block is the boundary one: masked unless every row sees all of it.
     int n = range.end - 1;
     step(n, true_type{}, false_type{}, /*masked=*/n >= range.unmasked_end || n < range.unmasked_begin);
     // Fix up the boundary block's V tail before any warpgroup multiplies by it. Outside the ping-pong turns,
     // so the two warpgroups can meet at the barrier inside zero_v_tail.
-    if ((n + 1) * kBlockN > mask.seqlen_k) {
+    if ((n + 1) * kBlockN > seqlen_k) {
       pipe_v.consumer_wait(state_v);
-      zero_v_tail(smem, state_v.index, mask.seqlen_k - n * kBlockN, thread_idx);
+      zero_v_tail(smem, state_v.index, seqlen_k - n * kBlockN, thread_idx);
     }
     for (--n; n >= range.unmasked_end; --n) { step(n, true_type{}, true_type{}, true_type{}); }
     for (; n >= range.unmasked_begin; --n) { step(n, true_type{}, true_type{}, false_type{}); }

@@ -8,8 +8,11 @@
 // blocks [unmasked_begin, unmasked_end) are entirely visible to every row of the tile and need no element
 // mask; the blocks on either side of them need one. The producer loads and the consumers process the same
 // blocks, from end - 1 down to begin (the boundary block, with its partial V tail, comes first).
-// A new mask kind (a sliding window, later a split-KV key range) is a new MaskKind with its own key_start /
-// key_limit; range(), apply() and the mainloop's three phases need no change.
+// A new mask kind (a sliding window) is a new MaskKind with its own key_start / key_limit; range(), apply()
+// and the mainloop's three phases need no change. A split-KV key range is not a mask: the tile's range is
+// clipped to the split's blocks (BlockRange::clip), which keeps the masked / unmasked phases right.
+// PackGQA: the tile's rows are packed rows, `pack` of them per query (row r is query r / pack); the mask is
+// a function of the query, so every row is divided by `pack` first.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -26,6 +29,25 @@ struct BlockRange {
   int unmasked_end;
   int end;
   __host__ __device__ bool empty() const { return end <= begin; }
+
+  // The part of this range inside blocks [lo, hi), with its phases clipped alike.
+  __host__ __device__ BlockRange clip(int lo, int hi) const {
+    int const b = begin > lo ? begin : lo;
+    int e = end < hi ? end : hi;
+    e = e > b ? e : b;
+    int ub = unmasked_begin > b ? unmasked_begin : b;
+    ub = ub < e ? ub : e;
+    int ue = unmasked_end > ub ? unmasked_end : ub;
+    ue = ue < e ? ue : e;
+    return {b, ub, ue, e};
+  }
+
+  // Split `split` of `num_splits` near-equal contiguous shares of this range.
+  __host__ __device__ BlockRange split(int split_idx, int num_splits) const {
+    int const per = (end - begin + num_splits - 1) / num_splits;
+    int const lo = begin + split_idx * per;
+    return clip(lo, lo + per);
+  }
 };
 
 template <int kBlockM, int kBlockN, MaskKind kKind>
@@ -33,9 +55,10 @@ struct MaskPolicy {
   static constexpr MaskKind kMaskKind = kKind;
   // Whether key_start can be above 0 (a window's left edge): without one, apply() tests one bound only.
   static constexpr bool kHasKeyStart = false;
-  int seqlen_q;
+  int seqlen_q;  // queries (not packed rows)
   int seqlen_k;
   int m_block;
+  int pack;  // packed rows per query (PackGQA), 1 without packing
 
   // First key visible to query row `row` (tile-independent coordinates).
   __device__ int key_start(int /*row*/) const { return 0; }
@@ -47,8 +70,8 @@ struct MaskPolicy {
 
   // Key blocks of this tile (see the header comment). A tile whose rows see no key has an empty range.
   __device__ BlockRange range() const {
-    int const first_row = m_block * kBlockM;
-    int const last_row = min(first_row + kBlockM, seqlen_q) - 1;
+    int const first_row = m_block * kBlockM / pack;
+    int const last_row = (min(m_block * kBlockM + kBlockM, seqlen_q * pack) - 1) / pack;
     // key_start / key_limit never decrease with the row, so the tile's extremes give its bounds.
     // Without a key start both lower bounds are the constant 0, which keeps them out of registers.
     int const begin = kHasKeyStart ? max(key_start(first_row), 0) / kBlockN : 0;
@@ -58,18 +81,39 @@ struct MaskPolicy {
     return {begin, unmasked_begin, unmasked_end, end};
   }
 
+  // The visible keys of each accumulator row this thread holds, [start, limit), computed once per tile so
+  // that the per-block masking needs neither the row arithmetic (a division with PackGQA) nor the sequence
+  // lengths in registers. tScS_rc: the (row, col) coordinates of the accumulator as (rows, cols).
+  template <int kRows>
+  struct RowBounds {
+    int start[kRows];
+    int limit[kRows];
+  };
+  template <class TensorC>
+  __device__ auto row_bounds(TensorC const& tScS_rc) const {
+    constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+    RowBounds<kRows> b;
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < kRows; ++m) {
+      int const row = (m_block * kBlockM + get<0>(tScS_rc(m, 0))) / pack;
+      b.start[m] = key_start(row);
+      b.limit[m] = key_limit(row);
+    }
+    return b;
+  }
+
   // Sets invisible scores of key block `n_block` to `masked` (the softmax's masked_score(): -inf, or +inf for
   // a negative scale). tSrS_rc is the accumulator as (rows, cols), tScS_rc the matching (row, col)
-  // coordinates inside the (kBlockM, kBlockN) tile. Assignment (not arithmetic) so that NaN/Inf read from
-  // keys outside the sequence cannot leak through.
-  template <class TensorS, class TensorC>
-  __device__ void apply(TensorS& tSrS_rc, TensorC const& tScS_rc, int n_block, float masked) const {
+  // coordinates inside the (kBlockM, kBlockN) tile, `bounds` this thread's rows (row_bounds). Assignment (not
+  // arithmetic) so that NaN/Inf read from keys outside the sequence cannot leak through.
+  template <class TensorS, class TensorC, class Bounds>
+  __device__ static void apply(TensorS& tSrS_rc, TensorC const& tScS_rc, Bounds const& bounds, int n_block,
+                               float masked) {
     int const col0 = n_block * kBlockN;
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<0>(tSrS_rc); ++m) {
-      int const row = m_block * kBlockM + get<0>(tScS_rc(m, 0));
-      int const start = key_start(row) - col0;
-      int const limit = key_limit(row) - col0;
+      int const start = bounds.start[m] - col0;
+      int const limit = bounds.limit[m] - col0;
       CUTLASS_PRAGMA_UNROLL
       for (int n = 0; n < size<1>(tSrS_rc); ++n) {
         int const col = get<1>(tScS_rc(m, n));

@@ -80,6 +80,19 @@ typedef struct flash3_fp8 {
   flash3_descale q, k, v;
 } flash3_fp8;
 
+/* How the work is cut into CTAs, with FA3's meanings.
+ *  num_splits: split-KV (flash-decoding): the keys of one (sequence, head, query tile) are cut into this many
+ *    contiguous ranges, each run by its own CTA into float32 partial outputs in the workspace, which a combine
+ *    kernel then merges into out and lse. 1 = off; 0 = heuristic (from the batch, heads, lengths and SM
+ *    count: hopper/api.cu plan_fwd); 2..256 forced (never more than the longest sequence has key blocks).
+ *  pack_gqa: the q heads that share a kv head are packed into the rows of one query tile (row r of a tile is
+ *    query r / g of head r % g of the group, g = num_heads / num_heads_k), so their K/V is read once instead of
+ *    g times and short queries (decode) fill the tile. -1 = heuristic, 0 = off, 1 = on. */
+typedef struct flash3_schedule {
+  int32_t num_splits FLASH3_DEFAULT(1);
+  int32_t pack_gqa FLASH3_DEFAULT(-1);
+} flash3_schedule;
+
 typedef struct flash3_fwd_params {
   flash3_dtype dtype FLASH3_DEFAULT(FLASH3_BFLOAT16);     /* of q, k, v */
   flash3_dtype out_dtype FLASH3_DEFAULT(FLASH3_BFLOAT16); /* of out: the input dtype (bf16 for fp8 inputs) */
@@ -107,8 +120,11 @@ typedef struct flash3_fwd_params {
 
   flash3_fp8 fp8; /* only read for FLASH3_FLOAT8_E4M3 inputs */
 
+  flash3_schedule schedule;
+
   /* Optional device scratch memory of flash3_fwd_workspace_size(&params) bytes, 256-byte aligned, needed by
-   * FP8 calls (they stage V transposed there: FP8 tensor-core operands must be K-major). NULL: the call
+   * FP8 calls (they stage V transposed there: FP8 tensor-core operands must be K-major) and by split-KV calls
+   * (their float32 partial outputs and LSEs). NULL: the call
    * takes it from the stream-ordered allocator (cudaMallocAsync / cudaFreeAsync on the call's stream). That is
    * capturable too, but a captured graph then holds memory-allocation nodes (CUDA restricts how such graphs
    * are instantiated and updated) and the default pool may return the memory to the system between calls:

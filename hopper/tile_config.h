@@ -16,7 +16,7 @@ struct TileShape {
 };
 
 // The tile of a kernel key (head dims, element bytes) and mask.
-constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes) {
+constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split = false) {
   // FP8 (1-byte elements). FP8 WGMMA needs key blocks that are multiples of 32 (its K), so 176 is out;
   // shared memory is half of 16-bit's, so wider blocks fit. Non-causal d 96 / 128: 128x192 (Q 12-16 KB +
   // 2 x (K + V^T) 72-96 KB); S 96 + P 24 + O 48-64 registers, 0 spills; 128x224 (FA3's d 128 tile) spilled 4
@@ -36,7 +36,9 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   // together while the overlapped GEMMs run; that fits the 240-register consumer budget only because the
   // kernel re-derives the tile's coordinates after the mainloop instead of keeping them live (48 bytes of
   // spills otherwise). Needs CuTe's extended WGMMA shapes (N = 176 is not a multiple of 32).
-  if (head_dim == 128 && head_dim_v == 128 && !causal) { return {128, 176, 2}; }
+  // Split-KV kernels (decode, long keys per tile) keep 128: their float32 epilogue does not fit next to the
+  // 176-key tile's registers (356 bytes of spills, 2026-12-01), and their tiles are short anyway.
+  if (head_dim == 128 && head_dim_v == 128 && !causal && !split) { return {128, 176, 2}; }
   // hdim 128, causal: 128x128. Causal tiles have few key blocks near the diagonal, where a wide block wastes
   // masked work; 128 keeps the diagonal block square with the query tile.
   // hdim 96: 128x128, 2 stages = 24 + 96 KB.
@@ -45,9 +47,9 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   return {128, 128, 2};
 }
 
-template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2>
+template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2, bool kSplit = false>
 struct TileConfigSm90 {
-  static constexpr TileShape kShape = tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes);
+  static constexpr TileShape kShape = tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
   static constexpr int kStages = kShape.stages;

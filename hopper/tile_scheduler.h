@@ -19,40 +19,47 @@
 
 namespace flash3 {
 
+// head: the q head, or with PackGQA the kv head whose q heads share the tile's rows. split: which of the
+// schedule's key ranges (0 without split-KV).
 struct TileCoord {
   int m_block;
   int head;
   int batch;
+  int split;
 };
 
+// A unit is one (split, head, batch) triple, split fastest: the m blocks of a unit share its keys.
 template <bool kHeaviestFirst>
 struct PersistentScheduler {
   int num_m_blocks;
-  int num_heads;
+  int num_heads;  // tile heads: q heads, or kv heads with PackGQA
   int batch;
-  int heads_per_section;  // (head, batch) pairs per L2 section; used when kHeaviestFirst
+  int num_splits;
+  int heads_per_section;  // units per L2 section; used when kHeaviestFirst
   // Zeroed int32 in global memory, or null. When set, tiles after each CTA's first are claimed from this
   // counter, so an SM that drew light tiles takes more of them.
   int* tile_counter;
 
-  __host__ __device__ int num_tiles() const { return num_m_blocks * num_heads * batch; }
+  __host__ __device__ int64_t num_units() const { return int64_t(num_splits) * num_heads * batch; }
+  __host__ __device__ int64_t num_tiles() const { return num_units() * num_m_blocks; }
 
   __device__ TileCoord tile(int idx) const {
-    int hb, m;
+    int unit, m;
     if constexpr (kHeaviestFirst) {
       int const section_tiles = heads_per_section * num_m_blocks;
       int const section = idx / section_tiles;
       int const within = idx - section * section_tiles;
-      int const num_hb = num_heads * batch;
-      int const heads_here = min(heads_per_section, num_hb - section * heads_per_section);
-      int const m_rank = within / heads_here;
+      // int arithmetic: the host checked that every tile index fits an int32 (api.cu).
+      int const units_here = min(heads_per_section, num_splits * num_heads * batch - section * heads_per_section);
+      int const m_rank = within / units_here;
       m = num_m_blocks - 1 - m_rank;
-      hb = section * heads_per_section + (within - m_rank * heads_here);
+      unit = section * heads_per_section + (within - m_rank * units_here);
     } else {
-      hb = idx / num_m_blocks;
-      m = idx - hb * num_m_blocks;
+      unit = idx / num_m_blocks;
+      m = idx - unit * num_m_blocks;
     }
-    return {m, hb % num_heads, hb / num_heads};
+    int const hb = unit / num_splits;
+    return {m, hb % num_heads, hb / num_heads, unit - hb * num_splits};
   }
 
   // The tile this CTA's producer warp takes after `current` (the whole claimer warp calls it, one tile ahead
@@ -66,11 +73,10 @@ struct PersistentScheduler {
     return current + int(gridDim.x);
   }
 
-  // Sections hold as many (head, batch) pairs as fit `l2_budget_bytes` of K + V.
-  static int heads_per_l2_section(int num_heads, int batch, int64_t kv_bytes_per_head, int64_t l2_budget_bytes) {
-    int64_t fit = kv_bytes_per_head > 0 ? l2_budget_bytes / kv_bytes_per_head : 1;
-    int64_t const num_hb = int64_t(num_heads) * batch;
-    return int(fit < 1 ? 1 : (fit > num_hb ? num_hb : fit));
+  // Sections hold as many units as fit `l2_budget_bytes` of K + V.
+  static int units_per_l2_section(int64_t num_units, int64_t kv_bytes_per_unit, int64_t l2_budget_bytes) {
+    int64_t fit = kv_bytes_per_unit > 0 ? l2_budget_bytes / kv_bytes_per_unit : 1;
+    return int(fit < 1 ? 1 : (fit > num_units ? num_units : fit));
   }
 };
 

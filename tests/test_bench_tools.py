@@ -49,3 +49,30 @@ def test_replot_writes_png(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_fwd.py", "--replot", str(csv_path), "--plot", str(png)])
     assert bench.main() == 0
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_decode_grid_and_bandwidth():
+    bench = _load_bench()
+    decode = bench.build_cases("decode", "bf16", False)
+    assert decode and all(c in bench.build_cases("all", "bf16", True) for c in decode)
+    assert all(c.kvcache and c.causal and c.group in bench.GRAPH_GROUPS for c in decode)
+    assert len({c.label for c in decode}) == len(decode)
+    steps = [c for c in decode if c.reports_gbps]
+    assert len(steps) == 6 and all(c.seqlen_q == 1 for c in steps)
+    (chunk,) = [c for c in decode if not c.reports_gbps]
+    # Bottom-right causal count: the 512 new queries see 7680..8191 keys, on average (7680 + 8192) / 2.
+    assert chunk.flops() == pytest.approx(2 * 4 * 32 * 512 * (7680 + 8192) / 2 * 256)
+    big = bench.Case("decode", "bf16", 64, 1, 8192, 32, 8, 128, True, kvcache=True)
+    assert big.kv_bytes() == 2 << 30  # K and V: 64 · 8192 · 8 · 128 · 2 tensors · 2 bytes
+    assert big.gbps(1.0) == pytest.approx((2 << 30) / 1e6)
+
+
+def test_csv_gbps_column(tmp_path):
+    bench = _load_bench()
+    rows = [dict(r, gbps="") for r in _rows()]
+    rows[0].update(group="decode", seqlen_q=1, seqlen_k=8192, gbps="4100.5")
+    path = tmp_path / "fwd.csv"
+    bench.write_csv(path, rows)
+    back = bench.read_csv(path)
+    assert list(back[0])[:19] == list(_rows()[0])  # the older columns keep their order; gbps comes last
+    assert float(back[0]["gbps"]) == pytest.approx(4100.5) and back[1]["gbps"] == ""

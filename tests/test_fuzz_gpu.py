@@ -316,9 +316,6 @@ BAD_PUBLIC = [
     ("varlen_fwd_sm_margin_minus1", "sm_margin", _fw(sm_margin=-1)),
     ("combine_dtype", "out_partial",
      lambda: flash_attn_combine(rnd(3, 2, 4, 2, 16, dtype=F16), rnd(3, 2, 2, 4, dtype=torch.float32))),
-    ("combine_not_implemented", "flash_attn_combine",
-     lambda: flash_attn_combine(rnd(3, 2, 4, 2, 16, dtype=torch.float32),
-                                rnd(3, 2, 2, 4, dtype=torch.float32).transpose(-1, -2))),
 ]
 
 # Calls that are valid but need what this build did not compile: NotImplementedError naming the argument.

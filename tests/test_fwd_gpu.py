@@ -429,12 +429,11 @@ def _unsupported_calls():
     q, k, v = _dense_qkv("contig", 2, 64, 64, 4, 4, 64, torch.bfloat16)
     return {
         "softcap": lambda: flash_attn_func(q, k, v, softcap=30.0),
-        "num_splits=3": lambda: flash_attn_func(q, k, v, num_splits=3),
         "local_window": lambda: flash_attn_func(q, k, v, window_size=(16, 0)),
     }
 
 
-@pytest.mark.parametrize("feature", ["softcap", "num_splits=3", "local_window"])
+@pytest.mark.parametrize("feature", ["softcap", "local_window"])
 def test_unsupported_feature_raises(feature):
     call = _unsupported_calls()[feature]
     with pytest.raises(NotImplementedError):

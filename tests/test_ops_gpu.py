@@ -185,7 +185,6 @@ def _bad_calls():
         "page_table": (NotImplementedError, "paged KV",
                        _op_args(q, k, v, page_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))),
         "softcap": (NotImplementedError, "softcap", _op_args(q, k, v, softcap=30.0)),
-        "num_splits": (NotImplementedError, "num_splits", _op_args(q, k, v, num_splits=3)),
         "local_window": (NotImplementedError, "local",
                          _op_args(q, k, v, window_size_left=64, window_size_right=0)),
         # With FP8 built, a descale of the wrong shape; without, the feature itself.
@@ -202,7 +201,7 @@ def _bad_calls():
 
 BAD_CASES = ["cu_seqlens_int64", "cu_seqlens_k_batch", "seqused_k_length", "heads_not_multiple", "last_dim_strided",
              "head_dim_too_big", "head_dim_not_multiple_of_8", "k_dtype", "k_on_cpu", "out_dtype", "lse_shape",
-             "k_batch", "pack_gqa", "sm_margin", "misaligned", "page_table", "softcap", "num_splits",
+             "k_batch", "pack_gqa", "sm_margin", "misaligned", "page_table", "softcap",
              "local_window", "fp8"]
 
 

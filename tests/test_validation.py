@@ -363,8 +363,9 @@ COMBINE_CASES = [
      r"out_partial: must be 5-D"),
     ("too_many_splits", lambda: flash_attn_combine(*partials(splits=257, b=1, s=2, h=1, d=4)), ValueError,
      r"num_splits \(out_partial.shape\[0\]\): must be <= 256"),
-    ("lse_not_seq_contiguous", lambda: flash_attn_combine(partials()[0], partials()[1].contiguous()), ValueError,
-     r"lse_partial: the sequence dimension must be contiguous"),
+    # Unlike FA3 (stride(-2) == 1), lse_partial may have any strides: a contiguous one passes every rule.
+    ("lse_any_strides", lambda: flash_attn_combine(partials()[0], partials()[1].contiguous()), ValueError,
+     r"out_partial: " + ON_CPU),
     ("out_dtype", lambda: flash_attn_combine(*partials(), out_dtype=torch.int32), TypeError, r"out_dtype: must be"),
     ("out_shape", lambda: flash_attn_combine(*partials(), out=torch.empty(2, 4, 2, 8)), ValueError, r"out: shape"),
     ("valid_combine", lambda: flash_attn_combine(*partials()), ValueError, r"out_partial: " + ON_CPU),
@@ -374,8 +375,8 @@ COMBINE_CASES = [
      r"batch_size: must be >= 0"),
     ("scheduler_cache_seqlens", lambda: get_scheduler_metadata(1, 1, 1, 1, 1, 64, 5), TypeError,
      r"cache_seqlens: expected a torch.Tensor"),
-    ("scheduler_not_implemented", lambda: get_scheduler_metadata(2, 1, 128, 8, 2, 64, i32(5, 6)),
-     NotImplementedError, r"get_scheduler_metadata is not implemented"),
+    ("scheduler_valid_on_cpu", lambda: get_scheduler_metadata(2, 1, 128, 8, 2, 64, i32(5, 6)), ValueError,
+     r"^cache_seqlens: .*CUDA"),
 ]
 
 
@@ -601,9 +602,6 @@ NOT_IMPLEMENTED_CASES = [
     ("rotary", lambda: flash_attn_with_kvcache(*qkv(), k=qkv(sk=1)[1], v=qkv(sk=1)[2], cache_seqlens=3,
                                                rotary_cos=torch.ones(8, 16).half(),
                                                rotary_sin=torch.ones(8, 16).half()), r"not implemented"),
-    ("scheduler_metadata", lambda: flash_attn_with_kvcache(*qkv(), scheduler_metadata=i32(0, 0)),
-     r"scheduler_metadata is not implemented"),
-    ("combine", lambda: flash_attn_combine(*partials()), r"flash_attn_combine .*not implemented"),
     ("backward", lambda: flash_attn_func(*(t.requires_grad_() for t in qkv())), r"forward pass only"),
 ]
 

@@ -79,11 +79,11 @@ FEATURES = {
     "causal": True,
     "local": False,
     "softcap": False,
-    "split_kv": False,
+    "split_kv": True,
     "paged_kv": False,
     "append_kv": False,
     "fp8": True,
-    "pack_gqa": False,
+    "pack_gqa": True,
     "kv_batch_idx": False,
     "leftpad_k": False,
 }
