@@ -170,7 +170,7 @@ bench() {
   return "$rc"
 }
 
-# compute-sanitizer on a few small calls (odd lengths, varlen, GQA, causal); PyTorch's caching allocator is
+# compute-sanitizer on a few small calls (odd lengths, varlen, GQA, causal, split-KV + PackGQA decode); PyTorch's caching allocator is
 # off so that memcheck sees every allocation's true bounds.
 sanitize() {
   local script rc=0 tool args
@@ -191,7 +191,12 @@ for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
                 cu_k = torch.tensor([0, 133, 266], device="cuda", dtype=torch.int32)
                 flash_attn3.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
                                                    cu_q, cu_k, 77, 133, causal=causal)
-                ran += 2
+                # split-KV + PackGQA: decode (s_q 1 and 3) against a cache with per-sequence lengths
+                lens = torch.tensor([0, 133], device="cuda", dtype=torch.int32)
+                for sq, splits in ((1, 0), (3, 5)):
+                    flash_attn3.flash_attn_with_kvcache(q[:, :sq], k, v, cache_seqlens=lens, causal=causal,
+                                                        num_splits=splits)
+                ran += 4
             except NotImplementedError:
                 pass
 torch.cuda.synchronize()
