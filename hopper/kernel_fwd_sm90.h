@@ -104,11 +104,11 @@ struct FwdKernelSm90 {
     int current = blockIdx.x;
     for (uint32_t round = 0;; ++round) {
       TileWork const w = work_of(params, current < num_tiles ? current : 0);
-      if (round > 0) { cutlass::arch::ClusterBarrier::wait(&smem.next_empty, (round - 1) & 1); }
+      if (round > 0) { mailbox_wait(&smem.next_empty, (round - 1) & 1); }
       if (cute::elect_one_sync()) {
         smem.next_index = current;
         smem.next_work = w;
-        cutlass::arch::ClusterBarrier::arrive(&smem.next_full);
+        mailbox_arrive(&smem.next_full);
       }
       __syncwarp();
       if (current >= num_tiles) { break; }
@@ -124,10 +124,10 @@ struct FwdKernelSm90 {
     int const num_tiles = int(params.scheduler.num_tiles());
     bool q_loaded = false;
     for (uint32_t round = 0;; ++round) {
-      cutlass::arch::ClusterBarrier::wait(&smem.mailbox_full, round & 1);
+      mailbox_wait(&smem.mailbox_full, round & 1);
       int const idx = smem.tile_index;
       __syncwarp();
-      if (cute::elect_one_sync()) { cutlass::arch::ClusterBarrier::arrive(&smem.mailbox_empty); }
+      if (cute::elect_one_sync()) { mailbox_arrive(&smem.mailbox_empty); }
       if (idx >= num_tiles) { break; }
       TileWork const w = work_of(params, idx);
       if (w.has_rows() && !w.range.empty()) {
@@ -175,12 +175,12 @@ struct FwdKernelSm90 {
       if (warp_idx != 0) { return; }  // one warp issues all loads
       bool q_loaded = false;
       for (uint32_t round = 0;; ++round) {
-        cutlass::arch::ClusterBarrier::wait(&smem.next_full, round & 1);
+        mailbox_wait(&smem.next_full, round & 1);
         int const idx = smem.next_index;
-        if (round > 0) { cutlass::arch::ClusterBarrier::wait(&smem.mailbox_empty, (round - 1) & 1); }
+        if (round > 0) { mailbox_wait(&smem.mailbox_empty, (round - 1) & 1); }
         if (cute::elect_one_sync()) {
           smem.tile_index = idx;
-          cutlass::arch::ClusterBarrier::arrive(&smem.mailbox_full);
+          mailbox_arrive(&smem.mailbox_full);
         }
         __syncwarp();
         if (idx >= num_tiles) { break; }
@@ -191,7 +191,7 @@ struct FwdKernelSm90 {
           q_loaded = true;
         }
         __syncwarp();
-        if (cute::elect_one_sync()) { cutlass::arch::ClusterBarrier::arrive(&smem.next_empty); }
+        if (cute::elect_one_sync()) { mailbox_arrive(&smem.next_empty); }
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();
@@ -199,9 +199,9 @@ struct FwdKernelSm90 {
       Mainloop::init_turns(thread_idx / kWarpGroupThreads);
       uint32_t q_phase = 0;
       for (uint32_t round = 0;; ++round) {
-        cutlass::arch::ClusterBarrier::wait(&smem.mailbox_full, round & 1);
+        mailbox_wait(&smem.mailbox_full, round & 1);
         int const idx = smem.tile_index;
-        cutlass::arch::ClusterBarrier::arrive(&smem.mailbox_empty);
+        mailbox_arrive(&smem.mailbox_empty);
         if (idx >= num_tiles) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }

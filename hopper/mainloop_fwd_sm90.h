@@ -283,7 +283,7 @@ struct MainloopFwdSm90 {
     }
     asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(&barrier_q)));
     __syncwarp();
-    if (cute::elect_one_sync()) { cutlass::arch::ClusterBarrier::arrive(&barrier_q); }
+    if (cute::elect_one_sync()) { mailbox_arrive(&barrier_q); }
   }
 
   // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next

@@ -26,6 +26,19 @@ __device__ __forceinline__ void named_barrier_arrive(FwdBarrier id) {
   cutlass::arch::NamedBarrier::arrive(kNumThreads, static_cast<int>(id));
 }
 
+// mbarrier wait / arrive for hand-overs of plain shared-memory data (the tile mailboxes). CUTLASS's
+// ClusterBarrier asm carries no "memory" clobber, so the compiler may move ordinary loads above a wait or
+// stores below an arrive; racecheck caught exactly that on the TileWork slot (2026-12-01). These add the
+// compiler fences: nothing moves across the acquire (wait) or the release (arrive).
+__device__ __forceinline__ void mailbox_wait(uint64_t* barrier, uint32_t phase) {
+  cutlass::arch::ClusterBarrier::wait(barrier, phase);
+  asm volatile("" ::: "memory");
+}
+__device__ __forceinline__ void mailbox_arrive(uint64_t* barrier) {
+  asm volatile("" ::: "memory");
+  cutlass::arch::ClusterBarrier::arrive(barrier);
+}
+
 // Threads of one warpgroup: the unit that issues a WGMMA and that setmaxnreg resizes.
 constexpr int kWarpGroupThreads = 128;
 

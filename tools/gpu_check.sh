@@ -206,9 +206,12 @@ EOF
   : >"$OUT/sanitize.log"
   for tool in memcheck racecheck synccheck; do
     echo "--- compute-sanitizer --tool $tool" | tee -a "$OUT/sanitize.log"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" "$script" \
-      2>&1 | tail -n 30 | tee -a "$OUT/sanitize.log"
-    [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+    # The first reports (where the cause is) and the summary; Python's stack frames are dropped.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 1 "$PY" \
+      "$script" >"$OUT/sanitize_tool.tmp" 2>&1 || rc=1
+    grep -v '^frame #' "$OUT/sanitize_tool.tmp" | cut -c1-600 | head -n 40 | tee -a "$OUT/sanitize.log"
+    grep -v '^frame #' "$OUT/sanitize_tool.tmp" | tail -n 4 | tee -a "$OUT/sanitize.log"
+    rm -f "$OUT/sanitize_tool.tmp"
   done
   rm -f "$script"
   # Lying device-side metadata (cu_seqlens/seqused out of range): no access outside the tensors.
