@@ -96,8 +96,9 @@ struct FwdKernelSm90 {
   // still issues the current tile's loads. Both would otherwise stall the producer warp, and its 24
   // registers do not hold the derivation next to the load loop's state (causal kernels spilled 4-16 bytes,
   // 2026-12-01); the claim's round trip cost -5 to -8% on causal attention when the producer made it itself.
-  // The hand-over is a one-slot mailbox in shared memory: next_full (the claimer wrote the slot) and
-  // next_empty (the producer has issued that tile's loads), one arrival each; hand-over r completes phase r
+  // The hand-over is a one-slot mailbox in shared memory: next_full (the claimer wrote the slot; one
+  // arrival) and next_empty (the producer has issued that tile's loads; one arrival per lane, each after the
+  // lane's own reads); hand-over r completes phase r
   // of both. The producer reads the slot's fields where it uses them, rather than keeping copies.
   __device__ static void claim_tiles(Params const& params, SharedStorage& smem) {
     int const num_tiles = int(params.scheduler.num_tiles());
@@ -126,8 +127,7 @@ struct FwdKernelSm90 {
     for (uint32_t round = 0;; ++round) {
       mailbox_wait(&smem.mailbox_full, round & 1);
       int const idx = smem.tile_index;
-      __syncwarp();
-      if (cute::elect_one_sync()) { mailbox_arrive(&smem.mailbox_empty); }
+      mailbox_arrive(&smem.mailbox_empty);  // each lane, after its read
       if (idx >= num_tiles) { break; }
       TileWork const w = work_of(params, idx);
       if (w.has_rows() && !w.range.empty()) {
@@ -144,14 +144,16 @@ struct FwdKernelSm90 {
 
     if (warp_idx == 0 && cute::elect_one_sync()) {
       Mainloop::prefetch_descriptors(params.mainloop);
-      cutlass::arch::ClusterTransactionBarrier::init(&smem.barrier_q, 1);
+      // Q by TMA: one arrival with the transaction bytes; gathered (PackGQA): one per Q-warp lane, made by
+      // the lane's copies completing (cp.async.mbarrier.arrive.noinc).
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.barrier_q, params.pack > 1 ? 32 : 1);
       Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups);
       Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups);
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_full, 1);
-      // Readers of the mailbox: every consumer thread, plus the Q warp (one arrival) when it runs.
-      cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads + (params.pack > 1 ? 1 : 0));
+      // Readers of the mailbox: every consumer thread, plus the Q warp's lanes when it runs.
+      cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads + (params.pack > 1 ? 32 : 0));
       cutlass::arch::ClusterBarrier::init(&smem.next_full, 1);
-      cutlass::arch::ClusterBarrier::init(&smem.next_empty, 1);
+      cutlass::arch::ClusterBarrier::init(&smem.next_empty, 32);  // every producer lane, after its own reads
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
@@ -190,8 +192,7 @@ struct FwdKernelSm90 {
                         w.range, /*wait_q_free=*/q_loaded);
           q_loaded = true;
         }
-        __syncwarp();
-        if (cute::elect_one_sync()) { mailbox_arrive(&smem.next_empty); }
+        mailbox_arrive(&smem.next_empty);  // each lane, after its last read of the slot
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();

@@ -253,9 +253,9 @@ struct MainloopFwdSm90 {
   // of the producer warpgroup of its own (the Q warp, see the kernel) gathers them with cp.async, 16 bytes
   // per lane and copy, once the consumers are done with the previous tile's Q (wait_q_free), rows past the sequence skipped
   // (garbage rows only ever reach their own rows of S and O, which are never stored) and columns past the
-  // real head dim zero-filled (K's are zero too, but garbage times zero may be NaN). Each lane's
-  // cp.async.mbarrier.arrive makes barrier_q's phase wait for its copies (the pending count is raised first,
-  // so it adds no arrival); one regular arrive, after __syncwarp, completes it.
+  // real head dim zero-filled (K's are zero too, but garbage times zero may be NaN). barrier_q then
+  // expects one arrival per lane, which cp.async.mbarrier.arrive.noinc makes when the lane's copies land
+  // (synccheck called the counted variant plus one regular arrival a barrier overflow).
   __device__ void load_q_packed(Params const& p, SharedStorage& smem, uint64_t& barrier_q, TileCoord const& tile,
                                 SeqlenInfo const& seqlen, bool wait_q_free) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});  // (M, d)
@@ -281,9 +281,9 @@ struct MainloopFwdSm90 {
       uint32_t const dst = cute::cast_smem_ptr_to_uint(&sQ(r, col));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
     }
-    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(&barrier_q)));
-    __syncwarp();
-    if (cute::elect_one_sync()) { mailbox_arrive(&barrier_q); }
+    // Each lane's arrival (of the 32 barrier_q expects with PackGQA) happens when its copies have landed.
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(&barrier_q))
+                 : "memory");
   }
 
   // Keys beyond the sequence in the boundary V block hold whatever follows it in memory (the next
