@@ -9,6 +9,7 @@
 // Python.h first: it sets feature macros that must precede the standard headers.
 #include <Python.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -67,7 +68,7 @@ DeviceInfo const& device_info(c10::DeviceIndex device) {
 
 // The params struct holds 32-bit sizes; anything larger would wrap silently in the kernel's index maths.
 int32_t to_int32(int64_t value, char const* name) {
-  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int32_t>::max(), "flash_attn3 fwd: ", name,
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int32_t>::max(), "flash_attn3: ", name,
               " must be in [0, 2^31), got ", value);
   return static_cast<int32_t>(value);
 }
@@ -194,8 +195,9 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
 
   // ---- scalar ranges: the op is reachable directly (torch.ops, compiled graphs), so Python's checks are
   // repeated here rather than trusted ----
-  TORCH_CHECK(num_splits >= 0 && num_splits <= 256,
-              "flash_attn3 fwd: num_splits must be in [0, 256] (0 = heuristic, 1 = no split), got ", num_splits);
+  TORCH_CHECK(num_splits <= 256, "flash_attn3 fwd: num_splits must be <= 256 (<= 0 = heuristic, 1 = no split), got ",
+              num_splits);
+  num_splits = num_splits < 0 ? 0 : num_splits;  // FA3: any value <= 0 selects the heuristic
   TORCH_CHECK(pack_gqa >= -1 && pack_gqa <= 1, "flash_attn3 fwd: pack_gqa must be -1 (heuristic), 0 or 1, got ",
               pack_gqa);
   TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn3 fwd: softmax_scale must be finite, got ", softmax_scale);
@@ -458,7 +460,9 @@ std::vector<int64_t> plan(int64_t batch, int64_t max_seqlen_q, int64_t max_seqle
     op.head_stride = dim;
     op.row_stride = heads * dim;
     op.batch_stride = int64_t(rows) * heads * dim;
-    op.rows = varlen_q ? rows * p.batch : rows;
+    // Packed: every sequence at the longest length, clamped to int32 (the plan only needs an upper bound).
+    int64_t const packed = std::min<int64_t>(int64_t(rows) * p.batch, std::numeric_limits<int32_t>::max());
+    op.rows = varlen_q ? static_cast<int32_t>(packed) : rows;
   };
   describe(p.q, sq, num_heads, head_dim);
   describe(p.out, sq, num_heads, head_dim_v);
@@ -476,7 +480,8 @@ std::vector<int64_t> plan(int64_t batch, int64_t max_seqlen_q, int64_t max_seqle
   p.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
   p.softcap = static_cast<float>(softcap);
   p.num_sms = dev.num_sms - static_cast<int>(sm_margin);
-  p.schedule.num_splits = static_cast<int32_t>(num_splits);
+  TORCH_CHECK(num_splits <= 256, "flash_attn3 plan: num_splits must be <= 256, got ", num_splits);
+  p.schedule.num_splits = static_cast<int32_t>(num_splits < 0 ? 0 : num_splits);
   p.schedule.pack_gqa = static_cast<int32_t>(pack_gqa);
   flash3::FwdPlan pl;
   flash3::Status const st = flash3::plan_fwd(p, &pl);

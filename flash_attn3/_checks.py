@@ -346,7 +346,8 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         softmax_scale = head_dim ** -0.5
     elif not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale: must be finite, got {softmax_scale}")
-    check_int("num_splits", num_splits, 0, MAX_SPLITS)
+    check_int("num_splits", num_splits, None, MAX_SPLITS)
+    num_splits = max(num_splits, 0)  # FA3: any value <= 0 selects the heuristic
     check_int("sm_margin", sm_margin, 0)
 
     # Output buffers.

@@ -72,7 +72,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
             a 2-element integer tensor as FA3 allows (a CUDA one is read back to the host, one sync).
         attention_chunk: only 0 is implemented.
         softcap: if > 0, scores become tanh(score · softmax_scale / softcap) · softcap before masking.
-        num_splits: 1 = no split-KV; 0 = heuristic; > 1 (up to 256) forces that many splits.
+        num_splits: 1 = no split-KV; 0 (or any value <= 0, as FA3) = heuristic; > 1 (up to 256) forces that many.
         pack_gqa: None = heuristic; True/False force packing the query heads of one key head into one tile.
         deterministic: accepted for compatibility; affects only a backward pass, which does not exist here.
         sm_margin: SMs to leave free for concurrent kernels (e.g. communication).
@@ -152,7 +152,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
             (num_splits, pack_gqa); its dtype, shape and device are checked, and in checked mode its tag. The
             call's own plan (from its shapes and num_splits / pack_gqa) is what runs, so metadata made with a
             different max_seqlen_k (vLLM passes the batch's longest) is harmless.
-        num_splits: 0 = heuristic (default), 1 = no split-KV, > 1 (up to 256) forced.
+        num_splits: 0 (or any value <= 0) = heuristic (default), 1 = no split-KV, > 1 (up to 256) forced.
         Other arguments: as in flash_attn_func.
 
     Returns:
@@ -265,6 +265,8 @@ def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
                          f"the head dim, {tuple(out_partial.shape[:-1])}")
     _checks.check_int("num_splits (out_partial.shape[0])", out_partial.shape[0], 1, _checks.MAX_SPLITS)
     _checks.check_last_dim_contiguous("out_partial", out_partial)
+    if out_partial.shape[-1] < 1:
+        raise ValueError("out_partial: the head dim (last dimension) must be >= 1, got 0")
     out_dtype = out_dtype or torch.float32
     if out is not None:
         if out.dtype != out_dtype:
@@ -296,11 +298,13 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
     it as scheduler_metadata= together with the same num_splits and pack_gqa.
     """
     for name, x in (("batch_size", batch_size), ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k),
-                    ("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv), ("headdim", headdim),
                     ("max_seqlen_k_new", max_seqlen_k_new), ("attention_chunk", attention_chunk),
                     ("sm_margin", sm_margin)):
         _checks.check_int(name, x, 0)
-    _checks.check_int("num_splits", num_splits, 0, _checks.MAX_SPLITS)
+    for name, x in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv), ("headdim", headdim)):
+        _checks.check_int(name, x, 1)
+    _checks.check_int("num_splits", num_splits, None, _checks.MAX_SPLITS)
+    num_splits = max(num_splits, 0)  # FA3: any value <= 0 selects the heuristic
     _checks.check_tensor("cache_seqlens", cache_seqlens)
     if headdim_v is not None:
         _checks.check_int("headdim_v", headdim_v, 1)

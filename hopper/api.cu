@@ -146,7 +146,8 @@ Status validate(FwdParams const& p) {
   if (p.batch < 0) { return fail(FLASH3_INVALID_ARGUMENT, "batch: must be >= 0, got " + str(p.batch)); }
   if (p.num_sms < 0) { return fail(FLASH3_INVALID_ARGUMENT, "num_sms: must be >= 0 (0 = all), got " + str(p.num_sms)); }
   if (p.schedule.num_splits < 0 || p.schedule.num_splits > kMaxSplits) {
-    return fail(FLASH3_INVALID_ARGUMENT, "schedule.num_splits: must be in [0, 256] (0 = heuristic, 1 = no split), got " +
+    return fail(FLASH3_INVALID_ARGUMENT, "schedule.num_splits: must be in [0, 256] (0 = heuristic, 1 = no split; "
+                                         "the Python and torch APIs map FA3's negative values to 0), got " +
                                              str(p.schedule.num_splits));
   }
   if (p.schedule.pack_gqa < -1 || p.schedule.pack_gqa > 1) {
@@ -354,10 +355,12 @@ Status checked_plan(FwdParams const& p, FwdPlan* plan) {
     if (status != FLASH3_SUCCESS) { return status; }
   }
   int const group = p.num_heads / p.num_heads_k;
-  if (int64_t(max_seqlen_q(p)) * group > INT32_MAX - 256 && p.schedule.pack_gqa != 0) {
-    // Packed rows are int32 coordinates; the heuristic never packs such calls, a forced pack is refused.
+  // Packed rows are int32 coordinates, and a sequence's length on the device is bounded by q.rows only (the
+  // metadata may understate max_seqlen_q), so q.rows * group must fit. The heuristic then does not pack;
+  // a forced pack is refused.
+  if (int64_t(p.q.rows) * group > INT32_MAX - 256 && p.schedule.pack_gqa != 0) {
     if (p.schedule.pack_gqa == 1) {
-      return fail(FLASH3_INVALID_ARGUMENT, "schedule.pack_gqa: max_seqlen_q * (num_heads / num_heads_k) must stay "
+      return fail(FLASH3_INVALID_ARGUMENT, "schedule.pack_gqa: q.rows * (num_heads / num_heads_k) must stay "
                                            "below 2^31 - 256 to pack the q heads");
     }
     FwdParams unpacked = p;
@@ -366,7 +369,9 @@ Status checked_plan(FwdParams const& p, FwdPlan* plan) {
   } else {
     *plan = make_plan(p, num_sms);
   }
-  if (plan->num_tiles > INT32_MAX) {
+  // Tile indices are int32 and a CTA's next one is its current one plus up to the grid size: keep that sum
+  // from wrapping past INT32_MAX.
+  if (plan->num_tiles > int64_t(INT32_MAX) - 2 * int64_t(num_sms)) {
     return fail(FLASH3_INVALID_ARGUMENT, "the call has " + str(plan->num_tiles) + " work tiles (query tiles x heads x "
                                          "batch x splits); the kernel counts them in int32: use fewer splits");
   }
@@ -399,8 +404,8 @@ Status run_fwd(FwdParams const& p, cudaStream_t stream, cudaError_t* cuda_error)
     if (cuda_error != nullptr) { *cuda_error = g_cuda_error; }
     return status;
   }
-  if (p.workspace != nullptr && (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0 ||
-                                 p.workspace_bytes < plan.workspace_bytes)) {
+  if (p.workspace != nullptr && plan.workspace_bytes > 0 &&
+      (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0 || p.workspace_bytes < plan.workspace_bytes)) {
     return fail(FLASH3_INVALID_ARGUMENT, "workspace: must be 256-byte aligned with at least " +
                                              str(plan.workspace_bytes) + " bytes (flash3_fwd_workspace_size), got " +
                                              str(p.workspace_bytes));
@@ -440,10 +445,10 @@ Status run_combine(CombineParams const& c, cudaStream_t stream, cudaError_t* cud
   if (c.num_splits < 1 || c.num_splits > kMaxSplits) {
     return fail(FLASH3_INVALID_ARGUMENT, "num_splits: must be in [1, 256], got " + str(c.num_splits));
   }
-  if (c.batch < 0 || c.rows < 0 || c.heads < 0 || c.head_dim < 0) {
-    return fail(FLASH3_INVALID_ARGUMENT, "combine: sizes must be >= 0");
+  if (c.batch < 0 || c.rows < 0 || c.heads < 0 || c.head_dim < 1) {
+    return fail(FLASH3_INVALID_ARGUMENT, "combine: batch, rows and heads must be >= 0 and head_dim >= 1");
   }
-  if (int64_t(c.batch) * c.rows * c.heads == 0 || c.head_dim == 0) { return FLASH3_SUCCESS; }
+  if (int64_t(c.batch) * c.rows * c.heads == 0) { return FLASH3_SUCCESS; }
   if (c.o_partial == nullptr || c.lse_partial == nullptr || c.out == nullptr) {
     return fail(FLASH3_INVALID_ARGUMENT, "combine: out_partial, lse_partial and out must not be NULL");
   }

@@ -163,7 +163,7 @@ def _sched(**over):
 
 
 SCHED_SCALARS = ["batch_size", "max_seqlen_q", "max_seqlen_k", "num_heads_q", "num_heads_kv", "headdim",
-                 "max_seqlen_k_new", "attention_chunk", "sm_margin", "num_splits", "headdim_v"]
+                 "max_seqlen_k_new", "attention_chunk", "sm_margin", "headdim_v"]  # num_splits < 0: FA3's heuristic
 
 
 @pytest.mark.parametrize("name", SCHED_SCALARS)
@@ -194,8 +194,9 @@ def test_scheduler_metadata_rejects_wrong_types(case):
 
 
 @pytest.mark.parametrize("over", [{}, dict(causal=True, num_splits=3, pack_gqa=True), dict(num_splits=256),
-                                  dict(num_splits=0, pack_gqa=False, qkv_dtype=F16, headdim_v=64)],
-                         ids=["defaults", "causal_split3_pack", "split256", "fp16_nopack"])
+                                  dict(num_splits=0, pack_gqa=False, qkv_dtype=F16, headdim_v=64),
+                                  dict(num_splits=-1)],
+                         ids=["defaults", "causal_split3_pack", "split256", "fp16_nopack", "split_negative_is_heuristic"])
 def test_scheduler_metadata_valid_call_needs_cuda_cache_seqlens(over):
     """A valid call passes the scalar checks and fails only because cache_seqlens is on the CPU (the
     metadata lives on cache_seqlens' device), with a ValueError naming it, not a NotImplementedError."""
@@ -225,7 +226,7 @@ FORWARDS = {
 
 
 @pytest.mark.parametrize("pack_gqa", [None, True, False], ids=["pack_auto", "pack_on", "pack_off"])
-@pytest.mark.parametrize("num_splits", [0, 1, 2, 3, 255, 256])
+@pytest.mark.parametrize("num_splits", [-7, -1, 0, 1, 2, 3, 255, 256])  # <= 0: heuristic, as in FA3
 @pytest.mark.parametrize("fn", list(FORWARDS))
 def test_forward_accepts_num_splits_and_pack_gqa(fn, num_splits, pack_gqa):
     with pytest.raises(ValueError, match=ON_CPU):
@@ -234,7 +235,6 @@ def test_forward_accepts_num_splits_and_pack_gqa(fn, num_splits, pack_gqa):
 
 FORWARD_BAD = [
     ("num_splits_257", dict(num_splits=257), ValueError, "num_splits"),
-    ("num_splits_minus1", dict(num_splits=-1), ValueError, "num_splits"),
     ("num_splits_float", dict(num_splits=2.0), TypeError, "num_splits"),
     ("num_splits_none", dict(num_splits=None), TypeError, "num_splits"),
     ("pack_gqa_int", dict(pack_gqa=1), TypeError, "pack_gqa"),
