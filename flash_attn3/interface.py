@@ -138,7 +138,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         k_cache, v_cache: (batch_cache, seqlen_cache, num_heads_k, head_dim / head_dim_v); with page_table,
             (num_pages, page_size, num_heads_k, head_dim / head_dim_v) with any page size.
         k, v: new keys/values to append in place at cache_seqlens; not implemented (NotImplementedError).
-        qv, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved: not implemented (rotary needs k/v).
+        qv, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved: not implemented (rotary needs k/v);
+            rotary_seqlens alone is ignored, as in FA3.
         cache_seqlens: int or int32 (batch,): valid cache length of each batch entry, counted from index 0
             of the cache row (so including cache_leftpad). Default: the whole cache.
         cache_batch_idx: int32 (batch,): cache row (or page-table row) of each batch entry.
@@ -178,8 +179,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         raise ValueError("rotary_cos, rotary_sin: must be given together")
     if rotary_cos is not None and k is None:
         raise ValueError("rotary_cos: rotary embedding is applied to appended keys; it requires new k, v")
-    if rotary_seqlens is not None and rotary_cos is None:
-        raise ValueError("rotary_seqlens: only valid together with rotary_cos / rotary_sin")
+    # rotary_seqlens without rotary_cos / rotary_sin is ignored, as FA3 ignores it.
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _checks.check_tensor(name, t)
         _checks.check_last_dim_contiguous(name, t)

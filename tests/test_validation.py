@@ -719,3 +719,11 @@ def test_fake_matches_schema_opcheck(schema_twin, varlen):
     args = op_args(q, k, v, out=out, softmax_lse=lse, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=mq,
                    max_seqlen_k=mk, softmax_scale=0.25, window_size_right=0)
     torch.library.opcheck(schema_twin, args)
+
+
+def test_kvcache_rotary_seqlens_alone_is_ignored_as_fa3():
+    """FA3 ignores rotary_seqlens when no rotary tables are given: the call must get past the argument rules
+    (on CPU it then stops at the device rule, naming the CPU tensors, not rotary_seqlens)."""
+    with pytest.raises(ValueError, match=ON_CPU) as info:
+        _dense_cache(rotary_seqlens=i32(3, 9))()
+    assert "rotary_seqlens: only valid" not in str(info.value)
