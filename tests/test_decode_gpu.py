@@ -320,6 +320,24 @@ def test_decode(cache_len, num_splits, causal, s_q, heads, d, poison, dtype):
         _assert_lse_matches_unsplit(lse, lse1, refs, what)
 
 
+@pytest.mark.parametrize("num_splits", [-1, -3])
+def test_negative_num_splits_is_the_heuristic(num_splits):
+    """FA3 treats any num_splits <= 0 as "choose for me": a negative count must run the heuristic's schedule
+    (bit-identical to num_splits=0) and match the reference, not raise."""
+    dtype, b, h, h_k, d, cache_len = BF16, 2, 8, 2, 128, 3000
+    _require(dtype, d, 0)
+    q = _rand(dtype, b, 1, h, d)
+    k_cache, v_cache = _rand(dtype, b, cache_len, h_k, d), _rand(dtype, b, cache_len, h_k, d)
+    cache_seqlens = _i32([cache_len, 1234])
+    refs = _references(q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True)
+    got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True,
+                                  num_splits=num_splits, return_softmax_lse=True)[:2]
+    want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True, num_splits=0,
+                                   return_softmax_lse=True)[:2]
+    _check(*got, refs, f"num_splits={num_splits}", kvcache=True)
+    _assert_same(got, want, f"num_splits={num_splits} vs num_splits=0")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # flash_attn_with_kvcache with packed variable-length queries (cu_seqlens_q) against a dense cache
 

@@ -231,8 +231,6 @@ BAD_PUBLIC = [
     ("func_softcap_negative", "softcap", _fa(softcap=-1.0)),
     ("func_softcap_nan", "softcap", _fa(softcap=math.nan)),
     ("func_softcap_str", "softcap", _fa(softcap="1")),
-    ("func_num_splits_minus1", "num_splits", _fa(num_splits=-1)),
-    ("func_num_splits_minus3", "num_splits", _fa(num_splits=-3)),
     ("func_num_splits_257", "num_splits", _fa(num_splits=257)),
     ("func_num_splits_float", "num_splits", _fa(num_splits=2.0)),
     ("func_num_splits_none", "num_splits", _fa(num_splits=None)),
@@ -282,7 +280,6 @@ BAD_PUBLIC = [
     ("varlen_seqused_k_int64", "seqused_k", _fv(seqused_k=lambda: cu(LQ)[:3].long())),
     ("varlen_seqused_q_2d", "seqused_q", _fv(seqused_q=lambda: i32(1, 0, 1).reshape(3, 1))),
     ("varlen_heads", "num_heads", _fv(lambda: packed(h=6, hk=4)[:3])),
-    ("varlen_num_splits_minus3", "num_splits", _fv(num_splits=-3)),
     ("varlen_scale_nan", "softmax_scale", _fv(softmax_scale=math.nan)),
     ("varlen_window_tensor_3", "window_size", _fv(window_size=lambda: torch.tensor([1, 2, 3], device=DEVICE))),
     ("kvcache_seqlens_int64", "cache_seqlens", _fk(cache_seqlens=lambda: torch.tensor([1, 2], device=DEVICE))),
@@ -302,7 +299,6 @@ BAD_PUBLIC = [
     ("kvcache_page_table_int64", "page_table",
      _fk(lambda: paged_cache()[:3], page_table=lambda: paged_cache()[3].long(), cache_seqlens=None)),
     ("kvcache_batch_idx_dtype", "cache_batch_idx", _fk(cache_batch_idx=lambda: torch.tensor([0, 1], device=DEVICE))),
-    ("kvcache_num_splits_minus3", "num_splits", _fk(num_splits=-3)),
     ("kvcache_return_lse_int", "return_softmax_lse", _fk(return_softmax_lse=1)),
     ("varlen_fwd_out_dtype", "out", _fw(out=lambda: torch.empty(2, 33, 4, D, dtype=OTHER_DTYPE, device=DEVICE))),
     ("varlen_fwd_out_shape", "out", _fw(out=lambda: torch.empty(2, 33, 4, D + 8, dtype=DTYPE, device=DEVICE))),
@@ -341,8 +337,6 @@ if _ops.BUILD.compiled_head_dim(DTYPE, 64) is not None:
     BAD_PUBLIC.append(("func_head_dim_v_differs_unbuilt", "v", _fa(lambda: dense(d=64, dv=128))))
 
 BAD_OP = [
-    ("op_num_splits_minus3", "num_splits", _op(num_splits=-3)),
-    ("op_num_splits_minus1", "num_splits", _op(num_splits=-1)),
     ("op_num_splits_300", "num_splits", _op(num_splits=300)),
     ("op_pack_gqa_5", "pack_gqa", _op(pack_gqa=5)),
     ("op_pack_gqa_minus2", "pack_gqa", _op(pack_gqa=-2)),
