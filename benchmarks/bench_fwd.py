@@ -70,6 +70,7 @@ class Case:
     causal: bool
     varlen: bool = False
     kvcache: bool = False  # through flash_attn_with_kvcache: k, v are the cache, cache_seqlens = seqlen_k
+    page_size: int = 0  # kvcache rows: > 0 = the cache in pages of this size through a shuffled page table
 
     @property
     def reports_gbps(self) -> bool:
@@ -82,7 +83,7 @@ class Case:
         seq = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}x{self.seqlen_k}"
         return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{self.head_dim}"
                 f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}"
-                f"{' kvcache' if self.kvcache else ''}")
+                f"{' kvcache' if self.kvcache else ''}{f' page{self.page_size}' if self.page_size else ''}")
 
     def flops(self) -> float:
         avg_sk = (max(0, self.seqlen_k - self.seqlen_q) + self.seqlen_k) / 2 if self.causal else self.seqlen_k
@@ -128,6 +129,9 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
             Case("decode", "fp16", 1, 1, 2048, 16, 2, 80, True, kvcache=True),  # case 4 of the guide
             Case("decode", "bf16", 4, 512, 8192, 32, 8, 128, True, kvcache=True),  # chunked prefill
         ]
+        # Paged KV (vLLM's page size 16, a TMA-sized 256, SGLang's 1): compare with the contiguous 64 x 8192 row.
+        cases += [Case("decode", "bf16", 64, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=ps) for ps in (16, 256)]
+        cases += [Case("decode", "bf16", 1, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=16)]
     return cases
 
 
@@ -154,6 +158,17 @@ def make_backends(torch):
 
         if case.kvcache:
             seqlens = full_cache_seqlens(case, q)
+            if case.page_size:
+                # The same keys in pages placed in random order: page table[i, j] holds keys
+                # [j * page_size, (j + 1) * page_size) of sequence i, so the result equals the contiguous call.
+                ps = case.page_size
+                num_pages = case.batch * case.seqlen_k // ps
+                table = torch.randperm(num_pages, device=q.device).to(torch.int32).view(case.batch, -1)
+                kp, vp = (torch.empty(num_pages, ps, *t.shape[2:], dtype=t.dtype, device=t.device) for t in (k, v))
+                for dst, src in ((kp, k), (vp, v)):
+                    dst[table.flatten().long()] = src.reshape(num_pages, ps, *src.shape[2:])
+                return lambda: flash_attn3.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, page_table=table,
+                                                                   causal=case.causal)
             return lambda: flash_attn3.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, causal=case.causal)
         if case.varlen:
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
@@ -162,6 +177,8 @@ def make_backends(torch):
         return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal)
 
     def fa3(case, q, k, v, cu_q, cu_k):
+        if case.page_size:
+            raise Unsupported("the fa3-fwd wheel is built without paged KV")
         # FA3 proper (flash_attn_interface), or its PyPI forward-only build fa3-fwd, whose module is the same
         # interface under another name (it needs a flash_attn_config.py beside it: tools/gpu_check.sh adds one).
         try:
@@ -208,6 +225,8 @@ def make_backends(torch):
 
     def sdpa(backend):
         def factory(case, q, k, v, cu_q, cu_k):
+            if case.page_size:
+                raise Unsupported("torch SDPA has no paged KV")
             if case.dtype == "fp8":
                 if backend != SDPBackend.CUDNN_ATTENTION:
                     raise Unsupported("no fp8 in FlashAttention-2")

@@ -214,9 +214,6 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
               max_seqlen_q, " and ", max_seqlen_k);
 
   // ---- features the kernels do not have yet: fail loudly rather than compute something else ----
-  not_implemented_if(page_table.has_value(), "paged KV (page_table)");
-  not_implemented_if(kv_batch_idx.has_value(), "kv_batch_idx");
-  not_implemented_if(leftpad_k.has_value(), "leftpad_k");
   // What FwdParams can express (dtype, head dims, softcap, windows) is judged by flash3::check_supported,
   // through run_fwd below: the kernel table is the one record of what was built.
 
@@ -235,9 +232,25 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
               "flash_attn3 fwd: cu_seqlens_k must be 1-D with batch + 1 >= 2 entries, got shape ",
               varlen_k ? cu_seqlens_k->sizes() : at::IntArrayRef{});
   int64_t const batch = varlen_q ? cu_seqlens_q->size(0) - 1 : q.size(0);
-  int64_t const batch_k = varlen_k ? cu_seqlens_k->size(0) - 1 : k.size(0);
-  TORCH_CHECK(batch == batch_k, "flash_attn3 fwd: q and k must have the same batch size, got ", batch, " and ", batch_k,
-              varlen_q || varlen_k ? " (batch of a varlen operand is cu_seqlens.size(0) - 1)" : "");
+  bool const paged = page_table.has_value();
+  TORCH_CHECK(!(paged && varlen_k), "flash_attn3 fwd: page_table cannot be combined with cu_seqlens_k");
+  TORCH_CHECK(!(kv_batch_idx.has_value() && varlen_k), "flash_attn3 fwd: kv_batch_idx cannot be combined with cu_seqlens_k");
+  if (paged) {
+    check_same_device(*page_table, "page_table", q);
+    TORCH_CHECK(page_table->scalar_type() == at::kInt, "flash_attn3 fwd: page_table must be int32, got ",
+                page_table->scalar_type());
+    TORCH_CHECK(page_table->dim() == 2 && page_table->stride(-1) == 1 && page_table->size(1) >= 1,
+                "flash_attn3 fwd: page_table must be 2-D (batch, max_pages >= 1) with a contiguous last dimension, "
+                "got shape ", page_table->sizes(), " strides ", page_table->strides());
+  }
+  // Cache rows: k's batch entries, or the page table's rows; kv_batch_idx maps each batch entry to one.
+  int64_t const batch_k = varlen_k ? cu_seqlens_k->size(0) - 1 : paged ? page_table->size(0) : k.size(0);
+  TORCH_CHECK(kv_batch_idx.has_value() || batch == batch_k, "flash_attn3 fwd: q and k must have the same batch size, got ",
+              batch, " and ", batch_k,
+              paged ? " (rows of page_table)" : varlen_q || varlen_k ? " (batch of a varlen operand is cu_seqlens.size(0) - 1)"
+                                                                     : "");
+  check_metadata(kv_batch_idx, "kv_batch_idx", batch, "batch", q);
+  check_metadata(leftpad_k, "leftpad_k", batch, "batch", q);
   check_metadata(cu_seqlens_q, "cu_seqlens_q", batch + 1, "batch + 1", q);
   check_metadata(cu_seqlens_k, "cu_seqlens_k", batch + 1, "batch + 1", q);
   check_metadata(seqused_q, "seqused_q", batch, "batch", q);
@@ -246,7 +259,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   int64_t const total_q = varlen_q ? q.size(0) : q.size(0) * q.size(1);
   int64_t const total_k = varlen_k ? k.size(0) : k.size(0) * k.size(1);
   int64_t const seqlen_q = varlen_q ? max_seqlen_q : q.size(1);
-  int64_t const seqlen_k = varlen_k ? max_seqlen_k : k.size(1);
+  // Paged: the keys one cache row can hold (its pages times the page size).
+  int64_t const seqlen_k = varlen_k ? max_seqlen_k : paged ? page_table->size(1) * k.size(1) : k.size(1);
   // A longer "longest sequence" than the packed rows is a caller bug that would size the grid wrongly.
   TORCH_CHECK(!varlen_q || max_seqlen_q <= total_q, "flash_attn3 fwd: max_seqlen_q (", max_seqlen_q,
               ") exceeds the packed q rows (", total_q, ")");
@@ -260,9 +274,13 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   if (varlen_k) {
     check_shape(k, "k", {total_k, num_heads_k, head_dim});
     check_shape(v, "v", {total_k, num_heads_k, head_dim_v});
+  } else if (paged) {  // (num_pages, page_size, heads, dim)
+    TORCH_CHECK(k.size(0) >= 1 && k.size(1) >= 1, "flash_attn3 fwd: a paged k must have >= 1 pages of >= 1 rows, got ",
+                k.sizes());
+    check_shape(v, "v", {k.size(0), k.size(1), num_heads_k, head_dim_v});
   } else {
-    check_shape(k, "k", {batch, seqlen_k, num_heads_k, head_dim});
-    check_shape(v, "v", {batch, seqlen_k, num_heads_k, head_dim_v});
+    check_shape(k, "k", {batch_k, seqlen_k, num_heads_k, head_dim});
+    check_shape(v, "v", {batch_k, seqlen_k, num_heads_k, head_dim_v});
   }
   if (varlen_q) {
     check_shape(out, "out", {total_q, num_heads, head_dim_v});
@@ -318,6 +336,19 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.varlen.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int32_t>() : nullptr;
   params.varlen.max_seqlen_q = varlen_q ? to_int32(max_seqlen_q, "max_seqlen_q") : 0;
   params.varlen.max_seqlen_k = varlen_k ? to_int32(max_seqlen_k, "max_seqlen_k") : 0;
+  if (kv_batch_idx.has_value()) {
+    params.kv_cache.batch_idx = kv_batch_idx->data_ptr<int32_t>();
+    params.kv_cache.batch_rows = to_int32(batch_k, "cache rows");
+  }
+  params.kv_cache.leftpad = leftpad_k.has_value() ? leftpad_k->data_ptr<int32_t>() : nullptr;
+  if (paged) {
+    params.kv_cache.page_table = page_table->data_ptr<int32_t>();
+    params.kv_cache.page_table_stride = effective_stride(*page_table, 0);
+    params.kv_cache.max_pages = to_int32(page_table->size(1), "max_pages");
+    params.kv_cache.page_size = to_int32(k.size(1), "page_size");
+    params.kv_cache.num_pages = to_int32(k.size(0), "num_pages");
+    params.k.rows = params.v.rows = to_int32(seqlen_k, "max_pages * page_size");
+  }
   params.mask.window_left = static_cast<int32_t>(window_size_left < 0 ? -1 : window_size_left);
   params.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
   params.softmax_scale = static_cast<float>(softmax_scale);

@@ -316,10 +316,8 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
         _checks.check_tensor(name, t, optional=True)
     if cu_seqlens_k_new is not None or max_seqlen_k_new:
         raise _checks.not_implemented("cu_seqlens_k_new / max_seqlen_k_new (appending new keys, append_kv)")
-    if page_size is not None:
-        raise _checks.not_implemented("page_size (paged KV)")
-    if cache_leftpad is not None:
-        raise _checks.not_implemented("cache_leftpad")
+    if page_size is not None:  # the schedule does not depend on it (paged K/V is gathered per key block)
+        _checks.check_int("page_size", page_size, 1)
     if attention_chunk:
         raise _checks.not_implemented("attention_chunk != 0 (chunked attention)")
     if not cache_seqlens.is_cuda:

@@ -172,6 +172,31 @@ Status validate(FwdParams const& p) {
     return fail(FLASH3_INVALID_ARGUMENT, "varlen.max_seqlen_k: must be in [0, k.rows = " + str(p.k.rows) + "], got " +
                                              str(p.varlen.max_seqlen_k));
   }
+  flash3_kv_cache const& kv = p.kv_cache;
+  if (kv.batch_idx != nullptr && kv.batch_rows <= 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "kv_cache.batch_rows: must be >= 1 (the cache's rows) when kv_cache.batch_idx "
+                                         "is given, got " + str(kv.batch_rows));
+  }
+  if (kv.batch_idx != nullptr && is_varlen_k(p)) {
+    return fail(FLASH3_INVALID_ARGUMENT, "kv_cache.batch_idx: cannot be combined with varlen.cu_seqlens_k");
+  }
+  if (is_paged(p)) {
+    if (is_varlen_k(p)) {
+      return fail(FLASH3_INVALID_ARGUMENT, "kv_cache.page_table: cannot be combined with varlen.cu_seqlens_k (a paged "
+                                           "cache has fixed-size pages, not packed sequences)");
+    }
+    if (kv.page_size < 1 || kv.num_pages < 1 || kv.max_pages < 1 || kv.page_table_stride < kv.max_pages) {
+      return fail(FLASH3_INVALID_ARGUMENT, "kv_cache: a page table needs page_size, num_pages, max_pages >= 1 and "
+                                           "page_table_stride >= max_pages, got page_size " + str(kv.page_size) +
+                                           ", num_pages " + str(kv.num_pages) + ", max_pages " + str(kv.max_pages) +
+                                           ", page_table_stride " + str(kv.page_table_stride));
+    }
+    if (int64_t(kv.max_pages) * kv.page_size != p.k.rows) {
+      return fail(FLASH3_INVALID_ARGUMENT, "k.rows: with a page table it must be max_pages * page_size = " +
+                                           str(int64_t(kv.max_pages) * kv.page_size) + " (the keys a cache row holds), got " +
+                                           str(p.k.rows));
+    }
+  }
   if (p.batch == 0 || p.q.rows == 0) { return FLASH3_SUCCESS; }  // nothing to compute; nothing is read
   int const elem_bytes = element_size(p.dtype);
   std::string bad = check_tma_operand("q", p.q, elem_bytes, is_varlen_q(p));
@@ -237,6 +262,9 @@ Status check_supported(FwdParams const& p) {
   if (p.num_heads != p.num_heads_k && !kBuilt.gqa) { return missing("num_heads != num_heads_k (GQA/MQA)"); }
   if (p.schedule.num_splits != 1 && !kBuilt.split_kv) { return missing("num_splits != 1 (split-KV)"); }
   if (p.schedule.pack_gqa == 1 && !kBuilt.pack_gqa) { return missing("pack_gqa"); }
+  if (is_paged(p) && !kBuilt.paged_kv) { return missing("page_table (paged KV)"); }
+  if (p.kv_cache.batch_idx != nullptr && !kBuilt.kv_batch_idx) { return missing("kv_batch_idx (cache_batch_idx)"); }
+  if (p.kv_cache.leftpad != nullptr && !kBuilt.leftpad_k) { return missing("leftpad_k (cache_leftpad)"); }
   // An empty problem launches nothing, so it needs no kernel; the features above it still must exist, so
   // that an empty batch fails the same way a full one would.
   bool const empty = p.batch == 0 || p.q.rows == 0 || p.num_heads == 0;

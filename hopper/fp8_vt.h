@@ -81,16 +81,28 @@ constexpr int kVtThreads = 128;
 // One block of kVtKeys keys starting at key0 of a sequence: its V rows into shared memory (zeros from the
 // sequence's end on), then each dim's columns as 16-byte chunks in the permuted order, into `out` (the region's
 // column key0). Called by every thread of the CTA; ends with the CTA synchronised, so `tile` can be reused.
+// Paged V (params.h flash3_kv_cache): `v` is the head's base in page 0 and keys go through the page table
+// `table` (the cache row's); a page index outside the cache reads zeros.
 template <int kVtKeys>
 __device__ __forceinline__ void copy_block(FwdParams const& p, int seqlen_k, int64_t slots, int chunks_per_row,
                                            uint8_t const* v, uint8_t* out, int64_t key0, int64_t cols,
-                                           uint8_t (&tile)[kVtKeys][256 + 16]) {
+                                           uint8_t (&tile)[kVtKeys][256 + 16], int32_t const* table,
+                                           int first_key) {
   for (int i = threadIdx.x; i < kVtKeys * chunks_per_row; i += kVtThreads) {
     int const key = i / chunks_per_row;
     int const chunk = i % chunks_per_row;
     uint4 value = make_uint4(0, 0, 0, 0);
     if (key0 + key < seqlen_k) {
-      value = *reinterpret_cast<uint4 const*>(v + (key0 + key) * p.v.row_stride + chunk * 16);
+      if (table) {
+        int const pos = first_key + int(key0) + key;  // logical key in the cache row
+        int const page = table[pos / p.kv_cache.page_size];
+        if (page >= 0 && page < p.kv_cache.num_pages) {
+          value = *reinterpret_cast<uint4 const*>(v + int64_t(page) * p.v.batch_stride +
+                                                  int64_t(pos % p.kv_cache.page_size) * p.v.row_stride + chunk * 16);
+        }
+      } else {
+        value = *reinterpret_cast<uint4 const*>(v + (key0 + key) * p.v.row_stride + chunk * 16);
+      }
     }
     *reinterpret_cast<uint4*>(&tile[key][chunk * 16]) = value;
   }
@@ -126,8 +138,12 @@ __global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, Seqle
   int64_t const slots = round_up_16(seqlen.seqlen_k);  // columns of this sequence's region
   int const chunks_per_row = l.dims / 16;
   bool const packed = p.varlen.cu_seqlens_k != nullptr;
-  uint8_t const* v = static_cast<uint8_t const*>(p.v.ptr) + (packed ? 0 : int64_t(batch) * p.v.batch_stride) +
-                     int64_t(seqlen.offset_k) * p.v.row_stride + int64_t(head) * p.v.head_stride;
+  // The sequence's V: its cache row (batch_k) from its first key (offset_k); paged, through the table.
+  bool const paged = is_paged(p);
+  int32_t const* table = paged ? p.kv_cache.page_table + int64_t(seqlen.batch_k) * p.kv_cache.page_table_stride : nullptr;
+  uint8_t const* v = static_cast<uint8_t const*>(p.v.ptr) + int64_t(head) * p.v.head_stride +
+                     (paged ? 0 : (packed ? 0 : int64_t(seqlen.batch_k) * p.v.batch_stride) +
+                                  int64_t(seqlen.offset_k) * p.v.row_stride);
   uint8_t* const region = vt + (packed ? 0 : int64_t(batch) * l.batch_stride()) + int64_t(head) * l.head_stride() +
                           VtLayout::first_column(packed, batch, seqlen.offset_k);
   // The grid is sized by the host's max_seqlen_k, but the attention kernel reads every column up to the
@@ -136,7 +152,8 @@ __global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, Seqle
   // CTA copies one block (or none). The loop condition is uniform across the CTA, so its barriers are too.
   for (int64_t key0 = int64_t(blockIdx.x % blocks_per_sequence) * kVtKeys; key0 < slots;
        key0 += int64_t(blocks_per_sequence) * kVtKeys) {
-    copy_block<kVtKeys>(p, seqlen.seqlen_k, slots, chunks_per_row, v, region + key0, key0, l.cols, tile);
+    copy_block<kVtKeys>(p, seqlen.seqlen_k, slots, chunks_per_row, v, region + key0, key0, l.cols, tile, table,
+                        seqlen.offset_k);
   }
 }
 

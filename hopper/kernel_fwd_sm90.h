@@ -137,6 +137,24 @@ struct FwdKernelSm90 {
     }
   }
 
+  // Warp 3 of the producer warpgroup, with paged K/V only: gathers each tile's K/V blocks through the page
+  // table (Mainloop::load_paged), following the producer's tiles through the claimer's mailbox (it is one of
+  // the readers next_empty waits for), while the producer warp loads Q.
+  __device__ static void gather_kv(Params const& params, SharedStorage& smem, Mainloop const& mainloop,
+                                   Pipeline const& pipe_k, Pipeline const& pipe_v) {
+    int const num_tiles = int(params.scheduler.num_tiles());
+    typename Pipeline::State state;
+    for (uint32_t round = 0;; ++round) {
+      mailbox_wait(&smem.next_full, round & 1);
+      if (smem.next_index >= num_tiles) { break; }
+      TileWork const& w = smem.next_work;
+      if (w.has_rows() && !w.range.empty()) {
+        mainloop.load_paged(params.mainloop, smem.mainloop, pipe_k, pipe_v, state, w.tile, w.seqlen, w.range);
+      }
+      mailbox_arrive(&smem.next_empty);  // each lane, after its last read of the slot
+    }
+  }
+
   __device__ void operator()(Params const& params, char* smem_raw) const {
     SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
     int const warp_idx = cutlass::canonical_warp_idx_sync();
@@ -147,13 +165,16 @@ struct FwdKernelSm90 {
       // Q by TMA: one arrival with the transaction bytes; gathered (PackGQA): one per Q-warp lane, made by
       // the lane's copies completing (cp.async.mbarrier.arrive.noinc).
       cutlass::arch::ClusterTransactionBarrier::init(&smem.barrier_q, params.pack > 1 ? 32 : 1);
-      Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups);
-      Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups);
+      // Paged K/V is gathered by the 32 lanes of the producer warp (FP8's V still by TMA).
+      bool const paged = params.mainloop.paged();
+      Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups, paged ? 32 : 1);
+      Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups, paged && !Mainloop::kFp8 ? 32 : 1);
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_full, 1);
       // Readers of the mailbox: every consumer thread, plus the Q warp's lanes when it runs.
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads + (params.pack > 1 ? 32 : 0));
       cutlass::arch::ClusterBarrier::init(&smem.next_full, 1);
-      cutlass::arch::ClusterBarrier::init(&smem.next_empty, 32);  // every producer lane, after its own reads
+      // Every producer lane after its own reads, and with paged K/V every KV-warp lane too.
+      cutlass::arch::ClusterBarrier::init(&smem.next_empty, params.mainloop.paged() ? 64 : 32);
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
@@ -172,6 +193,10 @@ struct FwdKernelSm90 {
       }
       if (warp_idx == 2) {
         if (params.pack > 1) { gather_q(params, smem, mainloop); }
+        return;
+      }
+      if (warp_idx == 3) {
+        if (params.mainloop.paged()) { gather_kv(params, smem, mainloop, pipe_k, pipe_v); }
         return;
       }
       if (warp_idx != 0) { return; }  // one warp issues all loads

@@ -46,11 +46,19 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   mainloop_args.k = static_cast<Element const*>(p.k.ptr);
   mainloop_args.shape_q = make_shape(p.q.rows, p.head_dim, p.num_heads, varlen_q ? 1 : p.batch);
   mainloop_args.stride_q = make_stride(p.q.row_stride, _1{}, p.q.head_stride, varlen_q ? int64_t(0) : p.q.batch_stride);
-  mainloop_args.shape_kv = make_shape(p.k.rows, p.head_dim, p.num_heads_k, varlen_k ? 1 : p.batch);
+  // Paged: K/V are (num_pages, page_size, head, dim) arrays, gathered by the producer (the TMA descriptors
+  // built from this view stay unused, but describe real memory).
+  bool const paged = is_paged(p);
+  mainloop_args.shape_kv = paged ? make_shape(p.kv_cache.page_size, p.head_dim, p.num_heads_k, p.kv_cache.num_pages)
+                                 : make_shape(p.k.rows, p.head_dim, p.num_heads_k,
+                                              varlen_k ? 1 : p.kv_cache.batch_idx ? p.kv_cache.batch_rows : p.batch);
   mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
   mainloop_args.softmax_scale = p.softmax_scale;
   mainloop_args.descale = p.fp8;
   mainloop_args.pack = pack;
+  mainloop_args.paged = p.kv_cache;
+  mainloop_args.v_paged = static_cast<Element const*>(p.v.ptr);
+  mainloop_args.stride_v_paged = make_stride(p.v.row_stride, _1{}, p.v.head_stride, p.v.batch_stride);
 
   SeqlenArgs seqlen_args;
   seqlen_args.cu_seqlens_q = p.varlen.cu_seqlens_q;
@@ -59,6 +67,9 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   seqlen_args.seqused_k = p.varlen.seqused_k;
   seqlen_args.rows_q = p.q.rows;
   seqlen_args.rows_k = p.k.rows;
+  seqlen_args.kv_batch_idx = p.kv_cache.batch_idx;
+  seqlen_args.kv_batch_rows = p.kv_cache.batch_rows;
+  seqlen_args.leftpad_k = p.kv_cache.leftpad;
 
   if constexpr (kFp8) {
     // V transposed into the workspace first (fp8_vt.h); the kernel reads that copy, same stream.

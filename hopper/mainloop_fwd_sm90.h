@@ -15,6 +15,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
+#include <cutlass/fast_math.h>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
 
 #include "cute_utils.h"
@@ -88,10 +89,17 @@ struct MainloopFwdSm90 {
   // What the V TMA writes: (keys, d, stage) for 16-bit, (d, keys, stage) for FP8.
   using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutKV>;
 
+  // Paged K/V: where the rows of the key block being gathered live, as the addresses of their first element
+  // in the K and V caches (this head); nullptr = no row (past the sequence, or a page outside the cache).
+  struct PageRow {
+    Element const* k;
+    Element const* v;
+  };
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutVLoad>> v;
+    alignas(16) PageRow page_rows[kBlockN];
   };
 
   using Pipeline = TmaPipeline<kStages>;
@@ -130,6 +138,11 @@ struct MainloopFwdSm90 {
     float softmax_scale;
     flash3_fp8 descale;
     int pack;  // PackGQA: q heads per packed tile row group (1 = none); Q is then gathered, not TMA-loaded
+    // Paged K/V (params.h flash3_kv_cache), gathered with cp.async instead of TMA: k, stride_k and v,
+    // stride_v_paged then describe the (page, row, head, dim) caches (batch stride = page stride).
+    flash3_kv_cache paged;
+    Element const* v_paged;
+    StrideQKV stride_v_paged;
   };
 
   struct Params {
@@ -146,6 +159,16 @@ struct MainloopFwdSm90 {
     Element const* q;
     StrideQKV stride_q;
     typename Score::Params score;
+    // Paged K/V: the caches, the table, and the page size as a fast divisor. page_table == nullptr: TMA.
+    Element const* k;
+    StrideQKV stride_k;
+    Element const* v_paged;
+    StrideQKV stride_v_paged;
+    int32_t const* page_table;
+    int64_t page_table_stride;
+    cutlass::FastDivmod page_size;
+    int num_pages;
+    __device__ bool paged() const { return page_table != nullptr; }
 
     __device__ int head_k(int tile_head) const { return tile_head / tile_heads_per_kv; }
   };
@@ -165,7 +188,15 @@ struct MainloopFwdSm90 {
              a.pack,
              a.q,
              a.stride_q,
-             Score::to_params(a.softmax_scale, a.descale)};
+             Score::to_params(a.softmax_scale, a.descale),
+             a.k,
+             a.stride_k,
+             a.v_paged,
+             a.stride_v_paged,
+             a.paged.page_table,
+             a.paged.page_table_stride,
+             cutlass::FastDivmod(a.paged.page_table ? a.paged.page_size : 1),
+             a.paged.num_pages};
     return p;
   }
 
@@ -175,20 +206,12 @@ struct MainloopFwdSm90 {
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
   }
 
-  // Producer: called by the whole producer warp; one elected lane issues. Loads Q (once the consumers are
-  // done with the previous tile's Q), then K and V of the range's blocks from end - 1 down to begin.
-  __device__ void load(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
-                       Pipeline const& pipe_v, typename Pipeline::State& state, TileCoord const& tile,
-                       SeqlenInfo const& seqlen, BlockRange const& range, bool wait_q_free) const {
-    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
-    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
+  // V's TMA source blocks (TMA, TMA_N, TMA_D, n) and stage destinations (TMA, TMA_N, TMA_D, PIPE): 16-bit,
+  // the caller's V of the sequence; FP8, its transposed copy, which has one region per batch entry of the
+  // query (fp8_vt.h), not per cache row.
+  __device__ auto v_tma_views(Params const& p, SharedStorage& smem, TileCoord const& tile, SeqlenInfo const& seqlen,
+                              int head_k) const {
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVLoad{});  // (N, d, PIPE) | FP8 (d, N, PIPE)
-
-    int const head_k = p.head_k(tile.head);
-    Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
-                              p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, seqlen.batch_q));
-    Tensor mK = domain_offset(make_coord(seqlen.offset_k, _0{}),
-                              p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, seqlen.batch_k));
     auto v_start = [&] {
       if constexpr (kFp8) {
         return make_coord(_0{}, int(VtLayout::first_column(p.v_packed, tile.batch, seqlen.offset_k)));
@@ -196,23 +219,39 @@ struct MainloopFwdSm90 {
         return make_coord(seqlen.offset_k, _0{});
       }
     };
-    Tensor mV = domain_offset(v_start(), p.tma_v.get_tma_tensor(p.shape_v)(_, _, head_k, seqlen.batch_k));
-    Tensor gQ = local_tile(mQ, select<0, 2>(TileShapeQK{}), make_coord(tile.m_block, _0{}));  // (M, d)
-    Tensor gK = local_tile(mK, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
+    int const v_batch = kFp8 ? (p.v_packed ? 0 : tile.batch) : seqlen.batch_k;
+    Tensor mV = domain_offset(v_start(), p.tma_v.get_tma_tensor(p.shape_v)(_, _, head_k, v_batch));
     auto v_block = [&] {
       if constexpr (kFp8) { return make_coord(_0{}, _); } else { return make_coord(_, _0{}); }
     };
     Tensor gV = local_tile(mV, TileShapeVLoad{}, v_block());  // (N, d, n) | FP8 (d, N, n)
+    auto cta_v = p.tma_v.get_slice(_0{});
+    return cute::make_tuple(cta_v.partition_S(gV), cta_v.partition_D(sV));
+  }
+
+  // Producer: called by the whole producer warp; one elected lane issues. Loads Q (once the consumers are
+  // done with the previous tile's Q), then K and V of the range's blocks from end - 1 down to begin.
+  __device__ void load(Params const& p, SharedStorage& smem, uint64_t& barrier_q, Pipeline const& pipe_k,
+                       Pipeline const& pipe_v, typename Pipeline::State& state, TileCoord const& tile,
+                       SeqlenInfo const& seqlen, BlockRange const& range, bool wait_q_free) const {
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
+
+    int const head_k = p.head_k(tile.head);
+    Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
+                              p.tma_q.get_tma_tensor(p.shape_q)(_, _, tile.head, seqlen.batch_q));
+    Tensor mK = domain_offset(make_coord(seqlen.offset_k, _0{}),
+                              p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, seqlen.batch_k));
+    Tensor gQ = local_tile(mQ, select<0, 2>(TileShapeQK{}), make_coord(tile.m_block, _0{}));  // (M, d)
+    Tensor gK = local_tile(mK, select<1, 2>(TileShapeQK{}), make_coord(_, _0{}));             // (N, d, n)
 
     auto cta_q = p.tma_q.get_slice(_0{});
     auto cta_k = p.tma_k.get_slice(_0{});
-    auto cta_v = p.tma_v.get_slice(_0{});
     Tensor tQgQ = cta_q.partition_S(gQ);  // (TMA, TMA_M, TMA_D)
     Tensor tQsQ = cta_q.partition_D(sQ);  // (TMA, TMA_M, TMA_D)
     Tensor tKgK = cta_k.partition_S(gK);  // (TMA, TMA_N, TMA_D, n)
     Tensor tKsK = cta_k.partition_D(sK);  // (TMA, TMA_N, TMA_D, PIPE)
-    Tensor tVgV = cta_v.partition_S(gV);  // (TMA, TMA_N, TMA_D, n)
-    Tensor tVsV = cta_v.partition_D(sV);  // (TMA, TMA_N, TMA_D, PIPE)
+    auto [tVgV, tVsV] = v_tma_views(p, smem, tile, seqlen, head_k);
 
     bool const leader = cute::elect_one_sync();
     if (p.pack == 1) {  // a packed Q is gathered by the Q warp instead (load_q_packed)
@@ -222,8 +261,8 @@ struct MainloopFwdSm90 {
         copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
       }
     }
-    // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
     typename Pipeline::State state_v = state;
+    // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
     auto load_k = [&](int n) {
       if (leader) {
         pipe_k.producer_acquire(state, kTxBytesKV);
@@ -238,6 +277,14 @@ struct MainloopFwdSm90 {
       }
       state_v.advance();
     };
+    if (p.paged()) {  // the KV warp gathers K (and 16-bit V) through the page table (load_paged)
+      if constexpr (kFp8) {  // FP8's V comes from its dense transposed copy, by TMA as usual
+#pragma unroll 1
+        for (int n = range.end - 1; n >= range.begin; --n) { load_v(n); }
+        state = state_v;  // this warp's ring position, carried to the next tile
+      }
+      return;
+    }
     load_k(range.end - 1);
     // Not unrolled: issuing is cheap, and the unrolled loop's extra counters do not fit the producer's 24
     // registers (the FP8 kernels spilled one).
@@ -247,6 +294,125 @@ struct MainloopFwdSm90 {
       load_v(n + 1);
     }
     load_v(range.begin);
+  }
+
+  // Paged K/V, any page size (FA3's arbitrary page_block_size), run by the KV warp of the producer
+  // warpgroup (the kernel's warp 3) for every tile with work, while the producer warp loads Q: a warp of its
+  // own because the gather's state does not fit next to the producer warp's in 24 registers (it spilled
+  // 50-300 bytes there, 2026-12-01). Each key block's rows are gathered with 16-byte cp.async copies, so a
+  // block may span any number of pages: per block the warp first works out its rows' addresses in shared
+  // memory (map_pages: one page-table read per key, issued together), then copies K and V from there. K
+  // and V of a block go out together; the consumers need K(n) before V(n + 1), which this order also
+  // serves. Keys past the sequence and pages outside the cache are zero-filled without reading memory
+  // (cp.async src-size 0), so unused page-table entries are never dereferenced and NaN in unused slots
+  // cannot reach the result. A stage's full barrier then expects one arrival per lane, which
+  // cp.async.mbarrier.arrive.noinc makes when the lane's copies have landed (the kernel initialises it
+  // so). FP8: only K is gathered; V comes from its transposed copy (which the copy kernel read through the
+  // page table) by the producer warp's TMA, as usual.
+  __device__ void load_paged(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
+                             typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
+                             BlockRange const& range) const {
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
+    // Few live values across the loop, so that the copy loop can be unrolled within 24 registers: K and V of
+    // a block share one pipeline state (both rings advance once per block here, and start level), and the
+    // tile's fields are re-read from its shared-memory slot (tile, seqlen and range live there) per block.
+#pragma unroll 1
+    for (int n = reread(range.end) - 1; n >= reread(range.begin); --n) {
+      map_pages(p, smem, tile, seqlen, n);
+      pipe_k.producer_wait_empty(state);
+      if constexpr (kFp8) {  // V: the producer warp, by TMA from the transposed copy
+        gather_rows<false>(p, smem, sK(_, _, state.index), pipe_k.full_barrier(state), nullptr);
+      } else {
+        pipe_v.producer_wait_empty(state);
+        gather_rows<true>(p, smem, sK(_, _, state.index), pipe_k.full_barrier(state), pipe_v.full_barrier(state));
+      }
+      state.advance();
+    }
+  }
+
+  // A load the compiler must repeat: for values in shared memory that would otherwise be kept in registers.
+  __device__ static int reread(int const& x) { return *const_cast<int const volatile*>(&x); }
+
+  // The rows of block n's keys in the caches, into smem.page_rows (see PageRow). Unrolled so that the warp's
+  // page-table reads are in flight together. The addresses are worked out once here, so the copy loop
+  // (gather_rows) holds only a row's two pointers.
+  __device__ void map_pages(Params const& p, SharedStorage& smem, TileCoord const& tile, SeqlenInfo const& seqlen,
+                            int n) const {
+    int const lane = int(threadIdx.x) % 32;
+    int const head_k = p.head_k(reread(tile.head));
+    int const first_key = reread(seqlen.offset_k);
+    int const seqlen_k = reread(seqlen.seqlen_k);
+    int32_t const* const table = p.page_table + int64_t(reread(seqlen.batch_k)) * p.page_table_stride;
+    __syncwarp();  // every lane is done reading the previous block's rows
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < cute::ceil_div(kBlockN, 32); ++i) {
+      int const r = lane + 32 * i;
+      if (r < kBlockN) {
+        int const key = n * kBlockN + r;
+        PageRow pr{nullptr, nullptr};
+        if (key < seqlen_k) {
+          int slot, row;
+          p.page_size(slot, row, first_key + key);
+          int const page = __ldg(table + slot);
+          if (page >= 0 && page < p.num_pages) {
+            pr.k = p.k + int64_t(page) * get<3>(p.stride_k) + int64_t(row) * get<0>(p.stride_k) +
+                   int64_t(head_k) * get<2>(p.stride_k);
+            if constexpr (!kFp8) {
+              pr.v = p.v_paged + int64_t(page) * get<3>(p.stride_v_paged) + int64_t(row) * get<0>(p.stride_v_paged) +
+                     int64_t(head_k) * get<2>(p.stride_v_paged);
+            }
+          }
+        }
+        smem.page_rows[r] = pr;
+      }
+    }
+    __syncwarp();
+  }
+
+  // One stage's rows of K (and, kWithV, of V into the same stage of the V ring) from smem.page_rows: the
+  // block's 16-byte chunks numbered row by row, one per lane and pass, so neighbouring lanes copy
+  // neighbouring bytes (as load_q_packed); K and V share the shared-memory offset (16-bit K and V stages
+  // have one layout). Columns past the real head dim are zero-filled (the compiled one may be larger:
+  // 80 -> 96), as TMA would. Each barrier gets one arrival per lane, made when all the lane's copies so far
+  // have landed.
+  template <bool kWithV, class StageTensor>
+  __device__ void gather_rows(Params const& p, SharedStorage& smem, StageTensor sK, uint64_t* full_k,
+                              uint64_t* full_v) const {
+    constexpr int kChunk = 16 / int(sizeof(Element));
+    constexpr int kChunksPerRow = kHeadDim / kChunk;  // 12 for 16-bit d 96: chunks are numbered over the block
+    int const head_dim = get<1>(p.shape_kv);
+    // The V stage at the K stage's offset (same layout, same stage index).
+    uint32_t const v_minus_k = cute::cast_smem_ptr_to_uint(smem.v.data()) - cute::cast_smem_ptr_to_uint(smem.k.data());
+    auto copy_chunk = [&](int r, int col) {
+      PageRow const pr = smem.page_rows[r];
+      bool const ok = col < head_dim && pr.k != nullptr;
+      uint32_t const dst = cute::cast_smem_ptr_to_uint(&sK(r, col));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(ok ? pr.k + col : p.k),
+                   "r"(ok ? 16 : 0));
+      if constexpr (kWithV) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + v_minus_k),
+                     "l"(ok ? pr.v + col : p.k), "r"(ok ? 16 : 0));
+      }
+    };
+    int const lane = int(threadIdx.x) % 32;
+    // Not unrolled: unrolling by 2 or 4 spilled 8-32 bytes of the 24 registers (2026-12-01).
+    if constexpr (32 % kChunksPerRow == 0) {  // every lane keeps one column
+      constexpr int kRowsPerPass = 32 / kChunksPerRow;
+      int const col = (lane % kChunksPerRow) * kChunk;
+#pragma unroll 1
+      for (int r = lane / kChunksPerRow; r < kBlockN; r += kRowsPerPass) { copy_chunk(r, col); }
+    } else {
+#pragma unroll 1
+      for (int i = lane; i < kBlockN * kChunksPerRow; i += 32) {
+        copy_chunk(i / kChunksPerRow, (i % kChunksPerRow) * kChunk);
+      }
+    }
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(full_k))
+                 : "memory");
+    if constexpr (kWithV) {
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(full_v))
+                   : "memory");
+    }
   }
 
   // PackGQA: the tile's rows are (query, head) pairs of one kv group, which no TMA box describes, so a warp
@@ -401,6 +567,8 @@ struct MainloopFwdSm90 {
       Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
       if constexpr (kScores) { pipe_k.consumer_wait(state_k); }
       if constexpr (kPV) { pipe_v.consumer_wait(state_v); }
+      // Gathered (paged) K/V were written through the generic proxy; WGMMA reads through the async one.
+      if (p.paged()) { cutlass::arch::fence_view_async_shared(); }
       wait_turn(warp_group);
       if constexpr (kScores) { gemm_async</*kOverwrite=*/true>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS); }
       if constexpr (kPV) { gemm_async</*kOverwrite=*/false>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO); }

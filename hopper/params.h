@@ -59,6 +59,30 @@ typedef struct flash3_varlen {
   int32_t max_seqlen_k FLASH3_DEFAULT(0); /* with cu_seqlens_k: the longest k sequence */
 } flash3_varlen;
 
+/* Where each batch entry's keys live in a KV cache (FA3's flash_attn_with_kvcache arguments); every field
+ * optional (NULL / 0 = off).
+ *  batch_idx: int32 (batch): cache row of batch entry b (k/v's batch entry, or the page table's row), so that
+ *    a batch can be a subset or a permutation of the cache's rows; NULL = the identity. Entries outside
+ *    [0, batch_rows) make the entry's key range empty (it reads nothing; O = 0, LSE = -inf).
+ *  batch_rows: rows of the cache (k's batch size, or the page table's rows); required with batch_idx.
+ *  leftpad: int32 (batch): first valid key of batch entry b; its keys are [leftpad[b], seqused_k[b]) of the
+ *    cache row (seqused_k counts from index 0, as FA3's cache_seqlens).
+ *  page_table: int32 (batch_rows, max_pages), row stride page_table_stride elements: a paged cache. k and v
+ *    then describe (num_pages, page_size, head, dim) arrays: ptr, batch_stride = the page stride, row_stride,
+ *    head_stride, and rows = max_pages * page_size, the keys a cache row can hold. Logical key j of cache row
+ *    r is row j % page_size of page page_table[r][j / page_size]. Any page size >= 1. Only entries below a
+ *    sequence's length are read; an entry outside [0, num_pages) reads zeros instead of memory. */
+typedef struct flash3_kv_cache {
+  int32_t const* batch_idx FLASH3_DEFAULT(nullptr);
+  int32_t batch_rows FLASH3_DEFAULT(0);
+  int32_t const* leftpad FLASH3_DEFAULT(nullptr);
+  int32_t const* page_table FLASH3_DEFAULT(nullptr);
+  int64_t page_table_stride FLASH3_DEFAULT(0);
+  int32_t max_pages FLASH3_DEFAULT(0);
+  int32_t page_size FLASH3_DEFAULT(0);
+  int32_t num_pages FLASH3_DEFAULT(0);
+} flash3_kv_cache;
+
 /* Keys each query row may see, bottom-right aligned: query i of a sequence with lengths (sq, sk) sees keys
  * [i + sk - sq - window_left, i + sk - sq + window_right]; -1 means unbounded on that side. Causal is
  * window_right == 0 with window_left == -1. */
@@ -107,6 +131,7 @@ typedef struct flash3_fwd_params {
   int32_t head_dim_v FLASH3_DEFAULT(0); /* of v and out */
 
   flash3_varlen varlen;
+  flash3_kv_cache kv_cache;
   flash3_mask mask;
   float softmax_scale FLASH3_DEFAULT(0.f); /* any finite value; 1/sqrt(head_dim) is the usual one */
   float softcap FLASH3_DEFAULT(0.f);       /* 0 = off */
@@ -154,6 +179,7 @@ FLASH3_HOST_DEVICE inline bool is_causal(flash3_mask const& m) { return m.window
 FLASH3_HOST_DEVICE inline bool is_local(flash3_mask const& m) { return (m.window_left >= 0 || m.window_right >= 0) && !is_causal(m); }
 FLASH3_HOST_DEVICE inline bool is_varlen_q(FwdParams const& p) { return p.varlen.cu_seqlens_q != nullptr; }
 FLASH3_HOST_DEVICE inline bool is_varlen_k(FwdParams const& p) { return p.varlen.cu_seqlens_k != nullptr; }
+FLASH3_HOST_DEVICE inline bool is_paged(FwdParams const& p) { return p.kv_cache.page_table != nullptr; }
 // Grid sizing: the longest q / k sequence.
 FLASH3_HOST_DEVICE inline int32_t max_seqlen_q(FwdParams const& p) { return is_varlen_q(p) ? p.varlen.max_seqlen_q : p.q.rows; }
 FLASH3_HOST_DEVICE inline int32_t max_seqlen_k(FwdParams const& p) { return is_varlen_k(p) ? p.varlen.max_seqlen_k : p.k.rows; }

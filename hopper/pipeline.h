@@ -32,10 +32,11 @@ struct TmaPipeline {
 
   Storage* storage;
 
-  // One thread initialises; the caller fences and syncs the CTA afterwards.
-  __device__ static void init(Storage& s, int num_consumer_warpgroups) {
+  // One thread initialises; the caller fences and syncs the CTA afterwards. producer_arrivals: 1 for TMA
+  // (one arrival plus the transaction bytes); a warp gathering with cp.async arrives once per lane.
+  __device__ static void init(Storage& s, int num_consumer_warpgroups, int producer_arrivals = 1) {
     for (int i = 0; i < kStages; ++i) {
-      cutlass::arch::ClusterTransactionBarrier::init(&s.full[i], 1);
+      cutlass::arch::ClusterTransactionBarrier::init(&s.full[i], producer_arrivals);
       cutlass::arch::ClusterBarrier::init(&s.empty[i], num_consumer_warpgroups);
     }
   }
@@ -45,6 +46,10 @@ struct TmaPipeline {
   __device__ void producer_acquire(State const& st, uint32_t tx_bytes) const {
     cutlass::arch::ClusterBarrier::wait(&storage->empty[st.index], st.phase ^ 1);
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&storage->full[st.index], tx_bytes);
+  }
+  // Producer gathering with cp.async: only wait for the stage; each lane's copies then arrive on "full".
+  __device__ void producer_wait_empty(State const& st) const {
+    cutlass::arch::ClusterBarrier::wait(&storage->empty[st.index], st.phase ^ 1);
   }
   __device__ uint64_t* full_barrier(State const& st) const { return &storage->full[st.index]; }
 

@@ -182,8 +182,8 @@ def _bad_calls():
         "misaligned": (RuntimeError, "16-byte aligned",
                        _op_args(torch.randn(2 * 113 * 4 * 128 + 1, device=DEVICE, dtype=q.dtype)[1:]
                                 .view(2, 113, 4, 128), k, v)),
-        "page_table": (NotImplementedError, "paged KV",
-                       _op_args(q, k, v, page_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))),
+        "page_table": (RuntimeError, "page_table must be int32",
+                       _op_args(q, k, v, page_table=torch.zeros(2, 1, dtype=torch.int64, device=DEVICE))),
         "softcap": (NotImplementedError, "softcap", _op_args(q, k, v, softcap=30.0)),
         "local_window": (NotImplementedError, "local",
                          _op_args(q, k, v, window_size_left=64, window_size_right=0)),

@@ -196,7 +196,19 @@ for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
                 for sq, splits in ((1, 0), (3, 5)):
                     flash_attn3.flash_attn_with_kvcache(q[:, :sq], k, v, cache_seqlens=lens, causal=causal,
                                                         num_splits=splits)
-                ran += 4
+                # paged K/V (page sizes 16 and 7, garbage entries past the lengths) with a batch index and
+                # left padding
+                for ps in (16, 7):
+                    pages = (133 + ps - 1) // ps
+                    kp = torch.randn(2 * pages + 1, ps, 2, d, device="cuda").to(dtype)
+                    vp = torch.randn(2 * pages + 1, ps, 2, d, device="cuda").to(dtype)
+                    table = torch.randperm(2 * pages, device="cuda").to(torch.int32).view(2, pages)
+                    table[0, 1:] = 2**31 - 1  # sequence 0 reads at most one page
+                    flash_attn3.flash_attn_with_kvcache(q[:, :3], kp, vp, cache_seqlens=torch.tensor(
+                        [min(ps, 5), 133], device="cuda", dtype=torch.int32), page_table=table, causal=causal,
+                        cache_batch_idx=torch.tensor([0, 1], device="cuda", dtype=torch.int32),
+                        cache_leftpad=torch.tensor([1, 9], device="cuda", dtype=torch.int32), num_splits=0)
+                ran += 6
             except NotImplementedError:
                 pass
 torch.cuda.synchronize()

@@ -80,12 +80,12 @@ FEATURES = {
     "local": False,
     "softcap": False,
     "split_kv": True,
-    "paged_kv": False,
+    "paged_kv": True,
     "append_kv": False,
     "fp8": True,
     "pack_gqa": True,
-    "kv_batch_idx": False,
-    "leftpad_k": False,
+    "kv_batch_idx": True,
+    "leftpad_k": True,
 }
 
 
