@@ -165,16 +165,16 @@ struct FwdKernelSm90 {
       // Q by TMA: one arrival with the transaction bytes; gathered (PackGQA): one per Q-warp lane, made by
       // the lane's copies completing (cp.async.mbarrier.arrive.noinc).
       cutlass::arch::ClusterTransactionBarrier::init(&smem.barrier_q, params.pack > 1 ? 32 : 1);
-      // Paged K/V is gathered by the 32 lanes of the producer warp (FP8's V still by TMA).
-      bool const paged = params.mainloop.paged();
-      Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups, paged ? 32 : 1);
-      Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups, paged && !Mainloop::kFp8 ? 32 : 1);
+      // Gathered (paged) K/V: 32 arrivals, one per lane of the KV warp (FP8's V still by TMA).
+      bool const gathers = params.mainloop.gathers();
+      Pipeline::init(smem.pipeline_k, kNumConsumerWarpGroups, gathers ? 32 : 1);
+      Pipeline::init(smem.pipeline_v, kNumConsumerWarpGroups, gathers && !Mainloop::kFp8 ? 32 : 1);
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_full, 1);
       // Readers of the mailbox: every consumer thread, plus the Q warp's lanes when it runs.
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads + (params.pack > 1 ? 32 : 0));
       cutlass::arch::ClusterBarrier::init(&smem.next_full, 1);
       // Every producer lane after its own reads, and with paged K/V every KV-warp lane too.
-      cutlass::arch::ClusterBarrier::init(&smem.next_empty, params.mainloop.paged() ? 64 : 32);
+      cutlass::arch::ClusterBarrier::init(&smem.next_empty, params.mainloop.gathers() ? 64 : 32);
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
@@ -196,7 +196,7 @@ struct FwdKernelSm90 {
         return;
       }
       if (warp_idx == 3) {
-        if (params.mainloop.paged()) { gather_kv(params, smem, mainloop, pipe_k, pipe_v); }
+        if (params.mainloop.gathers()) { gather_kv(params, smem, mainloop, pipe_k, pipe_v); }
         return;
       }
       if (warp_idx != 0) { return; }  // one warp issues all loads

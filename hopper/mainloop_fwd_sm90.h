@@ -168,7 +168,11 @@ struct MainloopFwdSm90 {
     int64_t page_table_stride;
     cutlass::FastDivmod page_size;
     int num_pages;
+    // Pages that hold whole key blocks (page_size % kBlockN == 0, no left padding) are loaded by TMA, one box
+    // per block at (row block in the page, page); other page sizes are gathered with cp.async.
+    bool paged_tma;
     __device__ bool paged() const { return page_table != nullptr; }
+    __device__ bool gathers() const { return page_table != nullptr && !paged_tma; }
 
     __device__ int head_k(int tile_head) const { return tile_head / tile_heads_per_kv; }
   };
@@ -196,7 +200,8 @@ struct MainloopFwdSm90 {
              a.paged.page_table,
              a.paged.page_table_stride,
              cutlass::FastDivmod(a.paged.page_table ? a.paged.page_size : 1),
-             a.paged.num_pages};
+             a.paged.num_pages,
+             a.paged.page_table != nullptr && a.paged.page_size % kBlockN == 0 && a.paged.leftpad == nullptr};
     return p;
   }
 
@@ -205,6 +210,8 @@ struct MainloopFwdSm90 {
     cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
   }
+
+  __device__ static auto cta_v_of(Params const& p) { return p.tma_v.get_slice(_0{}); }
 
   // V's TMA source blocks (TMA, TMA_N, TMA_D, n) and stage destinations (TMA, TMA_N, TMA_D, PIPE): 16-bit,
   // the caller's V of the sequence; FP8, its transposed copy, which has one region per batch entry of the
@@ -277,6 +284,41 @@ struct MainloopFwdSm90 {
       }
       state_v.advance();
     };
+    if (p.paged_tma) {  // pages of whole key blocks: one TMA box per block, in the same order as below
+      int32_t const* const table = p.page_table + int64_t(seqlen.batch_k) * p.page_table_stride;
+      int const blocks_per_page = p.page_size.divisor / kBlockN;
+      auto load_k_page = [&](int n) {
+        if (leader) {
+          Tensor gKp = local_tile(p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, __ldg(table + n / blocks_per_page)),
+                                  select<1, 2>(TileShapeQK{}), make_coord(n % blocks_per_page, _0{}));  // (N, d)
+          pipe_k.producer_acquire(state, kTxBytesKV);
+          copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), cta_k.partition_S(gKp), tKsK(_, _, _, state.index));
+        }
+        state.advance();
+      };
+      auto load_v_page = [&](int n) {
+        if constexpr (kFp8) {
+          load_v(n);  // the transposed copy is dense
+        } else {
+          if (leader) {
+            Tensor gVp = local_tile(p.tma_v.get_tma_tensor(p.shape_v)(_, _, head_k, __ldg(table + n / blocks_per_page)),
+                                    select<1, 2>(TileShapeQK{}), make_coord(n % blocks_per_page, _0{}));  // (N, d)
+            pipe_v.producer_acquire(state_v, kTxBytesKV);
+            copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), cta_v_of(p).partition_S(gVp),
+                 tVsV(_, _, _, state_v.index));
+          }
+          state_v.advance();
+        }
+      };
+      load_k_page(range.end - 1);
+#pragma unroll 1
+      for (int n = range.end - 2; n >= range.begin; --n) {
+        load_k_page(n);
+        load_v_page(n + 1);
+      }
+      load_v_page(range.begin);
+      return;
+    }
     if (p.paged()) {  // the KV warp gathers K (and 16-bit V) through the page table (load_paged)
       if constexpr (kFp8) {  // FP8's V comes from its dense transposed copy, by TMA as usual
 #pragma unroll 1
@@ -329,6 +371,12 @@ struct MainloopFwdSm90 {
       state.advance();
     }
   }
+
+  // Pages of whole key blocks (Params::paged_tma) are loaded by the producer warp instead (load): block n
+  // is one TMA box of page table[n kBlockN / page_size] at row block (n kBlockN % page_size) / kBlockN,
+  // through descriptors built on the (page_size, d, head, num_pages) view (launch_fwd_sm90.h). A page index
+  // outside the cache is outside the descriptor's bounds, which TMA fills with zeros; keys past the
+  // sequence in the last block are masked and their V rows zeroed (zero_v_tail), as for a dense cache.
 
   // A load the compiler must repeat: for values in shared memory that would otherwise be kept in registers.
   __device__ static int reread(int const& x) { return *const_cast<int const volatile*>(&x); }
@@ -568,7 +616,7 @@ struct MainloopFwdSm90 {
       if constexpr (kScores) { pipe_k.consumer_wait(state_k); }
       if constexpr (kPV) { pipe_v.consumer_wait(state_v); }
       // Gathered (paged) K/V were written through the generic proxy; WGMMA reads through the async one.
-      if (p.paged()) { cutlass::arch::fence_view_async_shared(); }
+      if (p.gathers()) { cutlass::arch::fence_view_async_shared(); }
       wait_turn(warp_group);
       if constexpr (kScores) { gemm_async</*kOverwrite=*/true>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS); }
       if constexpr (kPV) { gemm_async</*kOverwrite=*/false>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO); }
