@@ -355,6 +355,17 @@ struct MainloopFwdSm90 {
                              typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
                              BlockRange const& range) const {
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
+    // The tile's page-table entries towards L2 first (128-byte lines, one per lane and pass), so that each
+    // block's mapping waits for L2 rather than DRAM; map_pages then reads them block by block.
+    {
+      int32_t const* const table = p.page_table + int64_t(seqlen.batch_k) * p.page_table_stride;
+      int const first = (seqlen.offset_k + range.begin * kBlockN) / p.page_size.divisor;
+      int const last = (seqlen.offset_k + min(range.end * kBlockN, seqlen.seqlen_k) - 1) / p.page_size.divisor;
+#pragma unroll 1
+      for (int slot = first + int(threadIdx.x) % 32 * 32; slot <= last; slot += 32 * 32) {
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(table + slot));
+      }
+    }
     // Few live values across the loop, so that the copy loop can be unrolled within 24 registers: K and V of
     // a block share one pipeline state (both rings advance once per block here, and start level), and the
     // tile's fields are re-read from its shared-memory slot (tile, seqlen and range live there) per block.
