@@ -1,7 +1,7 @@
 """Build of flash_attn3: the Python package plus the CUDA extension flash_attn3._C.
 
 The extension is csrc/flash_api.cpp (the only C++ that includes torch) linked with the torch-free kernels of
-hopper/: hopper/api.cu, hopper/combine.cu and the instantiations that tools/kernels.py selects under the environment switches.
+hopper/: hopper/api.cu, hopper/combine.cu, hopper/append_kv.cu and the instantiations that tools/kernels.py selects under the environment switches.
 A record of what was compiled is written to flash_attn3/_build_config.py and imported at run time.
 
 Environment:
@@ -126,7 +126,7 @@ def extension_modules():
         "-U__CUDA_NO_HALF2_OPERATORS__",
         *defines,
     ]
-    sources = ["csrc/flash_api.cpp", "hopper/api.cu", "hopper/combine.cu"] + [str(k.source.relative_to(ROOT)) for k in selected]
+    sources = ["csrc/flash_api.cpp", "hopper/api.cu", "hopper/combine.cu", "hopper/append_kv.cu"] + [str(k.source.relative_to(ROOT)) for k in selected]
     write_build_config(True, selected)
     return [
         CUDAExtension(

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "../hopper/api.h"
+#include "../hopper/append_kv.h"
 #include "../hopper/combine.h"
 #include "../hopper/params.h"
 
@@ -463,6 +464,106 @@ void combine(at::Tensor const& out_partial, at::Tensor const& lse_partial, at::T
   TORCH_CHECK(status == FLASH3_SUCCESS, "flash_attn3 combine: invalid argument: ", flash3::last_error_detail());
 }
 
+// KV append before a flash_attn_with_kvcache attention (hopper/append_kv.h): writes k_new / v_new into the
+// cache (dense (rows, capacity, h_k, d) or paged (num_pages, page_size, h_k, d) with page_table), rotated by
+// rotary_cos / rotary_sin if given (then q is rotated into q_out, which has q's strides), and
+// seqused_out = seqused_k + the new lengths. Python (flash_attn3.interface) checks shapes and allocates.
+void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor const& k_new, at::Tensor const& v_new,
+               at::Tensor const& seqused_k, at::Tensor& seqused_out, OptTensor const& cu_seqlens_k_new,
+               int64_t max_seqlen_k_new, OptTensor const& page_table, OptTensor const& kv_batch_idx,
+               at::Tensor const& q, OptTensor const& q_out, OptTensor const& rotary_cos, OptTensor const& rotary_sin,
+               OptTensor const& rotary_seqlens, bool rotary_interleaved, bool positions_per_query,
+               OptTensor const& cu_seqlens_q, int64_t max_seqlen_q) {
+  TORCH_CHECK(q.is_cuda(), "flash_attn3 append_kv: q must be a CUDA tensor");
+  for (auto [t, name] : {std::pair<at::Tensor const*, char const*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                         {&k_new, "k"}, {&v_new, "v"}}) {
+    check_same_device(*t, name, q);
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "flash_attn3 append_kv: ", name, " must have q's dtype ",
+                q.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->stride(-1) == 1, "flash_attn3 append_kv: ", name, " must have a contiguous last dimension");
+  }
+  bool const varlen_new = cu_seqlens_k_new.has_value();
+  bool const varlen_q = cu_seqlens_q.has_value();
+  int64_t const batch = varlen_q ? cu_seqlens_q->size(0) - 1 : q.size(0);
+  check_metadata(seqused_k, "cache_seqlens", batch, "batch", q);
+  check_metadata(seqused_out, "seqused_out", batch, "batch", q);
+  check_metadata(cu_seqlens_k_new, "cu_seqlens_k_new", batch + 1, "batch + 1", q);
+  check_metadata(kv_batch_idx, "cache_batch_idx", batch, "batch", q);
+  check_metadata(rotary_seqlens, "rotary_seqlens", batch, "batch", q);
+  check_metadata(cu_seqlens_q, "cu_seqlens_q", batch + 1, "batch + 1", q);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "flash_attn3 append_kv: k_cache and v_cache must be 4-D");
+  TORCH_CHECK(k_new.dim() == (varlen_new ? 3 : 4) && v_new.dim() == k_new.dim(),
+              "flash_attn3 append_kv: k and v must be ", varlen_new ? "3-D (total, heads_k, dim) with cu_seqlens_k_new"
+                                                                   : "4-D (batch, seqlen_new, heads_k, dim)");
+  flash3::AppendKvParams a;
+  a.dtype = to_dtype(q.scalar_type());
+  a.batch = to_int32(batch, "batch");
+  a.num_heads = to_int32(q.size(-2), "num_heads");
+  a.num_heads_k = to_int32(k_cache.size(-2), "num_heads_k");
+  a.head_dim = to_int32(k_cache.size(-1), "head_dim");
+  a.head_dim_v = to_int32(v_cache.size(-1), "head_dim_v");
+  TORCH_CHECK(k_new.size(-2) == a.num_heads_k && k_new.size(-1) == a.head_dim && v_new.size(-1) == a.head_dim_v &&
+                  v_new.sizes().slice(0, v_new.dim() - 1) == k_new.sizes().slice(0, k_new.dim() - 1),
+              "flash_attn3 append_kv: k ", k_new.sizes(), " and v ", v_new.sizes(), " must match the cache's heads ",
+              "and head dims");
+  TORCH_CHECK(varlen_new || k_new.size(0) == batch, "flash_attn3 append_kv: k must have batch ", batch, " entries");
+  a.k_cache = operand(k_cache);
+  a.v_cache = operand(v_cache);
+  if (page_table.has_value()) {
+    check_same_device(*page_table, "page_table", q);
+    TORCH_CHECK(page_table->scalar_type() == at::kInt && page_table->dim() == 2 && page_table->stride(-1) == 1,
+                "flash_attn3 append_kv: page_table must be a 2-D int32 tensor with a contiguous last dimension");
+    a.kv_cache.page_table = page_table->data_ptr<int32_t>();
+    a.kv_cache.page_table_stride = effective_stride(*page_table, 0);
+    a.kv_cache.max_pages = to_int32(page_table->size(1), "max_pages");
+    a.kv_cache.page_size = to_int32(k_cache.size(1), "page_size");
+    a.kv_cache.num_pages = to_int32(k_cache.size(0), "num_pages");
+    a.k_cache.rows = a.v_cache.rows = to_int32(page_table->size(1) * k_cache.size(1), "max_pages * page_size");
+  }
+  if (kv_batch_idx.has_value()) {
+    a.kv_cache.batch_idx = kv_batch_idx->data_ptr<int32_t>();
+    a.kv_cache.batch_rows = to_int32(page_table.has_value() ? page_table->size(0) : k_cache.size(0), "cache rows");
+  }
+  a.seqused_k = seqused_k.data_ptr<int32_t>();
+  a.seqused_out = seqused_out.data_ptr<int32_t>();
+  a.k_new = operand(k_new);
+  a.v_new = operand(v_new);
+  a.cu_seqlens_k_new = varlen_new ? cu_seqlens_k_new->data_ptr<int32_t>() : nullptr;
+  a.max_seqlen_k_new = varlen_new ? to_int32(max_seqlen_k_new, "max_seqlen_k_new") : 0;
+  TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "flash_attn3 append_kv: rotary_cos and rotary_sin "
+              "must be given together");
+  if (rotary_cos.has_value()) {
+    for (auto [t, name] : {std::pair<at::Tensor const*, char const*>{&*rotary_cos, "rotary_cos"},
+                           {&*rotary_sin, "rotary_sin"}}) {
+      check_same_device(*t, name, q);
+      TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->dim() == 2 && t->is_contiguous(), "flash_attn3 append_kv: ",
+                  name, " must be a contiguous 2-D tensor of q's dtype");
+    }
+    TORCH_CHECK(rotary_sin->sizes() == rotary_cos->sizes(), "flash_attn3 append_kv: rotary_sin must have rotary_cos's shape");
+    TORCH_CHECK(q_out.has_value() && q_out->sizes() == q.sizes() && q_out->strides() == q.strides() &&
+                    q_out->scalar_type() == q.scalar_type(),
+                "flash_attn3 append_kv: with rotary, q_out must be a tensor like q (same shape, strides, dtype)");
+    check_same_device(*q_out, "q_out", q);
+    a.rotary_cos = rotary_cos->data_ptr();
+    a.rotary_sin = rotary_sin->data_ptr();
+    a.rotary_dim = to_int32(2 * rotary_cos->size(1), "rotary_dim");
+    a.rotary_rows = to_int32(rotary_cos->size(0), "rotary rows");
+    a.rotary_seqlens = rotary_seqlens.has_value() ? rotary_seqlens->data_ptr<int32_t>() : nullptr;
+    a.rotary_interleaved = rotary_interleaved;
+    a.positions_per_query = positions_per_query;
+    a.q = operand(q);
+    a.q_out = operand(*q_out);
+    a.cu_seqlens_q = varlen_q ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
+    a.max_seqlen_q = varlen_q ? to_int32(max_seqlen_q, "max_seqlen_q") : 0;
+  }
+  c10::cuda::CUDAGuard const guard(q.device());
+  cudaError_t cuda_err = cudaSuccess;
+  flash3::Status const status = flash3::run_append_kv(a, c10::cuda::getCurrentCUDAStream().stream(), &cuda_err);
+  TORCH_CHECK(status != FLASH3_CUDA_ERROR, "flash_attn3 append_kv: CUDA error: ", cudaGetErrorString(cuda_err));
+  TORCH_CHECK_NOT_IMPLEMENTED(status != FLASH3_NOT_COMPILED, "flash_attn3 append_kv: ", flash3::last_error_detail());
+  TORCH_CHECK(status == FLASH3_SUCCESS, "flash_attn3 append_kv: invalid argument: ", flash3::last_error_detail());
+}
+
 // The plan a forward call with these sizes would follow on `device` (get_scheduler_metadata): [num_splits,
 // pack_gqa, block_m, block_n, num_m_blocks, num_tiles, grid]. The sizes are described to the planner with
 // contiguous layouts at a placeholder address: it reads no memory.
@@ -534,6 +635,12 @@ TORCH_LIBRARY(flash_attn3, m) {
       "int num_splits, int pack_gqa, int sm_margin) -> ()");
   m.def("combine(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(
+      "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor seqused_k, "
+      "Tensor(c!) seqused_out, Tensor? cu_seqlens_k_new, int max_seqlen_k_new, Tensor? page_table, "
+      "Tensor? kv_batch_idx, Tensor q, Tensor(d!)? q_out, Tensor? rotary_cos, Tensor? rotary_sin, "
+      "Tensor? rotary_seqlens, bool rotary_interleaved, bool positions_per_query, Tensor? cu_seqlens_q, "
+      "int max_seqlen_q) -> ()");
+  m.def(
       "plan(int batch, int max_seqlen_q, int max_seqlen_k, int num_heads, int num_heads_k, int head_dim, "
       "int head_dim_v, ScalarType qkv_dtype, bool varlen_q, int window_size_left, int window_size_right, "
       "float softcap, int num_splits, int pack_gqa, int sm_margin, Device device) -> int[]");
@@ -542,6 +649,7 @@ TORCH_LIBRARY(flash_attn3, m) {
 TORCH_LIBRARY_IMPL(flash_attn3, CUDA, m) {
   m.impl("fwd", &fwd);
   m.impl("combine", &combine);
+  m.impl("append_kv", &append_kv);
 }
 
 // plan takes no tensor, so the dispatcher cannot route it by device: it is registered for every backend.

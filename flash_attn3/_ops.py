@@ -162,6 +162,12 @@ def combine(out_partial, lse_partial, out, lse) -> None:
     torch.ops.flash_attn3.combine(out_partial, lse_partial, out, lse)
 
 
+def append_kv(*args) -> None:
+    """torch.ops.flash_attn3.append_kv: writes new k/v into the cache, q rotated into q_out (if rotary), and the
+    lengths after the append into seqused_out (schema order; flash_attn3.interface._append_kv checks them)."""
+    torch.ops.flash_attn3.append_kv(*args)
+
+
 # get_scheduler_metadata's tensor: METADATA_TAG, then the plan's 7 values (csrc/flash_api.cpp `plan`).
 METADATA_TAG = 0x46413301
 METADATA_LEN = 8
@@ -195,3 +201,4 @@ def _combine_fake(out_partial, lse_partial, out, lse):
 if HAS_EXTENSION:
     torch.library.register_fake("flash_attn3::fwd")(_fwd_fake)
     torch.library.register_fake("flash_attn3::combine")(_combine_fake)
+    torch.library.register_fake("flash_attn3::append_kv")(lambda *args: None)

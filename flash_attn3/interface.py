@@ -200,21 +200,83 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, cache_seqlens_int=cache_seqlens_int, names=names, extra_tensors=extra)
     _reject_unimplemented(qv, attention_chunk)
-    if k is not None:
-        raise NotImplementedError(
-            "k, v: appending new keys/values to the cache (append_kv) is not implemented in flash_attn3 yet; "
-            "write them into k_cache/v_cache and raise cache_seqlens instead")
     _check_scheduler_metadata(scheduler_metadata, call)
     if cache_seqlens_int is not None:
         # A tensor built on the device from a Python int: no host sync, graph-capturable.
         call = dataclasses.replace(
             call, seqused_k=torch.full((call.batch,), int(cache_seqlens_int), dtype=torch.int32, device=q.device),
             features=call.features | {"varlen"})
+    if k is not None:
+        call = _append_kv(call, k, v, cu_seqlens_k_new, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved,
+                          page_table, cache_batch_idx)
     out, softmax_lse = _run_fwd(call)
     if not return_softmax_lse:
         return out
     empty = torch.empty(0, dtype=torch.float32, device=q.device)
     return out, softmax_lse, empty, empty
+
+
+def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved,
+               page_table, cache_batch_idx):
+    """flash_attn_with_kvcache's k=, v=: writes the new keys/values into the cache at cache_seqlens (keys and q
+    rotated when rotary_cos/sin are given), then returns the call to run on the rotated q with the lengths after
+    the append (hopper/append_kv.h; one kernel before the attention)."""
+    q, k_cache, v_cache = call.q, call.k, call.v
+    # Checked here, before the append writes into the cache, rather than with the attention's features.
+    _checks.check_supported(dataclasses.replace(call, features=frozenset({"append_kv"})), _ops.BUILD)
+    for name, t in (("k", k_new), ("v", v_new)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} must match q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: must be on q's device {q.device}, got {t.device}")
+        _checks.check_last_dim_contiguous(name, t)
+    varlen_new = cu_seqlens_k_new is not None
+    rank = 3 if varlen_new else 4
+    layout = "(total_new, num_heads_k, head_dim)" if varlen_new else "(batch, seqlen_new, num_heads_k, head_dim)"
+    _checks.check_rank("k", k_new, rank, layout)
+    _checks.check_rank("v", v_new, rank, layout.replace("head_dim", "head_dim_v"))
+    if k_new.shape[-2:] != k_cache.shape[-2:] or v_new.shape[-1] != v_cache.shape[-1] or \
+            v_new.shape[:-1] != k_new.shape[:-1]:
+        raise ValueError(f"k, v: shapes {tuple(k_new.shape)}, {tuple(v_new.shape)} must match k_cache's heads and head "
+                         f"dim {tuple(k_cache.shape[-2:])} and v_cache's head dim {v_cache.shape[-1]}")
+    if varlen_new:
+        _checks.check_index_vector("cu_seqlens_k_new", cu_seqlens_k_new, call.batch + 1, "batch + 1 prefix sums")
+        max_new = k_new.shape[0]  # a bound; the kernel reads each sequence's length on the device
+    else:
+        if k_new.shape[0] != call.batch:
+            raise ValueError(f"k: batch {k_new.shape[0]} must equal q's batch {call.batch}")
+        max_new = 0
+    if rotary_cos is not None:
+        if q.dtype == torch.float8_e4m3fn:
+            raise _checks.not_implemented("rotary_cos / rotary_sin with float8_e4m3fn inputs (rotary embedding)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if t.dtype != q.dtype or t.dim() != 2 or not t.is_contiguous() or t.device != q.device:
+                raise ValueError(f"{name}: must be a contiguous 2-D (seqlen_ro, rotary_dim / 2) tensor of q's dtype "
+                                 f"on q's device, got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+        if rotary_sin.shape != rotary_cos.shape:
+            raise ValueError(f"rotary_sin: shape {tuple(rotary_sin.shape)} must equal rotary_cos's "
+                             f"{tuple(rotary_cos.shape)}")
+        rotary_dim = 2 * rotary_cos.shape[1]
+        if rotary_dim % 16 or not 16 <= rotary_dim <= q.shape[-1]:
+            raise ValueError(f"rotary_cos: rotary_dim = 2 * shape[1] = {rotary_dim} must be a multiple of 16 in "
+                             f"[16, head_dim = {q.shape[-1]}]")
+        if rotary_cos.shape[0] < call.max_seqlen_k:
+            raise ValueError(f"rotary_cos: {rotary_cos.shape[0]} rows (positions) must cover the cache's "
+                             f"{call.max_seqlen_k} positions")
+        if rotary_seqlens is not None:
+            _checks.check_index_vector("rotary_seqlens", rotary_seqlens, call.batch, "one position per batch entry")
+    seqused = call.seqused_k
+    if seqused is None:
+        raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
+    seqused_out = torch.empty_like(seqused)
+    q_out = torch.empty_like(q) if rotary_cos is not None else None
+    causal_or_local = call.window_size_left >= 0 or call.window_size_right >= 0
+    _ops.append_kv(k_cache, v_cache, k_new, v_new, seqused, seqused_out, cu_seqlens_k_new, max_new, page_table,
+                   cache_batch_idx, q, q_out, rotary_cos, rotary_sin,
+                   rotary_seqlens if rotary_cos is not None else None, bool(rotary_interleaved), causal_or_local,
+                   call.cu_seqlens_q, call.max_seqlen_q if call.cu_seqlens_q is not None else 0)
+    return dataclasses.replace(call, q=q if q_out is None else q_out, seqused_k=seqused_out,
+                               features=call.features | {"append_kv"})
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, seqused_q=None, seqused_k=None, out=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, num_splits=1, pack_gqa=None, sm_margin=0):  # noqa: E501

@@ -391,8 +391,14 @@ FULL_BUILD = _ops.BuildConfig(
 @pytest.fixture
 def kernel_stub(monkeypatch):
     """Pretends CPU tensors passed the device rule, the extension loaded with FULL_BUILD, and records the
-    arguments the wrappers hand to torch.ops.flash_attn3.fwd instead of running it."""
-    calls = []
+    arguments the wrappers hand to torch.ops.flash_attn3.fwd instead of running it (and, in `.appends`, those
+    of torch.ops.flash_attn3.append_kv)."""
+
+    class Calls(list):
+        appends: list
+
+    calls = Calls()
+    calls.appends = []
 
     def fake_fwd(*args):
         assert len(args) == len(_ops.FWD_ARG_NAMES)
@@ -402,6 +408,7 @@ def kernel_stub(monkeypatch):
     monkeypatch.setattr(_ops, "HAS_EXTENSION", True)
     monkeypatch.setattr(_ops, "BUILD", FULL_BUILD)
     monkeypatch.setattr(_ops, "fwd", fake_fwd)
+    monkeypatch.setattr(_ops, "append_kv", lambda *args: calls.appends.append(args))
     return calls
 
 
@@ -557,6 +564,9 @@ def test_head_dim_runs_on_next_compiled(kernel_stub):
 
 
 UNBUILT_CASES = [
+    ("append_kv", lambda: flash_attn_with_kvcache(*qkv(h=2, hk=2), k=qkv(h=2, hk=2, sk=1)[1],
+                                                  v=qkv(h=2, hk=2, sk=1)[2], cache_seqlens=3),
+     r"appending new k/v to the cache .*feature 'append_kv'"),
     ("fp8", lambda: flash_attn_func(*qkv(dtype=FP8, d=128)), r"float8_e4m3fn inputs .*feature 'fp8'"),
     ("softcap", lambda: flash_attn_func(*qkv(), softcap=1.0), r"softcap .*feature 'softcap'"),
     ("local", lambda: flash_attn_func(*qkv(), window_size=(2, 2)), r"local \(sliding-window\).*'local'"),
@@ -590,11 +600,11 @@ NOT_IMPLEMENTED_CASES = [
     ("dv_differs", lambda: flash_attn_func(*qkv(d=64, dv=128)), r"v: head dim 128 != q's head dim 64"),
     ("qv", lambda: flash_attn_func(*qkv(), qv=torch.randn(2, 5, 4, 64).half()), r"qv .* not implemented"),
     ("attention_chunk", lambda: flash_attn_func(*qkv(), attention_chunk=16), r"attention_chunk != 0"),
-    ("append_kv", lambda: flash_attn_with_kvcache(*qkv(), k=qkv(sk=1)[1], v=qkv(sk=1)[2], cache_seqlens=3),
-     r"k, v: appending new keys/values .*not implemented"),
-    ("rotary", lambda: flash_attn_with_kvcache(*qkv(), k=qkv(sk=1)[1], v=qkv(sk=1)[2], cache_seqlens=3,
-                                               rotary_cos=torch.ones(8, 16).half(),
-                                               rotary_sin=torch.ones(8, 16).half()), r"not implemented"),
+    ("rotary_fp8", lambda: flash_attn_with_kvcache(*qkv(dtype=FP8, d=128), k=qkv(sk=1, dtype=FP8, d=128)[1],
+                                                   v=qkv(sk=1, dtype=FP8, d=128)[2], cache_seqlens=3,
+                                                   rotary_cos=torch.ones(8, 16).to(FP8),
+                                                   rotary_sin=torch.ones(8, 16).to(FP8)),
+     r"rotary_cos / rotary_sin with float8_e4m3fn inputs .*not implemented"),
     ("backward", lambda: flash_attn_func(*(t.requires_grad_() for t in qkv())), r"forward pass only"),
 ]
 
@@ -727,3 +737,34 @@ def test_kvcache_rotary_seqlens_alone_is_ignored_as_fa3():
     with pytest.raises(ValueError, match=ON_CPU) as info:
         _dense_cache(rotary_seqlens=i32(3, 9))()
     assert "rotary_seqlens: only valid" not in str(info.value)
+
+
+def test_append_kv_call_arguments(kernel_stub):
+    """k=, v= (and rotary) run the append op first, then the attention on its rotated q and new lengths."""
+    q, k_cache, v_cache = qkv(b=2, sq=3, sk=16, h=4, hk=2, d=64)
+    k_new, v_new = qkv(b=2, sq=1, sk=3, h=4, hk=2, d=64)[1:]
+    cos, sin = torch.ones(16, 16).half(), torch.zeros(16, 16).half()
+    flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=i32(4, 9), rotary_cos=cos,
+                            rotary_sin=sin, causal=True)
+    (fwd,) = kernel_stub
+    (args,) = kernel_stub.appends
+    assert args[0] is k_cache and args[1] is v_cache and args[2] is k_new and args[3] is v_new
+    assert args[4].tolist() == [4, 9] and args[5].shape == (2,) and args[5].dtype == torch.int32
+    assert args[10] is q and args[11].shape == q.shape and args[12] is cos and args[13] is sin
+    assert args[16] is True  # causal: each query at its own position
+    assert fwd["q"] is args[11] and fwd["seqused_k"] is args[5], "the attention reads the rotated q, new lengths"
+
+
+def test_append_kv_rejects_bad_rotary(kernel_stub):
+    q, k_cache, v_cache = qkv(b=2, sq=1, sk=16, h=4, hk=2, d=64)
+    k_new, v_new = qkv(b=2, sq=1, sk=1, h=4, hk=2, d=64)[1:]
+    kw = dict(k=k_new, v=v_new, cache_seqlens=i32(4, 9))
+    raises(ValueError, r"rotary_dim = 2 \* shape\[1\] = 72 must be a multiple of 16 in \[16, head_dim = 64\]",
+           flash_attn_with_kvcache, q, k_cache, v_cache, rotary_cos=torch.ones(16, 36).half(),
+           rotary_sin=torch.ones(16, 36).half(), **kw)
+    raises(ValueError, r"rotary_cos: 8 rows \(positions\) must cover the cache's 16 positions",
+           flash_attn_with_kvcache, q, k_cache, v_cache, rotary_cos=torch.ones(8, 16).half(),
+           rotary_sin=torch.ones(8, 16).half(), **kw)
+    raises(ValueError, r"k, v: shapes", flash_attn_with_kvcache, q, k_cache, v_cache, k=k_new[..., :32],
+           v=v_new, cache_seqlens=i32(4, 9))
+    assert not kernel_stub and not kernel_stub.appends

@@ -81,7 +81,7 @@ FEATURES = {
     "softcap": False,
     "split_kv": True,
     "paged_kv": True,
-    "append_kv": False,
+    "append_kv": True,
     "fp8": True,
     "pack_gqa": True,
     "kv_batch_idx": True,
