@@ -71,6 +71,7 @@ class Case:
     varlen: bool = False
     kvcache: bool = False  # through flash_attn_with_kvcache: k, v are the cache, cache_seqlens = seqlen_k
     page_size: int = 0  # kvcache rows: > 0 = the cache in pages of this size through a shuffled page table
+    append: bool = False  # kvcache rows: the last token is appended in the call (k=, v=) with rotary on q and k
 
     @property
     def reports_gbps(self) -> bool:
@@ -83,7 +84,8 @@ class Case:
         seq = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}x{self.seqlen_k}"
         return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{self.head_dim}"
                 f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}"
-                f"{' kvcache' if self.kvcache else ''}{f' page{self.page_size}' if self.page_size else ''}")
+                f"{' kvcache' if self.kvcache else ''}{f' page{self.page_size}' if self.page_size else ''}"
+                f"{' append+rotary' if self.append else ''}")
 
     def flops(self) -> float:
         avg_sk = (max(0, self.seqlen_k - self.seqlen_q) + self.seqlen_k) / 2 if self.causal else self.seqlen_k
@@ -132,6 +134,8 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
         # Paged KV (vLLM's page size 16, a TMA-sized 256, SGLang's 1): compare with the contiguous 64 x 8192 row.
         cases += [Case("decode", "bf16", 64, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=ps) for ps in (16, 256)]
         cases += [Case("decode", "bf16", 1, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=16)]
+        # KV append of the step's token with rotary (GPT-NeoX, full head dim): compare with the rows above.
+        cases += [Case("decode", "bf16", b, 1, 8192, 32, 8, 128, True, kvcache=True, append=True) for b in (1, 64)]
     return cases
 
 
@@ -149,6 +153,16 @@ def make_backends(torch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
+    def append_args(case, q, k):
+        """k=, v= of one new token per sequence at position seqlen_k - 1, with rotary tables for every position;
+        the call's cache_seqlens is then seqlen_k - 1, so it attends over seqlen_k keys like the plain row."""
+        d = case.head_dim
+        angle = torch.rand(case.seqlen_k, d // 2, device=q.device) * 6.28
+        new = torch.randn(case.batch, 1, case.heads_k, d, device=q.device, dtype=q.dtype)
+        seqlens = torch.full((case.batch,), case.seqlen_k - 1, dtype=torch.int32, device=q.device)
+        return seqlens, dict(k=new, v=new.clone(), rotary_cos=angle.cos().to(q.dtype),
+                             rotary_sin=angle.sin().to(q.dtype), rotary_interleaved=False)
+
     def full_cache_seqlens(case, q):
         # Built with the callable, outside the timed region: the int32 (batch,) tensor a serving engine keeps.
         return torch.full((case.batch,), case.seqlen_k, dtype=torch.int32, device=q.device)
@@ -156,6 +170,10 @@ def make_backends(torch):
     def ours(case, q, k, v, cu_q, cu_k):
         import flash_attn3
 
+        if case.kvcache and case.append:
+            seqlens, extra = append_args(case, q, k)
+            return lambda: flash_attn3.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, causal=case.causal,
+                                                               **extra)
         if case.kvcache:
             seqlens = full_cache_seqlens(case, q)
             if case.page_size:
@@ -188,6 +206,10 @@ def make_backends(torch):
                 import fa3_fwd_interface as flash_attn_interface
             except ImportError as e:
                 raise Unsupported("neither flash_attn_interface nor fa3_fwd_interface is installed") from e
+        if case.kvcache and case.append:
+            seqlens, extra = append_args(case, q, k)
+            return lambda: flash_attn_interface.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens,
+                                                                        causal=case.causal, **extra)
         if case.kvcache:
             seqlens = full_cache_seqlens(case, q)
             return lambda: flash_attn_interface.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens,
@@ -225,8 +247,8 @@ def make_backends(torch):
 
     def sdpa(backend):
         def factory(case, q, k, v, cu_q, cu_k):
-            if case.page_size:
-                raise Unsupported("torch SDPA has no paged KV")
+            if case.page_size or case.append:
+                raise Unsupported("torch SDPA has no paged KV or KV append")
             if case.dtype == "fp8":
                 if backend != SDPBackend.CUDNN_ATTENTION:
                     raise Unsupported("no fp8 in FlashAttention-2")

@@ -58,7 +58,8 @@ def test_decode_grid_and_bandwidth():
     assert all(c.kvcache and c.causal and c.group in bench.GRAPH_GROUPS for c in decode)
     assert len({c.label for c in decode}) == len(decode)
     steps = [c for c in decode if c.reports_gbps]
-    assert len(steps) == 9 and all(c.seqlen_q == 1 for c in steps)
+    assert len(steps) == 11 and all(c.seqlen_q == 1 for c in steps)
+    assert sorted(c.batch for c in steps if c.append) == [1, 64]
     paged = [c for c in steps if c.page_size]
     assert sorted((c.batch, c.page_size) for c in paged) == [(1, 16), (64, 16), (64, 256)]
     assert all(c.label.endswith(f"page{c.page_size}") for c in paged)

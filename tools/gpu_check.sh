@@ -208,7 +208,17 @@ for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
                         [min(ps, 5), 133], device="cuda", dtype=torch.int32), page_table=table, causal=causal,
                         cache_batch_idx=torch.tensor([0, 1], device="cuda", dtype=torch.int32),
                         cache_leftpad=torch.tensor([1, 9], device="cuda", dtype=torch.int32), num_splits=0)
-                ran += 6
+                # KV append (rotary for 16-bit) into a dense cache with room: 2 new tokens at 100 and 131
+                kc, vc = k.clone(), v.clone()
+                kn = torch.randn(2, 2, 2, d, device="cuda").to(dtype)
+                rot = {}
+                if dtype != torch.float8_e4m3fn:
+                    ang = torch.rand(133, d // 2, device="cuda")
+                    rot = dict(rotary_cos=ang.cos().to(dtype), rotary_sin=ang.sin().to(dtype))
+                flash3_lens = torch.tensor([100, 131], device="cuda", dtype=torch.int32)
+                flash_attn3.flash_attn_with_kvcache(q[:, :2], kc, vc, k=kn, v=kn.clone(), cache_seqlens=flash3_lens,
+                                                    causal=causal, **rot)
+                ran += 7
             except NotImplementedError:
                 pass
 torch.cuda.synchronize()
