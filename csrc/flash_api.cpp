@@ -466,7 +466,7 @@ void combine(at::Tensor const& out_partial, at::Tensor const& lse_partial, at::T
 
 // KV append before a flash_attn_with_kvcache attention (hopper/append_kv.h): writes k_new / v_new into the
 // cache (dense (rows, capacity, h_k, d) or paged (num_pages, page_size, h_k, d) with page_table), rotated by
-// rotary_cos / rotary_sin if given (then q is rotated into q_out, which has q's strides), and
+// rotary_cos / rotary_sin if given (then q is rotated into q_out: q's shape, any strides), and
 // seqused_out = seqused_k + the new lengths. Python (flash_attn3.interface) checks shapes and allocates.
 void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor const& k_new, at::Tensor const& v_new,
                at::Tensor const& seqused_k, at::Tensor& seqused_out, OptTensor const& cu_seqlens_k_new,
@@ -540,9 +540,10 @@ void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor const& k_new
                   name, " must be a contiguous 2-D tensor of q's dtype");
     }
     TORCH_CHECK(rotary_sin->sizes() == rotary_cos->sizes(), "flash_attn3 append_kv: rotary_sin must have rotary_cos's shape");
-    TORCH_CHECK(q_out.has_value() && q_out->sizes() == q.sizes() && q_out->strides() == q.strides() &&
-                    q_out->scalar_type() == q.scalar_type(),
-                "flash_attn3 append_kv: with rotary, q_out must be a tensor like q (same shape, strides, dtype)");
+    TORCH_CHECK(q_out.has_value() && q_out->sizes() == q.sizes() && q_out->scalar_type() == q.scalar_type() &&
+                    q_out->stride(-1) == 1,
+                "flash_attn3 append_kv: with rotary, q_out must have q's shape and dtype and a contiguous last "
+                "dimension");
     check_same_device(*q_out, "q_out", q);
     a.rotary_cos = rotary_cos->data_ptr();
     a.rotary_sin = rotary_sin->data_ptr();

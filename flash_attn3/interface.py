@@ -269,7 +269,7 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
     if seqused is None:
         raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
     seqused_out = torch.empty_like(seqused)
-    q_out = torch.empty_like(q) if rotary_cos is not None else None
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary_cos is not None else None
     causal_or_local = call.window_size_left >= 0 or call.window_size_right >= 0
     _ops.append_kv(k_cache, v_cache, k_new, v_new, seqused, seqused_out, cu_seqlens_k_new, max_new, page_table,
                    cache_batch_idx, q, q_out, rotary_cos, rotary_sin,

@@ -155,10 +155,11 @@ __global__ void __launch_bounds__(kThreads) append_kv_kernel(AppendKvParams p) {
       int const b = int(rest / max_q);
       Rows const rows = entry_rows(p.q, p.cu_seqlens_q, b);
       if (r >= rows.count) { continue; }
-      int64_t const row_offset = int64_t(r) * p.q.row_stride + int64_t(head) * p.q.head_stride;
-      T const* const src = static_cast<T const*>(p.q.ptr) + rows.first + row_offset;
-      // q_out has q's strides (the caller allocates it like q).
-      T* const dst = static_cast<T*>(p.q_out.ptr) + rows.first + row_offset;
+      T const* const src = static_cast<T const*>(p.q.ptr) + rows.first + int64_t(r) * p.q.row_stride +
+                           int64_t(head) * p.q.head_stride;
+      // q_out has q's shape, with strides of its own.
+      T* const dst = static_cast<T*>(p.q_out.ptr) + entry_rows(p.q_out, p.cu_seqlens_q, b).first +
+                     int64_t(r) * p.q_out.row_stride + int64_t(head) * p.q_out.head_stride;
       int64_t const base = p.rotary_seqlens != nullptr ? p.rotary_seqlens[b] : p.seqused_k[b];
       int const col = c * kElems;
       *reinterpret_cast<uint4*>(dst + col) = rotated_chunk(p, src, col, p.positions_per_query ? base + r : base);

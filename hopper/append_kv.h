@@ -56,7 +56,8 @@ struct AppendKvParams {
   int32_t const* rotary_seqlens = nullptr;
   bool rotary_interleaved = false;
   bool positions_per_query = false;
-  // q and its rotated copy, same layout: dense (batch, s_q, head, dim) or packed with cu_seqlens_q.
+  // q and its rotated copy, same shape (strides of their own): dense (batch, s_q, head, dim) or packed with
+  // cu_seqlens_q.
   Operand q, q_out;
   int32_t const* cu_seqlens_q = nullptr;
   int32_t max_seqlen_q = 0;
