@@ -527,7 +527,8 @@ def main() -> int:
                                               and name == "flash_attn3" else ""),
                          "note": "; ".join(x for x in (note, fa3_diff if name == "flash_attn3" else "") if x),
                          "torch": torch.__version__,
-                         "gbps": f"{gbps:.1f}" if gbps is not None else ""})  # last: older CSVs lack it
+                         "gbps": f"{gbps:.1f}" if gbps is not None else "",  # older CSVs lack it
+                         "case": case.label})  # the row's label (paged / append rows differ only there)
         shown = "" if diff is None else (f"{diff:.1e}" if diff_ref == "sdpa" else f"{diff_ref}:{diff:.1e}")
         print(f"{case.label:<{width}}" + "".join(f" | {c:>20}" for c in cells) + f" | {shown}", flush=True)
         for name in backends:
