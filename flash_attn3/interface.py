@@ -137,9 +137,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
             (int32 (batch + 1,)) and max_seqlen_q.
         k_cache, v_cache: (batch_cache, seqlen_cache, num_heads_k, head_dim / head_dim_v); with page_table,
             (num_pages, page_size, num_heads_k, head_dim / head_dim_v) with any page size.
-        k, v: new keys/values to append in place at cache_seqlens; not implemented (NotImplementedError).
-        qv, rotary_cos, rotary_sin, rotary_seqlens, rotary_interleaved: not implemented (rotary needs k/v);
-            rotary_seqlens alone is ignored, as in FA3.
+        k, v: new keys/values, (batch, seqlen_new, num_heads_k, head_dim / head_dim_v) or packed
+            (total_new, ...) with cu_seqlens_k_new: written in place into k_cache / v_cache at positions
+            cache_seqlens[i] .. cache_seqlens[i] + seqlen_new_i - 1 of entry i's cache row (paged or not, through
+            cache_batch_idx), then attended in the same call. The cache must have room (checked mode checks it;
+            positions past the capacity are not written).
+        rotary_cos, rotary_sin: (positions, rotary_dim / 2) in q's dtype, rotary_dim a multiple of 16 up to the
+            head dim, at least as many rows as the cache has positions: the new keys are rotated at positions
+            (rotary_seqlens or cache_seqlens) + j, and q at that base + i when causal / local, else all at the
+            base (FA3's rule); rotary_interleaved: GPT-J pairs (True, the default) or GPT-NeoX halves. Only with
+            k, v; not for float8 inputs. rotary_seqlens without rotary_cos is ignored, as in FA3.
+        qv: not implemented (NotImplementedError).
         cache_seqlens: int or int32 (batch,): valid cache length of each batch entry, counted from index 0
             of the cache row (so including cache_leftpad). Default: the whole cache.
         cache_batch_idx: int32 (batch,): cache row (or page-table row) of each batch entry.
@@ -376,8 +384,8 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k_new", cu_seqlens_k_new),
                     ("cache_leftpad", cache_leftpad)):
         _checks.check_tensor(name, t, optional=True)
-    if cu_seqlens_k_new is not None or max_seqlen_k_new:
-        raise _checks.not_implemented("cu_seqlens_k_new / max_seqlen_k_new (appending new keys, append_kv)")
+    # cu_seqlens_k_new / max_seqlen_k_new (an append in the call) do not change the schedule: the attention
+    # runs over the cache after the append, whose lengths the kernels read on the device.
     if page_size is not None:  # the schedule does not depend on it (paged K/V is gathered per key block)
         _checks.check_int("page_size", page_size, 1)
     if attention_chunk:

@@ -195,8 +195,11 @@ def test_scheduler_metadata_rejects_wrong_types(case):
 
 @pytest.mark.parametrize("over", [{}, dict(causal=True, num_splits=3, pack_gqa=True), dict(num_splits=256),
                                   dict(num_splits=0, pack_gqa=False, qkv_dtype=F16, headdim_v=64),
-                                  dict(num_splits=-1)],
-                         ids=["defaults", "causal_split3_pack", "split256", "fp16_nopack", "split_negative_is_heuristic"])
+                                  dict(num_splits=-1),
+                                  dict(page_size=16, cache_leftpad=i32(0, 1), cu_seqlens_k_new=i32(0, 1, 2),
+                                       max_seqlen_k_new=1)],
+                         ids=["defaults", "causal_split3_pack", "split256", "fp16_nopack", "split_negative_is_heuristic",
+                              "paged_leftpad_append"])
 def test_scheduler_metadata_valid_call_needs_cuda_cache_seqlens(over):
     """A valid call passes the scalar checks and fails only because cache_seqlens is on the CPU (the
     metadata lives on cache_seqlens' device), with a ValueError naming it, not a NotImplementedError."""
