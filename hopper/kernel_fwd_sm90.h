@@ -29,7 +29,7 @@ struct FwdKernelSm90 {
   static constexpr int kNumConsumerWarpGroups = Mainloop::kNumConsumerWarpGroups;
   static constexpr int kNumThreads = kWarpGroupThreads * (1 + kNumConsumerWarpGroups);
   static constexpr int kMinBlocksPerSm = 1;  // one CTA fills an SM's shared memory and registers
-  using Registers = RegisterBudget<kNumConsumerWarpGroups>;
+  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kGather ? 40 : 24>;
 
   enum class Role : int { Producer = 0 };  // warpgroup 0; warpgroups 1.. are consumers
 

@@ -21,13 +21,21 @@
 
 namespace flash3 {
 
-template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit>
+template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kGather = false>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   static_assert(kHeadDimV == kHeadDim, "kernels with a v head dim unlike q's are not written yet");
   constexpr bool kFp8 = sizeof(Element) == 1;
   using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;  // FP8 in, BF16 out (FA3)
-  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal, int(sizeof(Element)), kSplit>;
-  using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask>;
+  // The gather variant keeps 128-key blocks (as split-KV): its consumers have 232 registers, not 240.
+  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal, int(sizeof(Element)), kSplit || kGather>;
+  if constexpr (!kGather) {
+    // Paged K/V that TMA cannot load block by block runs on the gather variant.
+    if (is_paged(p) && !(p.kv_cache.page_size % Config::kBlockN == 0 && p.kv_cache.leftpad == nullptr)) {
+      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true>(p, stream);
+    }
+  }
+  using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask,
+                                   ScaledScores<kFp8>, kGather>;
   using Epilogue = EpilogueFwdSm90<ElementOut, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
                                    typename Mainloop::TiledMmaPV, kSplit>;
   using Kernel = FwdKernelSm90<Mainloop, Epilogue>;

@@ -33,8 +33,12 @@ namespace flash3 {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
-          class Score_ = ScaledScores<sizeof(Element_) == 1>>
+          class Score_ = ScaledScores<sizeof(Element_) == 1>, bool kGather_ = false>
 struct MainloopFwdSm90 {
+  // The variant for paged K/V that is gathered with cp.async (page sizes that are not a multiple of the key
+  // block, or left padding): its producer warpgroup gets 40 registers (the consumers 232), which the gather
+  // loop needs unrolled; the other kernels do not carry the gather code at all.
+  static constexpr bool kGather = kGather_;
   using Element = Element_;
   // FP8 (e4m3): both WGMMA operands must be K-major, so P V reads V transposed (fp8_vt.h), P is reordered
   // into the 8-bit A operand, and the softmax keeps 8 bits of headroom so P uses e4m3's range.
@@ -172,7 +176,7 @@ struct MainloopFwdSm90 {
     // per block at (row block in the page, page); other page sizes are gathered with cp.async.
     bool paged_tma;
     __device__ bool paged() const { return page_table != nullptr; }
-    __device__ bool gathers() const { return page_table != nullptr && !paged_tma; }
+    __device__ bool gathers() const { return kGather && page_table != nullptr && !paged_tma; }
 
     __device__ int head_k(int tile_head) const { return tile_head / tile_heads_per_kv; }
   };
@@ -354,6 +358,9 @@ struct MainloopFwdSm90 {
   __device__ void load_paged(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
                              typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
                              BlockRange const& range) const {
+    if constexpr (!kGather) {
+      return;
+    } else {
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
     // The tile's page-table entries towards L2 first (128-byte lines, one per lane and pass), so that each
     // block's mapping waits for L2 rather than DRAM; map_pages then reads them block by block.
@@ -380,6 +387,7 @@ struct MainloopFwdSm90 {
         gather_rows<true>(p, smem, sK(_, _, state.index), pipe_k.full_barrier(state), pipe_v.full_barrier(state));
       }
       state.advance();
+    }
     }
   }
 
@@ -454,14 +462,15 @@ struct MainloopFwdSm90 {
       }
     };
     int const lane = int(threadIdx.x) % 32;
-    // Not unrolled: unrolling by 2 or 4 spilled 8-32 bytes of the 24 registers (2026-12-01).
+    // Unrolled by 4 (the gather variant's 40 registers allow it; with 24 it spilled 8-32 bytes, 2026-12-01), so
+    // that the row loads from shared memory and the address arithmetic of neighbouring passes overlap.
     if constexpr (32 % kChunksPerRow == 0) {  // every lane keeps one column
       constexpr int kRowsPerPass = 32 / kChunksPerRow;
       int const col = (lane % kChunksPerRow) * kChunk;
-#pragma unroll 1
+#pragma unroll 4
       for (int r = lane / kChunksPerRow; r < kBlockN; r += kRowsPerPass) { copy_chunk(r, col); }
     } else {
-#pragma unroll 1
+#pragma unroll 4
       for (int i = lane; i < kBlockN * kChunksPerRow; i += 32) {
         copy_chunk(i / kChunksPerRow, (i % kChunksPerRow) * kChunk);
       }
