@@ -316,7 +316,8 @@ double tile_fill(int64_t rows, int block_m) {
 // p has passed validate() and check_supported() and is not empty.
 FwdPlan make_plan(FwdParams const& p, int num_sms) {
   KernelEntry const* e = find_kernel(p.dtype, p.head_dim, p.head_dim_v);
-  TileShape const t = tile_shape_sm90(e->head_dim, e->head_dim_v, is_causal(p.mask), element_size(p.dtype));
+  TileShape const t = tile_shape_sm90(e->head_dim, e->head_dim_v, is_causal(p.mask) || is_local(p.mask),
+                                      element_size(p.dtype), false, p.softcap > 0.f, is_local(p.mask));
   FwdPlan plan;
   plan.block_m = t.block_m;
   plan.block_n = t.block_n;

@@ -71,6 +71,7 @@ struct FwdKernelSm90 {
     SeqlenArgs seqlen;
     Scheduler scheduler;
     int pack;  // PackGQA: q heads packed into a tile's rows (1 = none)
+    flash3_mask window;  // the local mask's window (kLocal)
   };
 
   // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
@@ -84,7 +85,8 @@ struct FwdKernelSm90 {
   __device__ static TileWork work_of(Params const& params, int idx) {
     TileCoord const tile = params.scheduler.tile(idx);
     SeqlenInfo const seqlen(params.seqlen, tile.batch);
-    Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block, params.pack};
+    Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block, params.pack, params.window.window_left,
+                    params.window.window_right};
     BlockRange range = mask.range();
     if (params.scheduler.num_splits > 1) { range = range.split(tile.split, params.scheduler.num_splits); }
     return {tile, seqlen, mask, range};

@@ -21,21 +21,27 @@
 
 namespace flash3 {
 
-template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kGather = false>
+template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kNarrow = false,
+          bool kGather = false>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   static_assert(kHeadDimV == kHeadDim, "kernels with a v head dim unlike q's are not written yet");
   constexpr bool kFp8 = sizeof(Element) == 1;
   using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;  // FP8 in, BF16 out (FA3)
-  // The gather variant keeps 128-key blocks (as split-KV): its consumers have 232 registers, not 240.
-  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask == MaskKind::kCausal, int(sizeof(Element)), kSplit || kGather>;
+  // A window takes the causal tiles (its diagonal blocks are as in causal, and it skips blocks the same way);
+  // the gather variant keeps 128-key blocks (as split-KV): its consumers have 232 registers, not 240.
+  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask != MaskKind::kNone, int(sizeof(Element)), kSplit || kGather,
+                                kNarrow, kMask == MaskKind::kLocal>;
   if constexpr (!kGather) {
     // Paged K/V that TMA cannot load block by block runs on the gather variant.
     if (is_paged(p) && !(p.kv_cache.page_size % Config::kBlockN == 0 && p.kv_cache.leftpad == nullptr)) {
-      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true>(p, stream);
+      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, kNarrow, true>(p, stream);
     }
   }
+  if constexpr (!kNarrow && Config::kBlockN > 128) {  // a softcap runs on the 128-key sibling (tile_config.h)
+    if (p.softcap > 0.f) { return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true, kGather>(p, stream); }
+  }
   using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask,
-                                   ScaledScores<kFp8>, kGather>;
+                                   ScaledScores<kFp8, (Config::kBlockN <= 128)>, kGather>;
   using Epilogue = EpilogueFwdSm90<ElementOut, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
                                    typename Mainloop::TiledMmaPV, kSplit>;
   using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
@@ -62,6 +68,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
                                               varlen_k ? 1 : p.kv_cache.batch_idx ? p.kv_cache.batch_rows : p.batch);
   mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
   mainloop_args.softmax_scale = p.softmax_scale;
+  mainloop_args.softcap = p.softcap;
   mainloop_args.descale = p.fp8;
   mainloop_args.pack = pack;
   mainloop_args.paged = p.kv_cache;
@@ -122,7 +129,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
                                                                 int64_t(12) << 20);
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
-                                        seqlen_args, scheduler, pack};
+                                        seqlen_args, scheduler, pack, p.mask};
 
   int num_sms = p.num_sms;
   if (num_sms <= 0) {  // callers without a device query of their own (the standalone runner)
@@ -180,8 +187,9 @@ cudaError_t run_fwd_sm90_mask(FwdParams const& p, cudaStream_t stream) {
 
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
-  return is_causal(p.mask) ? run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kCausal>(p, stream)
-                           : run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kNone>(p, stream);
+  if (is_causal(p.mask)) { return run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kCausal>(p, stream); }
+  if (is_local(p.mask)) { return run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kLocal>(p, stream); }
+  return run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kNone>(p, stream);
 }
 
 }  // namespace flash3

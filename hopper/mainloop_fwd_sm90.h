@@ -33,7 +33,7 @@ namespace flash3 {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
-          class Score_ = ScaledScores<sizeof(Element_) == 1>, bool kGather_ = false>
+          class Score_ = ScaledScores<sizeof(Element_) == 1, (kBlockN_ <= 128)>, bool kGather_ = false>
 struct MainloopFwdSm90 {
   // The variant for paged K/V that is gathered with cp.async (page sizes that are not a multiple of the key
   // block, or left padding): its producer warpgroup gets 40 registers (the consumers 232), which the gather
@@ -50,7 +50,7 @@ struct MainloopFwdSm90 {
   using Mask = MaskPolicy<kBlockM, kBlockN, kMaskKind_>;
   using Score = Score_;
   // Tiles whose cost grows with their m block (the scheduler orders them heaviest first).
-  static constexpr bool kUnequalTiles = kMaskKind_ == MaskKind::kCausal;
+  static constexpr bool kUnequalTiles = kMaskKind_ != MaskKind::kNone;
   static constexpr int kNumConsumerWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumConsumerWarpGroups * kWarpGroupThreads;
 #if defined(CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)
@@ -140,6 +140,7 @@ struct MainloopFwdSm90 {
     StrideQKV stride_v;
     bool v_packed;  // FP8: the copy of a packed K (its sequences start at VtLayout::first_column)
     float softmax_scale;
+    float softcap;  // 0 = off
     flash3_fp8 descale;
     int pack;  // PackGQA: q heads per packed tile row group (1 = none); Q is then gathered, not TMA-loaded
     // Paged K/V (params.h flash3_kv_cache), gathered with cp.async instead of TMA: k, stride_k and v,
@@ -196,7 +197,7 @@ struct MainloopFwdSm90 {
              a.pack,
              a.q,
              a.stride_q,
-             Score::to_params(a.softmax_scale, a.descale),
+             Score::to_params(a.softmax_scale, a.softcap, a.descale),
              a.k,
              a.stride_k,
              a.v_paged,
@@ -647,7 +648,7 @@ struct MainloopFwdSm90 {
         pipe_k.consumer_release(state_k, thread_in_wg);
         state_k.advance();
         Tensor tSrS_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));  // (rows, cols)
-        score.apply(tSrS_rc);
+        score.apply(tSrS_rc, p.score);
         // `masked` is a compile-time constant in the loops; the first block decides at run time, so that
         // its body exists once.
         if constexpr (std::is_same_v<decltype(masked), bool>) {

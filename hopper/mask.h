@@ -21,7 +21,9 @@ namespace flash3 {
 
 using namespace cute;
 
-enum class MaskKind { kNone, kCausal };
+// kLocal: FA3's sliding window (window_size = (left, right), -1 = unbounded on that side; causal is
+// (-1, 0) and runs as kCausal): query i sees keys [i + sk - sq - left, i + sk - sq + right].
+enum class MaskKind { kNone, kCausal, kLocal };
 
 struct BlockRange {
   int begin;
@@ -54,18 +56,32 @@ template <int kBlockM, int kBlockN, MaskKind kKind>
 struct MaskPolicy {
   static constexpr MaskKind kMaskKind = kKind;
   // Whether key_start can be above 0 (a window's left edge): without one, apply() tests one bound only.
-  static constexpr bool kHasKeyStart = false;
+  static constexpr bool kHasKeyStart = kKind == MaskKind::kLocal;
   int seqlen_q;  // queries (not packed rows)
   int seqlen_k;
   int m_block;
   int pack;  // packed rows per query (PackGQA), 1 without packing
+  int window_left;   // kLocal only: -1 = unbounded
+  int window_right;  // kLocal only: -1 = unbounded
 
-  // First key visible to query row `row` (tile-independent coordinates).
-  __device__ int key_start(int /*row*/) const { return 0; }
+  // First key visible to query row `row` (tile-independent coordinates); may be negative (then 0).
+  __device__ int key_start(int row) const {
+    if constexpr (kKind == MaskKind::kLocal) {
+      return window_left >= 0 ? row + seqlen_k - seqlen_q - window_left : 0;
+    } else {
+      return 0;
+    }
+  }
 
   // Exclusive bound on the keys visible to query row `row`.
   __device__ int key_limit(int row) const {
-    return kKind == MaskKind::kCausal ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q) : seqlen_k;
+    if constexpr (kKind == MaskKind::kCausal) {
+      return min(seqlen_k, row + 1 + seqlen_k - seqlen_q);
+    } else if constexpr (kKind == MaskKind::kLocal) {
+      return window_right >= 0 ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q + window_right) : seqlen_k;
+    } else {
+      return seqlen_k;
+    }
   }
 
   // Key blocks of this tile (see the header comment). A tile whose rows see no key has an empty range.

@@ -15,8 +15,24 @@ struct TileShape {
   int stages;
 };
 
-// The tile of a kernel key (head dims, element bytes) and mask.
-constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split = false) {
+constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split);
+
+// The tile of a kernel key (head dims, element bytes) and mask. `narrow`: calls with a softcap keep 128-key
+// blocks: the wider blocks' S (88-96 registers) leaves no room for the softcap's loop (32-44 bytes of spills,
+// 2026-12-01), so those kernels have a 128-key sibling that softcap calls run on.
+// `local` (a sliding window): the row starts of the window take registers too (kHasKeyStart), so local tiles
+// are narrower where that spilled (FA3 makes the same cuts): 16-bit d 128: 96 keys (128 spilled 32 bytes with a
+// softcap); FP8 d 256: 64 keys (96 spilled 52 bytes even without one).
+constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split = false,
+                                    bool narrow = false, bool local = false) {
+  TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split);
+  if (narrow && t.block_n > 128) { t.block_n = 128; }
+  if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = 96; }
+  if (local && elem_bytes == 1 && head_dim > 128) { t.block_n = 64; }
+  return t;
+}
+
+constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split) {
   // FP8 (1-byte elements). FP8 WGMMA needs key blocks that are multiples of 32 (its K), so 176 is out;
   // shared memory is half of 16-bit's, so wider blocks fit. Non-causal d 96 / 128: 128x192 (Q 12-16 KB +
   // 2 x (K + V^T) 72-96 KB); S 96 + P 24 + O 48-64 registers, 0 spills; 128x224 (FA3's d 128 tile) spilled 4
@@ -47,9 +63,11 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   return {128, 128, 2};
 }
 
-template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2, bool kSplit = false>
+template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2, bool kSplit = false, bool kNarrow = false,
+          bool kLocal = false>
 struct TileConfigSm90 {
-  static constexpr TileShape kShape = tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit);
+  static constexpr TileShape kShape =
+      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
   static constexpr int kStages = kShape.stages;
