@@ -184,9 +184,9 @@ def _bad_calls():
                                 .view(2, 113, 4, 128), k, v)),
         "page_table": (RuntimeError, "page_table must be int32",
                        _op_args(q, k, v, page_table=torch.zeros(2, 1, dtype=torch.int64, device=DEVICE))),
-        "softcap": (NotImplementedError, "softcap", _op_args(q, k, v, softcap=30.0)),
-        "local_window": (NotImplementedError, "local",
-                         _op_args(q, k, v, window_size_left=64, window_size_right=0)),
+        "softcap": (RuntimeError, "softcap must be finite and >= 0", _op_args(q, k, v, softcap=-1.0)),
+        "local_window": (RuntimeError, "window_size_left/right must be >= -1",
+                         _op_args(q, k, v, window_size_left=-2, window_size_right=0)),
         # With FP8 built, a descale of the wrong shape; without, the feature itself.
         "fp8": (RuntimeError, "q_descale",
                 _op_args(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)),

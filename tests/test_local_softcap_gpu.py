@@ -1,0 +1,88 @@
+"""GPU tests of sliding-window (local) attention and softcap, alone and combined with causal, GQA, varlen,
+split-KV / PackGQA, the KV cache and every dtype (FP8 with windows; its low-precision baseline has no softcap).
+
+Outputs and LSEs are compared with flash_attn3.reference.attention_ref (float32) under FA3's rule, with the
+helpers of tests/test_decode_gpu.py; every `out=` starts as NaN. Windows: 0 and 1 wide, odd sizes, one side
+unbounded, larger than the sequence; softcaps small (saturating) and large.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _gpu import skip_reason  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+_SKIP_REASON = skip_reason()
+if _SKIP_REASON is not None:
+    pytest.skip(_SKIP_REASON, allow_module_level=True)
+
+import test_decode_gpu as D  # noqa: E402
+
+from flash_attn3 import _ops, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
+
+BF16, F16, FP8 = D.BF16, D.F16, D.FP8
+WINDOWS = [(0, 0), (1, 0), (17, 5), (-1, 3), (5, -1), (100000, 100000), (64, 0)]
+SOFTCAPS = [0.0, 2.0, 30.0]
+SHAPES = [(1, 513), (113, 113), (77, 1023), (1023, 17), (300, 700)]
+
+
+def _require_features(dtype, d, window, softcap, num_splits=1):
+    D._require(dtype, d, num_splits)
+    if window != (-1, -1) and not _ops.BUILD.has("local"):
+        pytest.skip("local attention is not built")
+    if softcap and not _ops.BUILD.has("softcap"):
+        pytest.skip("softcap is not built")
+
+
+CASES = D._grid((WINDOWS, SOFTCAPS),
+                ((SHAPES, 1), ([BF16, F16, BF16, FP8], 2), ([128, 64, 96, 256], 3), ([(4, 4), (8, 2), (6, 1)], 5),
+                 ([1, 0, 3], 4), ([False, True], 7)))
+
+
+@pytest.mark.parametrize("window,softcap,shape,dtype,d,heads,num_splits,causal", CASES,
+                         ids=[f"w{c[0][0]}_{c[0][1]}-cap{c[1]}-sq{c[2][0]}-sk{c[2][1]}-{D._name(c[3])}-d{c[4]}-"
+                              f"h{D._name(c[5])}-splits{c[6]}-{D._name(c[7])}" for c in CASES])
+def test_window_softcap(window, softcap, shape, dtype, d, heads, num_splits, causal):
+    if dtype == FP8 and softcap:
+        softcap = 0.0  # tests/_fp8_ref.py's baseline has no softcap
+    if causal:  # causal intersects the window: its right side becomes 0
+        window = (window[0], 0 if window[1] < 0 else min(window[1], 0))
+    _require_features(dtype, d, window, softcap, num_splits)
+    sq, sk = shape
+    h, h_k = heads
+    b = 2
+    q = D._rand(dtype, b, sq, h, d)
+    k, v = D._rand(dtype, b, sk, h_k, d), D._rand(dtype, b, sk, h_k, d)
+    descale = D._descales(dtype, b, h_k)
+    kw = dict(window_size=window, **descale)
+    if softcap:
+        kw["softcap"] = softcap
+    refs = D._references(q, k, v, causal=causal, **kw)
+    what = f"window={window} softcap={softcap} sq={sq} sk={sk} causal={causal} splits={num_splits}"
+    out, lse = flash_attn_func(q, k, v, causal=causal, num_splits=num_splits, return_attn_probs=True, **kw)
+    D._check(out, lse, refs, what)
+    # Packed (varlen) layout of the same batch: the same answer per sequence.
+    cu_q, cu_k = D._cu_seqlens([sq] * b), D._cu_seqlens([sk] * b)
+    outv, lsev = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk,
+                                        causal=causal, num_splits=num_splits, return_attn_probs=True, **kw)
+    torch.testing.assert_close(outv.view_as(out).float(), out.float(), atol=0, rtol=0,
+                               msg=lambda m: f"{what}: varlen differs from dense: {m}")
+
+
+@pytest.mark.parametrize("window", [(0, 0), (31, 0), (300, 0), (2, 2)])
+@pytest.mark.parametrize("num_splits", [1, 0])
+def test_window_decode_kvcache(window, num_splits):
+    """Decode against a cache with per-sequence lengths: the window follows each sequence's end."""
+    dtype, b, h, h_k, d, cap = BF16, 4, 16, 4, 128, 4000
+    _require_features(dtype, d, window, 0.0, num_splits)
+    q = D._rand(dtype, b, 1, h, d)
+    k, v = D._rand(dtype, b, cap, h_k, d), D._rand(dtype, b, cap, h_k, d)
+    lengths = D._cache_lengths(b, cap)
+    seqlens = D._i32(lengths)
+    refs = D._references(q, k, v, cache_seqlens=seqlens, window_size=window, softcap=5.0)
+    D._poison_cache_tails((k, v), lengths, "nan")
+    out, lse, *_ = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, window_size=window, softcap=5.0,
+                                           num_splits=num_splits, return_softmax_lse=True)
+    D._check(out, lse, refs, f"decode window={window} lengths={lengths}", kvcache=True)
