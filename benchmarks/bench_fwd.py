@@ -72,6 +72,8 @@ class Case:
     kvcache: bool = False  # through flash_attn_with_kvcache: k, v are the cache, cache_seqlens = seqlen_k
     page_size: int = 0  # kvcache rows: > 0 = the cache in pages of this size through a shuffled page table
     append: bool = False  # kvcache rows: the last token is appended in the call (k=, v=) with rotary on q and k
+    window: tuple = (-1, -1)  # sliding window (left, right); with causal the right side is 0
+    softcap: float = 0.0
 
     @property
     def reports_gbps(self) -> bool:
@@ -85,10 +87,16 @@ class Case:
         return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{self.head_dim}"
                 f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}"
                 f"{' kvcache' if self.kvcache else ''}{f' page{self.page_size}' if self.page_size else ''}"
-                f"{' append+rotary' if self.append else ''}")
+                f"{' append+rotary' if self.append else ''}"
+                f"{f' window{self.window[0]}' if self.window != (-1, -1) else ''}"
+                f"{f' softcap{self.softcap:g}' if self.softcap else ''}")
 
     def flops(self) -> float:
         avg_sk = (max(0, self.seqlen_k - self.seqlen_q) + self.seqlen_k) / 2 if self.causal else self.seqlen_k
+        left = self.window[0]
+        if left >= 0 and self.causal and self.seqlen_q == self.seqlen_k:  # query i sees min(i, left) + 1 keys
+            s, w = self.seqlen_q, min(left + 1, self.seqlen_q)
+            avg_sk = (w * (w + 1) / 2 + (s - w) * w) / s
         return 2.0 * self.batch * self.heads * self.seqlen_q * avg_sk * (2 * self.head_dim)
 
     def kv_bytes(self) -> int:
@@ -124,6 +132,16 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
             Case("production", "fp16", 1, 1285, 1285, 16, 2, 80, True, varlen=True),
             Case("production", "fp16", 1, 1, 2048, 16, 2, 80, True, varlen=True),
         ]
+    if grid in ("features", "all"):
+        # Issue #10's rows: a window's cost follows the window (256 over 16k keys against full causal), the
+        # sliding-window case of the issue (4096 over 32k, h 32/8), softcap on / off.
+        cases += [Case("features", "bf16", 1, 16384, 16384, 16, 16, 128, True),
+                  Case("features", "bf16", 1, 16384, 16384, 16, 16, 128, True, window=(256, 0)),
+                  Case("features", "bf16", 1, 32768, 32768, 32, 8, 128, True),
+                  Case("features", "bf16", 1, 32768, 32768, 32, 8, 128, True, window=(4096, 0)),
+                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, False),
+                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, False, softcap=30.0),
+                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, True, softcap=30.0)]
     if grid in ("decode", "all"):
         cases += [Case("decode", "bf16", b, 1, s, 32, 8, 128, True, kvcache=True)
                   for b, s in ((1, 8192), (8, 8192), (64, 8192), (128, 2048), (16, 32768))]
@@ -192,6 +210,9 @@ def make_backends(torch):
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn3.flash_attn_varlen_func(
                 qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
+        if case.window != (-1, -1) or case.softcap:
+            return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal, window_size=case.window,
+                                                       softcap=case.softcap)
         return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal)
 
     def fa3(case, q, k, v, cu_q, cu_k):
@@ -218,6 +239,10 @@ def make_backends(torch):
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn_interface.flash_attn_varlen_func(
                 qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
+        if case.window != (-1, -1):
+            raise Unsupported("the fa3-fwd wheel is built without local attention")
+        if case.softcap:
+            return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal, softcap=case.softcap)
         return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal)
 
     fp8_probe = {}  # backend -> None (SDPA ran fp8 inputs) or the reason it did not
@@ -249,6 +274,8 @@ def make_backends(torch):
         def factory(case, q, k, v, cu_q, cu_k):
             if case.page_size or case.append:
                 raise Unsupported("torch SDPA has no paged KV or KV append")
+            if case.window != (-1, -1) or case.softcap:
+                raise Unsupported("torch SDPA has no sliding window or softcap (a dense mask would be timed)")
             if case.dtype == "fp8":
                 if backend != SDPBackend.CUDNN_ATTENTION:
                     raise Unsupported("no fp8 in FlashAttention-2")
@@ -446,7 +473,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=("paper", "headline", "production", "decode", "all"), default="all")
+    ap.add_argument("--grid", choices=("paper", "headline", "production", "decode", "features", "all"), default="all")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
                     help="dtype of the paper grid (fp8: float8_e4m3fn inputs, bfloat16 output)")
     ap.add_argument("--hdim", help="comma-separated head dims to keep, e.g. 64,128 (default: all)")
