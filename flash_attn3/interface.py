@@ -271,7 +271,7 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
                          f"dim {tuple(k_cache.shape[-2:])} and v_cache's head dim {v_cache.shape[-1]}")
     if varlen_new:
         _checks.check_index_vector("cu_seqlens_k_new", cu_seqlens_k_new, call.batch + 1, "batch + 1 prefix sums")
-        max_new = k_new.shape[0]  # a bound; the kernel reads each sequence's length on the device
+        max_new = k_new.shape[0]  # a bound; the kernel maps each packed row to its sequence on the device
     else:
         if k_new.shape[0] != call.batch:
             raise ValueError(f"k: batch {k_new.shape[0]} must equal q's batch {call.batch}")
@@ -290,8 +290,8 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
         if rotary_dim % 16 or not 16 <= rotary_dim <= q.shape[-1]:
             raise ValueError(f"rotary_cos: rotary_dim = 2 * shape[1] = {rotary_dim} must be a multiple of 16 in "
                              f"[16, head_dim = {q.shape[-1]}]")
-        if rotary_cos.shape[0] < call.max_seqlen_k:
-            raise ValueError(f"rotary_cos: {rotary_cos.shape[0]} rows (positions) must cover the cache's "
+        if page_table is not None and rotary_cos.shape[0] < call.max_seqlen_k:  # FA3's rule (paged only)
+            raise ValueError(f"rotary_cos: {rotary_cos.shape[0]} rows (positions) must cover the paged cache's "
                              f"{call.max_seqlen_k} positions")
         if rotary_seqlens is not None:
             _checks.check_index_vector("rotary_seqlens", rotary_seqlens, call.batch, "one position per batch entry")
@@ -300,7 +300,11 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
         raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
     seqused_out = torch.empty_like(seqused)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary_cos is not None else None
-    causal_or_local = call.window_size_left >= 0 or call.window_size_right >= 0
+    # Queries at their own positions when the call is causal or local by FA3's normalisation, which compares
+    # the window with max_seqlen_q (call.window_* were normalised with the packed row count).
+    sq = call.max_seqlen_q if call.cu_seqlens_q is not None else q.shape[1]
+    right = call.window_size_right if call.window_size_right < max(sq - 1, 0) or call.window_size_left >= 0 else -1
+    causal_or_local = call.window_size_left >= 0 or right >= 0
     _ops.append_kv(k_cache, v_cache, k_new, v_new, seqused, seqused_out, cu_seqlens_k_new, max_new, page_table,
                    cache_batch_idx, q, q_out, rotary_cos, rotary_sin,
                    rotary_seqlens if rotary_cos is not None else None, bool(rotary_interleaved), causal_or_local,

@@ -762,9 +762,10 @@ def test_append_kv_rejects_bad_rotary(kernel_stub):
     raises(ValueError, r"rotary_dim = 2 \* shape\[1\] = 72 must be a multiple of 16 in \[16, head_dim = 64\]",
            flash_attn_with_kvcache, q, k_cache, v_cache, rotary_cos=torch.ones(16, 36).half(),
            rotary_sin=torch.ones(16, 36).half(), **kw)
-    raises(ValueError, r"rotary_cos: 8 rows \(positions\) must cover the cache's 16 positions",
-           flash_attn_with_kvcache, q, k_cache, v_cache, rotary_cos=torch.ones(8, 16).half(),
-           rotary_sin=torch.ones(8, 16).half(), **kw)
+    pages = torch.randn(4, 8, 2, 64).half()  # FA3's rule for a paged cache: the table covers its positions
+    raises(ValueError, r"rotary_cos: 8 rows \(positions\) must cover the paged cache's 16 positions",
+           flash_attn_with_kvcache, q, pages, pages.clone(), page_table=i32(0, 1, 2, 3).reshape(2, 2),
+           rotary_cos=torch.ones(8, 16).half(), rotary_sin=torch.ones(8, 16).half(), **kw)
     raises(ValueError, r"k, v: shapes", flash_attn_with_kvcache, q, k_cache, v_cache, k=k_new[..., :32],
            v=v_new, cache_seqlens=i32(4, 9))
     assert not kernel_stub and not kernel_stub.appends
