@@ -278,6 +278,7 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   } else if (paged) {  // (num_pages, page_size, heads, dim)
     TORCH_CHECK(k.size(0) >= 1 && k.size(1) >= 1, "flash_attn3 fwd: a paged k must have >= 1 pages of >= 1 rows, got ",
                 k.sizes());
+    check_shape(k, "k", {k.size(0), k.size(1), num_heads_k, head_dim});
     check_shape(v, "v", {k.size(0), k.size(1), num_heads_k, head_dim_v});
   } else {
     check_shape(k, "k", {batch_k, seqlen_k, num_heads_k, head_dim});
@@ -507,6 +508,15 @@ void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor const& k_new
               "flash_attn3 append_kv: k ", k_new.sizes(), " and v ", v_new.sizes(), " must match the cache's heads ",
               "and head dims");
   TORCH_CHECK(varlen_new || k_new.size(0) == batch, "flash_attn3 append_kv: k must have batch ", batch, " entries");
+  // The op is reachable directly (torch.ops), so the Python layer's shape rules are repeated here.
+  TORCH_CHECK(v_cache.sizes().slice(0, 3) == k_cache.sizes().slice(0, 3), "flash_attn3 append_kv: v_cache ",
+              v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " in every dimension but the last");
+  int64_t const cache_rows = page_table.has_value() ? page_table->size(0) : k_cache.size(0);
+  TORCH_CHECK(kv_batch_idx.has_value() || cache_rows >= batch, "flash_attn3 append_kv: the cache has ", cache_rows,
+              " rows (", page_table.has_value() ? "page_table.size(0)" : "k_cache.size(0)", ") for a batch of ", batch,
+              "; give cache_batch_idx to map entries to rows");
+  TORCH_CHECK(!seqused_out.is_same(seqused_k) && seqused_out.data_ptr() != seqused_k.data_ptr(),
+              "flash_attn3 append_kv: seqused_out must not alias cache_seqlens");
   a.k_cache = operand(k_cache);
   a.v_cache = operand(v_cache);
   if (page_table.has_value()) {
@@ -540,6 +550,10 @@ void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor const& k_new
                   name, " must be a contiguous 2-D tensor of q's dtype");
     }
     TORCH_CHECK(rotary_sin->sizes() == rotary_cos->sizes(), "flash_attn3 append_kv: rotary_sin must have rotary_cos's shape");
+    TORCH_CHECK(q.size(-1) == a.head_dim, "flash_attn3 append_kv: q's head dim ", q.size(-1), " must equal k_cache's ",
+                a.head_dim);
+    TORCH_CHECK(q.dim() == (varlen_q ? 3 : 4) && q.stride(-1) == 1, "flash_attn3 append_kv: q must be ",
+                varlen_q ? "3-D with cu_seqlens_q" : "4-D", " with a contiguous last dimension");
     TORCH_CHECK(q_out.has_value() && q_out->sizes() == q.sizes() && q_out->scalar_type() == q.scalar_type() &&
                     q_out->stride(-1) == 1,
                 "flash_attn3 append_kv: with rotary, q_out must have q's shape and dtype and a contiguous last "

@@ -93,7 +93,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     return (out, softmax_lse) if return_attn_probs else out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, scheduler_metadata=None):  # noqa: E501
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, scheduler_metadata=None, out=None, return_softmax_lse=False, block_table=None, fa_version=None, s_aux=None, sinks=None, q_v=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None):  # noqa: E501
     """Attention over packed variable-length sequences.
 
     Sequence i occupies rows [cu_seqlens_q[i], cu_seqlens_q[i + 1]) of q and [cu_seqlens_k[i],
@@ -112,21 +112,43 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         scheduler_metadata: optional, from get_scheduler_metadata with the same sizes (as vLLM passes it).
         Other arguments: as in flash_attn_func.
 
+    The call surface of vLLM's FA3 fork is accepted as well (keywords; upstream's defaults stay): `out=`
+    (written and returned), `return_softmax_lse` (as return_attn_probs), `block_table` (a paged cache:
+    k / v are (num_pages, page_size, num_heads_k, head_dim), with seqused_k and cu_seqlens_k None, as
+    flash_attn_with_kvcache's page_table), `fa_version` (accepted, ignored), `q_v` (qv's other name).
+    Not implemented yet (NotImplementedError): `s_aux` / `sinks` (attention sinks) and context parallelism
+    (`cp_world_size` > 1, `cp_tot_seqused_k`).
+
     Returns:
         out (total_q, num_heads, head_dim_v), or (out, softmax_lse) with softmax_lse float32
-        (num_heads, total_q) if return_attn_probs.
+        (num_heads, total_q) if return_attn_probs or return_softmax_lse.
     """
-    _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
+    _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs,
+                         return_softmax_lse=return_softmax_lse)
+    if q_v is not None:
+        if qv is not None:
+            raise ValueError("q_v, qv: the same argument under two names (vLLM's and FA3's); give one")
+        qv = q_v
+    if fa_version is not None:
+        _checks.check_int("fa_version", fa_version, 0)  # accepted and ignored, as vLLM's fork selects with it
+    for name, t in (("s_aux", s_aux), ("sinks", sinks)):
+        if t is not None:
+            raise _checks.not_implemented(f"{name} (attention sinks)")
+    _checks.check_int("cp_world_size", cp_world_size, 1)
+    _checks.check_int("cp_rank", cp_rank, 0)
+    if cp_world_size > 1 or cp_tot_seqused_k is not None:
+        raise _checks.not_implemented("cp_world_size / cp_rank / cp_tot_seqused_k (context-parallel attention)")
+    names = {"page_table": "block_table"} if block_table is not None else None
     call = _checks.check_fwd(
-        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, q_descale=q_descale,
-        k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
+        q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=block_table,
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
-        sm_margin=sm_margin, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata})
+        sm_margin=sm_margin, names=names, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata})
     _check_scheduler_metadata(scheduler_metadata, call)
     _reject_unimplemented(qv, attention_chunk)
     out, softmax_lse = _run_fwd(call)
-    return (out, softmax_lse) if return_attn_probs else out
+    return (out, softmax_lse) if return_attn_probs or return_softmax_lse else out
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False):  # noqa: E501
@@ -249,7 +271,7 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
                          f"dim {tuple(k_cache.shape[-2:])} and v_cache's head dim {v_cache.shape[-1]}")
     if varlen_new:
         _checks.check_index_vector("cu_seqlens_k_new", cu_seqlens_k_new, call.batch + 1, "batch + 1 prefix sums")
-        max_new = k_new.shape[0]  # a bound; the kernel reads each sequence's length on the device
+        max_new = k_new.shape[0]  # a bound; the kernel maps each packed row to its sequence on the device
     else:
         if k_new.shape[0] != call.batch:
             raise ValueError(f"k: batch {k_new.shape[0]} must equal q's batch {call.batch}")
@@ -268,8 +290,8 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
         if rotary_dim % 16 or not 16 <= rotary_dim <= q.shape[-1]:
             raise ValueError(f"rotary_cos: rotary_dim = 2 * shape[1] = {rotary_dim} must be a multiple of 16 in "
                              f"[16, head_dim = {q.shape[-1]}]")
-        if rotary_cos.shape[0] < call.max_seqlen_k:
-            raise ValueError(f"rotary_cos: {rotary_cos.shape[0]} rows (positions) must cover the cache's "
+        if page_table is not None and rotary_cos.shape[0] < call.max_seqlen_k:  # FA3's rule (paged only)
+            raise ValueError(f"rotary_cos: {rotary_cos.shape[0]} rows (positions) must cover the paged cache's "
                              f"{call.max_seqlen_k} positions")
         if rotary_seqlens is not None:
             _checks.check_index_vector("rotary_seqlens", rotary_seqlens, call.batch, "one position per batch entry")
@@ -278,7 +300,11 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
         raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
     seqused_out = torch.empty_like(seqused)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary_cos is not None else None
-    causal_or_local = call.window_size_left >= 0 or call.window_size_right >= 0
+    # Queries at their own positions when the call is causal or local by FA3's normalisation, which compares
+    # the window with max_seqlen_q (call.window_* were normalised with the packed row count).
+    sq = call.max_seqlen_q if call.cu_seqlens_q is not None else q.shape[1]
+    right = call.window_size_right if call.window_size_right < max(sq - 1, 0) or call.window_size_left >= 0 else -1
+    causal_or_local = call.window_size_left >= 0 or right >= 0
     _ops.append_kv(k_cache, v_cache, k_new, v_new, seqused, seqused_out, cu_seqlens_k_new, max_new, page_table,
                    cache_batch_idx, q, q_out, rotary_cos, rotary_sin,
                    rotary_seqlens if rotary_cos is not None else None, bool(rotary_interleaved), causal_or_local,

@@ -173,6 +173,12 @@ Status validate(FwdParams const& p) {
                                              str(p.varlen.max_seqlen_k));
   }
   flash3_kv_cache const& kv = p.kv_cache;
+  for (auto [name, ptr] : {std::pair{"kv_cache.batch_idx", kv.batch_idx}, std::pair{"kv_cache.leftpad", kv.leftpad},
+                           std::pair{"kv_cache.page_table", kv.page_table}}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % alignof(int32_t) != 0) {
+      return fail(FLASH3_INVALID_ARGUMENT, std::string(name) + ": must be a 4-byte aligned int32 pointer");
+    }
+  }
   if (kv.batch_idx != nullptr && kv.batch_rows <= 0) {
     return fail(FLASH3_INVALID_ARGUMENT, "kv_cache.batch_rows: must be >= 1 (the cache's rows) when kv_cache.batch_idx "
                                          "is given, got " + str(kv.batch_rows));

@@ -36,14 +36,15 @@ __device__ T from_float(float x) {
 // into the operand's rows; dense: batch entry b, all its rows).
 struct Rows {
   int64_t first;  // element offset of row 0 of the entry (batch offset included)
+  int64_t begin;  // packed: the entry's first row; dense: 0
   int count;
 };
 __device__ Rows entry_rows(Operand const& op, int32_t const* cu_seqlens, int b) {
-  if (cu_seqlens == nullptr) { return {int64_t(b) * op.batch_stride, op.rows}; }
+  if (cu_seqlens == nullptr) { return {int64_t(b) * op.batch_stride, 0, op.rows}; }
   int64_t begin = cu_seqlens[b], end = cu_seqlens[b + 1];
   begin = begin < 0 ? 0 : (begin > op.rows ? op.rows : begin);
   end = end < begin ? begin : (end > op.rows ? op.rows : end);
-  return {begin * op.row_stride, int(end - begin)};
+  return {begin * op.row_stride, begin, int(end - begin)};
 }
 
 // The cache element of (entry b, position pos, head), or nullptr outside the cache (position past the row's
@@ -116,15 +117,33 @@ __global__ void __launch_bounds__(kThreads) append_kv_kernel(AppendKvParams p) {
   if (blockIdx.y == 0) {
     int const chunks_k = p.head_dim / kElems;
     int const chunks = chunks_k + p.head_dim_v / kElems;
-    int const max_new = p.cu_seqlens_k_new != nullptr ? p.max_seqlen_k_new : p.k_new.rows;
-    int64_t const total = int64_t(p.batch) * max_new * p.num_heads_k * chunks;
+    // Dense new tokens: (batch, s_new) rows. Packed: the total rows, each mapped to its entry by a binary
+    // search of cu_seqlens_k_new (so the work is the rows, not batch x rows); a row outside its entry's clamped
+    // range (lying metadata) is skipped.
+    bool const packed = p.cu_seqlens_k_new != nullptr;
+    int64_t const rows_total = packed ? int64_t(p.k_new.rows) : int64_t(p.batch) * p.k_new.rows;
+    int64_t const total = rows_total * p.num_heads_k * chunks;
     for (int64_t i = first; i < total; i += stride) {
       int const c = int(i % chunks);
       int64_t rest = i / chunks;
       int const head = int(rest % p.num_heads_k);
-      rest /= p.num_heads_k;
-      int const j = int(rest % max_new);
-      int const b = int(rest / max_new);
+      int64_t const row = rest / p.num_heads_k;  // new row: packed index, or b * s_new + j
+      int b, j;
+      if (packed) {
+        int lo = 0, hi = p.batch - 1;  // the last entry whose start is <= t
+        while (lo < hi) {
+          int const mid = (lo + hi + 1) / 2;
+          if (p.cu_seqlens_k_new[mid] <= row) { lo = mid; } else { hi = mid - 1; }
+        }
+        b = lo;
+        Rows const r = entry_rows(p.k_new, p.cu_seqlens_k_new, b);
+        int64_t const jj = row - r.begin;
+        if (jj < 0 || jj >= r.count) { continue; }
+        j = int(jj);
+      } else {
+        b = int(row / p.k_new.rows);
+        j = int(row % p.k_new.rows);
+      }
       bool const is_k = c < chunks_k;
       Operand const& src_op = is_k ? p.k_new : p.v_new;
       Rows const rows = entry_rows(src_op, p.cu_seqlens_k_new, b);
@@ -232,8 +251,8 @@ Status run_append_kv(AppendKvParams const& p, cudaStream_t stream, cudaError_t* 
     return bad("kv_cache: a page table needs page_size >= 1 and num_pages >= 1");
   }
 
-  int const max_new = p.cu_seqlens_k_new != nullptr ? p.max_seqlen_k_new : p.k_new.rows;
-  int64_t const kv_chunks = int64_t(p.batch) * max_new * p.num_heads_k * (p.head_dim + p.head_dim_v) / chunk;
+  int64_t const new_rows = p.cu_seqlens_k_new != nullptr ? int64_t(p.k_new.rows) : int64_t(p.batch) * p.k_new.rows;
+  int64_t const kv_chunks = new_rows * p.num_heads_k * (p.head_dim + p.head_dim_v) / chunk;
   int64_t const q_chunks = p.rotary_dim != 0 ? int64_t(p.batch) *
                                                    (p.cu_seqlens_q != nullptr ? p.max_seqlen_q : p.q.rows) *
                                                    p.num_heads * (p.head_dim / chunk)

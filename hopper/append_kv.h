@@ -46,7 +46,7 @@ struct AppendKvParams {
   // with cu_seqlens_k_new (rows = total).
   Operand k_new, v_new;
   int32_t const* cu_seqlens_k_new = nullptr;
-  int32_t max_seqlen_k_new = 0;  // with cu_seqlens_k_new: the longest (sizes the grid)
+  int32_t max_seqlen_k_new = 0;  // with cu_seqlens_k_new: the longest (checked; the grid covers k_new's rows)
 
   // Rotary (16-bit only); rotary_dim == 0: none (then q is not copied).
   void const* rotary_cos = nullptr;

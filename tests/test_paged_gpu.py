@@ -212,3 +212,27 @@ def test_page_index_out_of_range_reads_nothing():
     out = flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=D._i32([64, 64]), page_table=table)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all(), "out-of-range pages must read as zeros, not memory"
+
+
+@pytest.mark.parametrize("page_size", [16, 1])
+def test_vllm_varlen_block_table_call(page_size):
+    """vLLM's decode call (flash_attn_varlen_func with packed q, block_table, seqused_k, out=,
+    return_softmax_lse, fa_version) equals flash_attn_with_kvcache(page_table=...) bit for bit."""
+    from flash_attn3 import flash_attn_varlen_func
+    dtype, b, h, h_k, d, cap = BF16, 5, 16, 4, 128, 900
+    _require_paged(dtype, d)
+    q = D._rand(dtype, b, 1, h, d)
+    k, v = D._rand(dtype, b, cap, h_k, d), D._rand(dtype, b, cap, h_k, d)
+    lengths = D._cache_lengths(b, cap)
+    (kp, vp), table = _to_pages((k, v), lengths, page_size, "nan")
+    seqlens = D._i32(lengths)
+    want = flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, page_table=table, causal=True, num_splits=0,
+                                   return_softmax_lse=True)[:2]
+    buf = D._nan_out((b, h, d), dtype)
+    got = flash_attn_varlen_func(q=q.flatten(0, 1), k=kp, v=vp, out=buf, cu_seqlens_q=D._cu_seqlens([1] * b),
+                                 max_seqlen_q=1, seqused_k=seqlens, max_seqlen_k=cap, softmax_scale=d ** -0.5,
+                                 causal=True, window_size=[-1, -1], block_table=table, softcap=0.0, fa_version=3,
+                                 num_splits=0, return_softmax_lse=True)
+    assert got[0] is buf
+    assert torch.equal(got[0].view(b, 1, h, d), want[0]), "out differs from the kvcache call"
+    assert torch.equal(got[1].view(h, b).t().reshape(b, h, 1), want[1]), "lse differs from the kvcache call"

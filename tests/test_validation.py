@@ -762,9 +762,48 @@ def test_append_kv_rejects_bad_rotary(kernel_stub):
     raises(ValueError, r"rotary_dim = 2 \* shape\[1\] = 72 must be a multiple of 16 in \[16, head_dim = 64\]",
            flash_attn_with_kvcache, q, k_cache, v_cache, rotary_cos=torch.ones(16, 36).half(),
            rotary_sin=torch.ones(16, 36).half(), **kw)
-    raises(ValueError, r"rotary_cos: 8 rows \(positions\) must cover the cache's 16 positions",
-           flash_attn_with_kvcache, q, k_cache, v_cache, rotary_cos=torch.ones(8, 16).half(),
-           rotary_sin=torch.ones(8, 16).half(), **kw)
+    pages = torch.randn(4, 8, 2, 64).half()  # FA3's rule for a paged cache: the table covers its positions
+    raises(ValueError, r"rotary_cos: 8 rows \(positions\) must cover the paged cache's 16 positions",
+           flash_attn_with_kvcache, q, pages, pages.clone(), page_table=i32(0, 1, 2, 3).reshape(2, 2),
+           rotary_cos=torch.ones(8, 16).half(), rotary_sin=torch.ones(8, 16).half(), **kw)
     raises(ValueError, r"k, v: shapes", flash_attn_with_kvcache, q, k_cache, v_cache, k=k_new[..., :32],
            v=v_new, cache_seqlens=i32(4, 9))
     assert not kernel_stub and not kernel_stub.appends
+
+
+def _vllm_paged(b=3, h=4, hk=2, d=64, page=16, pages=12):
+    """vLLM's decode call: packed q (one token per sequence), a paged cache, seqused_k, no cu_seqlens_k."""
+    q = torch.randn(b, h, d).half()
+    kc, vc = torch.randn(pages, page, hk, d).half(), torch.randn(pages, page, hk, d).half()
+    table = torch.arange(b * 4, dtype=torch.int32).reshape(b, 4) % pages
+    return dict(q=q, k=kc, v=vc, cu_seqlens_q=i32(*range(b + 1)), max_seqlen_q=1, seqused_k=i32(5, 17, 64),
+                max_seqlen_k=64, block_table=table)
+
+
+def test_vllm_varlen_call_surface(kernel_stub):
+    """The keywords vLLM's FA3 fork passes to flash_attn_varlen_func reach the op as the paged call."""
+    args = _vllm_paged()
+    buf = torch.empty(3, 4, 64).half()
+    got = flash_attn_varlen_func(**args, out=buf, softmax_scale=0.125, causal=True, window_size=[-1, -1],
+                                 softcap=0.0, fa_version=3, num_splits=0, return_softmax_lse=True)
+    (c,) = kernel_stub
+    assert isinstance(got, tuple) and got[0] is buf and c["out"] is buf
+    assert c["page_table"] is args["block_table"] and c["cu_seqlens_k"] is None
+    assert c["seqused_k"] is args["seqused_k"] and c["max_seqlen_k"] == 4 * 16  # the table's capacity
+    assert c["softmax_lse"] is got[1]
+
+
+@pytest.mark.parametrize("case", [
+    ("s_aux", dict(s_aux=torch.zeros(4)), NotImplementedError, r"s_aux \(attention sinks\)"),
+    ("sinks", dict(sinks=torch.zeros(4)), NotImplementedError, r"sinks \(attention sinks\)"),
+    ("cp", dict(cp_world_size=2, cp_rank=1), NotImplementedError, r"context-parallel"),
+    ("cp_rank_negative", dict(cp_rank=-1), ValueError, r"cp_rank"),
+    ("q_v_and_qv", dict(q_v=torch.zeros(3, 4, 64).half(), qv=torch.zeros(3, 4, 64).half()), ValueError, r"q_v, qv"),
+    ("q_v", dict(q_v=torch.zeros(3, 4, 64).half()), NotImplementedError, r"qv"),
+    ("block_table_int64", dict(block_table=torch.zeros(3, 4, dtype=torch.int64)), TypeError, r"block_table"),
+    ("fa_version_str", dict(fa_version="3"), TypeError, r"fa_version"),
+], ids=lambda c: c[0])
+def test_vllm_varlen_call_surface_rejects(kernel_stub, case):
+    _, over, exc, match = case
+    raises(exc, match, flash_attn_varlen_func, **{**_vllm_paged(), **over})
+    assert not kernel_stub
