@@ -176,7 +176,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
          OptTensor const& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, OptTensor const& page_table,
          OptTensor const& kv_batch_idx, OptTensor const& leftpad_k, OptTensor const& q_descale,
          OptTensor const& k_descale, OptTensor const& v_descale, double softmax_scale, int64_t window_size_left,
-         int64_t window_size_right, double softcap, int64_t num_splits, int64_t pack_gqa, int64_t sm_margin) {
+         int64_t window_size_right, double softcap, OptTensor const& sinks, int64_t num_splits, int64_t pack_gqa,
+         int64_t sm_margin) {
   // ---- devices and dtypes ----
   TORCH_CHECK(q.is_cuda(), "flash_attn3 fwd: q must be a CUDA tensor, got device ", q.device());
   check_same_device(k, "k", q);
@@ -355,6 +356,14 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   params.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
   params.softmax_scale = static_cast<float>(softmax_scale);
   params.softcap = static_cast<float>(softcap);
+  if (sinks.has_value()) {
+    check_same_device(*sinks, "sinks", q);
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 && sinks->is_contiguous() &&
+                    sinks->size(0) == num_heads,
+                "flash_attn3 fwd: sinks must be a contiguous float32 tensor of num_heads (", num_heads,
+                ") sink logits, got ", sinks->scalar_type(), " of shape ", sinks->sizes());
+    params.sinks = sinks->data_ptr<float>();
+  }
   params.num_sms = dev.num_sms - static_cast<int>(sm_margin);
   params.fp8.q = descale(q_descale, "q_descale", batch, num_heads_k, is_fp8, q);
   params.fp8.k = descale(k_descale, "k_descale", batch, num_heads_k, is_fp8, q);
@@ -646,7 +655,7 @@ TORCH_LIBRARY(flash_attn3, m) {
       "int max_seqlen_q, int max_seqlen_k, "
       "Tensor? page_table, Tensor? kv_batch_idx, Tensor? leftpad_k, "
       "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
-      "float softmax_scale, int window_size_left, int window_size_right, float softcap, "
+      "float softmax_scale, int window_size_left, int window_size_right, float softcap, Tensor? sinks, "
       "int num_splits, int pack_gqa, int sm_margin) -> ()");
   m.def("combine(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(

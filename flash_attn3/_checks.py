@@ -32,6 +32,7 @@ FEATURE_TEXT = {
     "causal": "causal masking (causal)",
     "local": "local (sliding-window) attention (window_size)",
     "softcap": "softcap",
+    "sinks": "attention sinks (sinks / s_aux)",
     "split_kv": "split-KV (num_splits > 1)",
     "paged_kv": "paged KV cache (page_table)",
     "append_kv": "appending new k/v to the cache",
@@ -191,7 +192,7 @@ def check_devices(tensors: dict) -> None:
 def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
               max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
               q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
-              window_size=(-1, -1), softcap=0.0, num_splits=1, pack_gqa=None, sm_margin=0,
+              window_size=(-1, -1), softcap=0.0, sinks=None, num_splits=1, pack_gqa=None, sm_margin=0,
               cache_seqlens_int=None, names=None, extra_tensors=None) -> FwdCall:
     """Validates one forward call (schema-level arguments) and returns it as the op call to make.
 
@@ -380,6 +381,18 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         features.add("local")
     if softcap > 0:
         features.add("softcap")
+    if sinks is not None:
+        features.add("sinks")
+        n_sinks = n.get("sinks", "sinks")
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"{n_sinks}: expected a float32 tensor of num_heads sink logits, got "
+                            f"{type(sinks).__name__}")
+        if sinks.dtype != torch.float32 or sinks.dim() != 1 or sinks.shape[0] != num_heads:
+            raise ValueError(f"{n_sinks}: must be a float32 tensor of shape (num_heads,) = ({num_heads},), got "
+                             f"{sinks.dtype} of shape {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"{n_sinks}: must be on q's device {q.device}, got {sinks.device}")
+        sinks = sinks.contiguous()
     if num_splits > 1:
         features.add("split_kv")
     if paged:
@@ -396,7 +409,7 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k,
         page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=float(softmax_scale),
-        window_size_left=window_left, window_size_right=window_right, softcap=float(softcap),
+        window_size_left=window_left, window_size_right=window_right, softcap=float(softcap), sinks=sinks,
         num_splits=num_splits, pack_gqa=-1 if pack_gqa is None else int(pack_gqa), sm_margin=sm_margin,
         batch=batch, out_dtype=out_dtype, out_shape=out_shape, lse_shape=lse_shape, features=frozenset(features),
         names=dict(names or {}))

@@ -26,7 +26,7 @@ except ImportError as exc:  # missing (FLASH_ATTN3_SKIP_CUDA_BUILD=1) or broken 
 # Every feature name the build record may list. A name missing from the record counts as not built.
 FEATURE_NAMES = (
     "varlen", "gqa", "causal", "local", "softcap", "split_kv", "paged_kv", "append_kv", "fp8", "pack_gqa",
-    "kv_batch_idx", "leftpad_k",
+    "kv_batch_idx", "leftpad_k", "sinks",
 )
 
 # Build-record dtype tags of each torch dtype.
@@ -121,6 +121,7 @@ class FwdArgs:
     window_size_left: int  # -1 = unbounded
     window_size_right: int
     softcap: float  # 0 = off
+    sinks: torch.Tensor | None  # float32 (num_heads,) sink logits
     num_splits: int
     pack_gqa: int  # -1 auto, 0 off, 1 on
     sm_margin: int

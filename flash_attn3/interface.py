@@ -54,7 +54,7 @@ def _reject_unimplemented(qv, attention_chunk):
         raise _checks.not_implemented("attention_chunk != 0 (chunked attention)")
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):  # noqa: E501
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, sinks=None):  # noqa: E501
     """Attention over dense batches: softmax(q kᵀ · softmax_scale) v, per head.
 
     Args:
@@ -86,7 +86,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
     call = _checks.check_fwd(
         q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale,
-        causal=causal, window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        causal=causal, window_size=window_size, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, extra_tensors={"qv": qv})
     _reject_unimplemented(qv, attention_chunk)
     out, softmax_lse = _run_fwd(call)
@@ -116,7 +116,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     (written and returned), `return_softmax_lse` (as return_attn_probs), `block_table` (a paged cache:
     k / v are (num_pages, page_size, num_heads_k, head_dim), with seqused_k and cu_seqlens_k None, as
     flash_attn_with_kvcache's page_table), `fa_version` (accepted, ignored), `q_v` (qv's other name).
-    Not implemented yet (NotImplementedError): `s_aux` / `sinks` (attention sinks) and context parallelism
+    `s_aux` / `sinks` (vLLM's / SGLang's name): float32 (num_heads,) attention-sink logits that join each row's
+    softmax denominator (gpt-oss). Not implemented yet (NotImplementedError): context parallelism
     (`cp_world_size` > 1, `cp_tot_seqused_k`).
 
     Returns:
@@ -131,19 +132,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         qv = q_v
     if fa_version is not None:
         _checks.check_int("fa_version", fa_version, 0)  # accepted and ignored, as vLLM's fork selects with it
-    for name, t in (("s_aux", s_aux), ("sinks", sinks)):
-        if t is not None:
-            raise _checks.not_implemented(f"{name} (attention sinks)")
+    if s_aux is not None and sinks is not None:
+        raise ValueError("s_aux, sinks: the same argument under two names (vLLM's and SGLang's); give one")
+    sink_name = "s_aux" if s_aux is not None else "sinks"
+    sinks = s_aux if s_aux is not None else sinks
     _checks.check_int("cp_world_size", cp_world_size, 1)
     _checks.check_int("cp_rank", cp_rank, 0)
     if cp_world_size > 1 or cp_tot_seqused_k is not None:
         raise _checks.not_implemented("cp_world_size / cp_rank / cp_tot_seqused_k (context-parallel attention)")
-    names = {"page_table": "block_table"} if block_table is not None else None
+    names = {"sinks": sink_name, **({"page_table": "block_table"} if block_table is not None else {})}
     call = _checks.check_fwd(
         q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=block_table,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        window_size=window_size, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, names=names, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata})
     _check_scheduler_metadata(scheduler_metadata, call)
     _reject_unimplemented(qv, attention_chunk)
@@ -151,7 +153,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     return (out, softmax_lse) if return_attn_probs or return_softmax_lse else out
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False):  # noqa: E501
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False, sinks=None):  # noqa: E501
     """Attention of new queries against a KV cache (inference decode / prefill with a cache).
 
     Args:
@@ -227,7 +229,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
         page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        window_size=window_size, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, cache_seqlens_int=cache_seqlens_int, names=names, extra_tensors=extra)
     _reject_unimplemented(qv, attention_chunk)
     _check_scheduler_metadata(scheduler_metadata, call)

@@ -45,7 +45,7 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
                   max_seqlen_q=None, max_seqlen_k=None, causal=False, window_size=(-1, -1), softcap=0.0,
                   softmax_scale=None, page_table=None, cache_seqlens=None, cache_batch_idx=None, leftpad_k=None,
                   k_new=None, v_new=None, cu_seqlens_k_new=None, q_descale=None, k_descale=None, v_descale=None,
-                  upcast=True, reorder_ops=False):
+                  upcast=True, reorder_ops=False, sinks=None):
     """Reference attention forward; returns (out, softmax_lse).
 
     Semantics, per batch entry b:
@@ -163,6 +163,13 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
         row_lse = torch.logsumexp(scores, dim=-1)  # (h, sq); -inf for rows with no visible key
         probs = torch.where(visible, torch.exp(scores - row_lse.unsqueeze(-1)), torch.zeros((), dtype=cdt,
                                                                                               device=q.device))
+        if sinks is not None:  # one logit per q head joins each row's denominator and attends to nothing
+            sink = sinks.to(device=q.device, dtype=row_lse.dtype).view(-1, 1).expand_as(row_lse)
+            merged = torch.logaddexp(row_lse, sink)
+            factor = torch.where(torch.isfinite(row_lse), torch.exp(row_lse - merged), torch.zeros((), dtype=cdt,
+                                                                                                    device=q.device))
+            probs = probs * factor.unsqueeze(-1).to(probs.dtype)
+            row_lse = merged
         o = torch.einsum("hqk,khd->qhd", probs, vf)
         if varlen_q:
             out[q_start:q_start + sq] = o

@@ -173,6 +173,9 @@ Status validate(FwdParams const& p) {
                                              str(p.varlen.max_seqlen_k));
   }
   flash3_kv_cache const& kv = p.kv_cache;
+  if (reinterpret_cast<uintptr_t>(p.sinks) % alignof(float) != 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "sinks: must be a 4-byte aligned float pointer");
+  }
   for (auto [name, ptr] : {std::pair{"kv_cache.batch_idx", kv.batch_idx}, std::pair{"kv_cache.leftpad", kv.leftpad},
                            std::pair{"kv_cache.page_table", kv.page_table}}) {
     if (reinterpret_cast<uintptr_t>(ptr) % alignof(int32_t) != 0) {
@@ -262,6 +265,7 @@ Status check_supported(FwdParams const& p) {
   // Each message names the argument that asks for the feature.
   if (p.dtype == FLASH3_FLOAT8_E4M3 && !kBuilt.fp8) { return missing("q/k/v dtype float8_e4m3fn (FP8)"); }
   if (p.softcap != 0.f && !kBuilt.softcap) { return missing("softcap"); }
+  if (p.sinks != nullptr && !kBuilt.sinks) { return missing("sinks (attention sinks)"); }
   if (is_local(p.mask) && !kBuilt.local) { return missing("window_size (local attention)"); }
   if (is_causal(p.mask) && !kBuilt.causal) { return missing("causal attention"); }
   if ((is_varlen_q(p) || is_varlen_k(p)) && !kBuilt.varlen) { return missing("cu_seqlens (varlen)"); }

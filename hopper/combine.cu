@@ -73,6 +73,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(CombineParams 
     float m = -INFINITY;
     for (int s = lane; s < p.num_splits; s += 32) { m = fmaxf(m, lse_in[s * p.lse_split_stride]); }
     m = warp_max(m);
+    float const sink = p.sinks != nullptr ? p.sinks[head] : -INFINITY;
+    m = fmaxf(m, sink);
     float sum = 0.f;
     if (m > -INFINITY) {
       for (int s = lane; s < p.num_splits; s += 32) {
@@ -81,6 +83,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(CombineParams 
       }
     }
     sum = warp_sum(sum);
+    if (sink > -INFINITY) { sum += expf(sink - m); }
     float const lse = (m > -INFINITY && sum > 0.f) ? m + logf(sum) : -INFINITY;
     if (p.lse != nullptr && lane == 0) {
       p.lse[int64_t(batch_entry) * p.lse_out_batch_stride + row_index * p.lse_out_row_stride +

@@ -44,6 +44,10 @@ struct CombineParams {
   // has `rows` rows from row 0.
   bool use_seqlen = false;
   SeqlenArgs seqlen;
+
+  // Attention sinks (float32, one logit per head, may be null): join every row's denominator, as if one more
+  // split with that LSE and an output of zero.
+  float const* sinks = nullptr;
 };
 
 // Launches the combine on `stream`; the caller has checked the params (api.cu).

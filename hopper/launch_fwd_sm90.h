@@ -69,6 +69,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   mainloop_args.stride_k = make_stride(p.k.row_stride, _1{}, p.k.head_stride, varlen_k ? int64_t(0) : p.k.batch_stride);
   mainloop_args.softmax_scale = p.softmax_scale;
   mainloop_args.softcap = p.softcap;
+  mainloop_args.sinks = kSplit ? nullptr : p.sinks;  // split-KV: the combine adds them once
   mainloop_args.descale = p.fp8;
   mainloop_args.pack = pack;
   mainloop_args.paged = p.kv_cache;
@@ -175,6 +176,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   c.lse_out_head_stride = p.lse.head_stride;
   c.use_seqlen = true;
   c.seqlen = seqlen_args;
+  c.sinks = p.sinks;
   return launch_combine(c, stream);
 }
 

@@ -141,6 +141,7 @@ struct MainloopFwdSm90 {
     bool v_packed;  // FP8: the copy of a packed K (its sequences start at VtLayout::first_column)
     float softmax_scale;
     float softcap;  // 0 = off
+    float const* sinks;  // (num_heads) or null; split-KV kernels leave them to the combine
     flash3_fp8 descale;
     int pack;  // PackGQA: q heads per packed tile row group (1 = none); Q is then gathered, not TMA-loaded
     // Paged K/V (params.h flash3_kv_cache), gathered with cp.async instead of TMA: k, stride_k and v,
@@ -197,7 +198,7 @@ struct MainloopFwdSm90 {
              a.pack,
              a.q,
              a.stride_q,
-             Score::to_params(a.softmax_scale, a.softcap, a.descale),
+             Score::to_params(a.softmax_scale, a.softcap, a.descale, a.sinks),
              a.k,
              a.stride_k,
              a.v_paged,
@@ -702,6 +703,14 @@ struct MainloopFwdSm90 {
 
     float o_scale[kRowsPerThread];
     softmax.finalize(score.softmax_scale, o_scale, lse);
+    if (p.score.sinks != nullptr) {  // each row's q head: the tile's, or with PackGQA the packed row's
+      CUTLASS_PRAGMA_UNROLL
+      for (int m = 0; m < kRowsPerThread; ++m) {
+        int const row = tile.m_block * kBlockM + get<0>(tScS_rc(m, 0));
+        int const head = p.pack > 1 ? tile.head * p.pack + row % p.pack : tile.head;
+        Score::add_sink(p.score.sinks[head], lse[m], o_scale[m]);
+      }
+    }
     if constexpr (kFp8) {
       CUTLASS_PRAGMA_UNROLL
       for (int m = 0; m < kRowsPerThread; ++m) { o_scale[m] *= score.o_scale; }

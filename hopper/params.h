@@ -135,6 +135,10 @@ typedef struct flash3_fwd_params {
   flash3_mask mask;
   float softmax_scale FLASH3_DEFAULT(0.f); /* any finite value; 1/sqrt(head_dim) is the usual one */
   float softcap FLASH3_DEFAULT(0.f);       /* 0 = off */
+  /* Attention sinks (gpt-oss; vLLM's s_aux, SGLang's sinks): float32 (num_heads), one learned logit per q head
+   * that joins every row's softmax denominator (it attends to no value): out = sum_j e^{s_j} v_j / (e^{sink} +
+   * sum_j e^{s_j}), LSE = log(e^{sink} + sum_j e^{s_j}). NULL = none. */
+  float const* sinks FLASH3_DEFAULT(nullptr);
 
   int32_t num_sms FLASH3_DEFAULT(0); /* multiprocessors this call may use; 0 = all of the current device */
 

@@ -37,11 +37,22 @@ struct ScaledScores {
     float softcap;  // 0 = off
     float cap_in;   // softmax_scale / softcap (without descales)
     flash3_fp8 descale;  // unused unless kDescale
+    float const* sinks;  // (num_heads) sink logits, or null (split-KV: the combine adds them)
   };
 
-  static Params to_params(float softmax_scale, float softcap, flash3_fp8 const& descale) {
+  static Params to_params(float softmax_scale, float softcap, flash3_fp8 const& descale, float const* sinks) {
     return {softmax_scale, exponent_scale(softmax_scale), softcap, softcap > 0.f ? softmax_scale / softcap : 0.f,
-            descale};
+            descale, sinks};
+  }
+
+  // Attention sinks: the row's sink logit joins its denominator: lse' = log(e^lse + e^sink), and the
+  // normalised output shrinks by e^(lse - lse'). A row that saw no key gets lse' = sink and keeps O = 0.
+  __device__ static void add_sink(float sink, float& lse, float& o_scale) {
+    float const hi = fmaxf(lse, sink);
+    float const lo = fminf(lse, sink);
+    float const merged = hi + log1pf(expf(lo - hi));
+    o_scale *= lse > -INFINITY ? expf(lse - merged) : 0.f;
+    lse = merged;
   }
 
   __device__ static float read(flash3_descale const& d, int batch, int head_k) {

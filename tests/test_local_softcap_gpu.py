@@ -86,3 +86,32 @@ def test_window_decode_kvcache(window, num_splits):
     out, lse, *_ = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, window_size=window, softcap=5.0,
                                            num_splits=num_splits, return_softmax_lse=True)
     D._check(out, lse, refs, f"decode window={window} lengths={lengths}", kvcache=True)
+
+
+SINK_CASES = [(BF16, 1, 513, (8, 2), 0, False), (F16, 113, 113, (4, 4), 1, True), (BF16, 1, 4000, (16, 2), 0, True),
+              (BF16, 77, 1023, (6, 1), 3, True), (BF16, 1, 1, (4, 1), 0, False)]
+# FP8 with sinks is built, but the FP8 low-precision baseline (tests/_fp8_ref.py) has no sinks yet.
+
+
+@pytest.mark.parametrize("dtype,sq,sk,heads,num_splits,causal", SINK_CASES,
+                         ids=[f"{D._name(c[0])}-sq{c[1]}-sk{c[2]}-h{D._name(c[3])}-splits{c[4]}-{D._name(c[5])}"
+                              for c in SINK_CASES])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_sinks(dtype, sq, sk, heads, num_splits, causal, scale):
+    """Attention sinks (gpt-oss / vLLM s_aux / SGLang sinks): one logit per q head in every row's denominator,
+    of moderate and of dominating size, through the plain kernel (PackGQA rows included) and split-KV (the
+    combine adds them)."""
+    d = 128
+    _require_features(dtype, d, (-1, -1), 0.0, num_splits)
+    if not _ops.BUILD.has("sinks"):
+        pytest.skip("sinks are not built")
+    h, h_k = heads
+    b = 2
+    q = D._rand(dtype, b, sq, h, d)
+    k, v = D._rand(dtype, b, sk, h_k, d), D._rand(dtype, b, sk, h_k, d)
+    sinks = torch.randn(h, device=D.DEVICE) * scale
+    descale = D._descales(dtype, b, h_k)
+    refs = D._references(q, k, v, causal=causal, sinks=sinks, **descale)
+    out, lse = flash_attn_func(q, k, v, causal=causal, num_splits=num_splits, sinks=sinks, return_attn_probs=True,
+                               **descale)
+    D._check(out, lse, refs, f"sinks scale={scale} sq={sq} sk={sk} heads={heads} splits={num_splits}")

@@ -516,3 +516,21 @@ def test_reference_runs_on_cuda():
     b = attention_ref(q.cuda(), k.cuda(), v.cuda(), causal=True)
     torch.testing.assert_close(b[0].cpu(), a[0])
     torch.testing.assert_close(b[1].cpu(), a[1])
+
+
+@pytest.mark.parametrize("sink_value", [-30.0, 0.0, 3.0, 40.0])
+def test_sinks_join_the_denominator(sink_value):
+    """attention_ref(sinks=) equals a softmax over the keys plus one extra logit per head that attends to
+    nothing (written out here by hand), and the LSE includes it; rows that see no key get lse = sink, out = 0."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
+    sinks = torch.tensor([sink_value, -sink_value])
+    out, lse = attention_ref(q, k, v, sinks=sinks, causal=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * 16 ** -0.5
+    visible = torch.ones(5, 7, dtype=torch.bool).tril(7 - 5)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    full = torch.cat([scores, sinks.view(1, 2, 1, 1).expand(1, 2, 5, 1)], dim=-1)
+    probs = torch.softmax(full, dim=-1)[..., :7]
+    want = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(full, dim=-1), atol=1e-5, rtol=1e-5)

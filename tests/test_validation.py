@@ -794,8 +794,9 @@ def test_vllm_varlen_call_surface(kernel_stub):
 
 
 @pytest.mark.parametrize("case", [
-    ("s_aux", dict(s_aux=torch.zeros(4)), NotImplementedError, r"s_aux \(attention sinks\)"),
-    ("sinks", dict(sinks=torch.zeros(4)), NotImplementedError, r"sinks \(attention sinks\)"),
+    ("s_aux_and_sinks", dict(s_aux=torch.zeros(4), sinks=torch.zeros(4)), ValueError, r"s_aux, sinks"),
+    ("s_aux_shape", dict(s_aux=torch.zeros(3)), ValueError, r"s_aux: must be a float32 tensor of shape \(num_heads,\)"),
+    ("sinks_dtype", dict(sinks=torch.zeros(4).half()), ValueError, r"sinks: must be a float32"),
     ("cp", dict(cp_world_size=2, cp_rank=1), NotImplementedError, r"context-parallel"),
     ("cp_rank_negative", dict(cp_rank=-1), ValueError, r"cp_rank"),
     ("q_v_and_qv", dict(q_v=torch.zeros(3, 4, 64).half(), qv=torch.zeros(3, 4, 64).half()), ValueError, r"q_v, qv"),
@@ -807,3 +808,13 @@ def test_vllm_varlen_call_surface_rejects(kernel_stub, case):
     _, over, exc, match = case
     raises(exc, match, flash_attn_varlen_func, **{**_vllm_paged(), **over})
     assert not kernel_stub
+
+
+def test_sinks_reach_the_op(kernel_stub):
+    """vLLM's s_aux and SGLang's sinks become the op's sinks (float32, one logit per q head)."""
+    sinks = torch.randn(4)
+    flash_attn_varlen_func(**_vllm_paged(), s_aux=sinks)
+    q, k, v = qkv(h=4, hk=2)
+    flash_attn_func(q, k, v, sinks=sinks)
+    flash_attn_with_kvcache(q, k, v, cache_seqlens=3, sinks=sinks)
+    assert [c["sinks"] is not None and torch.equal(c["sinks"], sinks) for c in kernel_stub] == [True] * 3

@@ -79,6 +79,7 @@ FEATURES = {
     "causal": True,
     "local": True,
     "softcap": True,
+    "sinks": True,
     "split_kv": True,
     "paged_kv": True,
     "append_kv": True,
