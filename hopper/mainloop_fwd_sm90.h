@@ -375,7 +375,7 @@ struct MainloopFwdSm90 {
         asm volatile("prefetch.global.L2 [%0];\n" ::"l"(table + slot));
       }
     }
-    // Few live values across the loop, so that the copy loop can be unrolled within 24 registers: K and V of
+    // Few live values across the loop, so that the copy loop can be unrolled within the producer budget: K and V of
     // a block share one pipeline state (both rings advance once per block here, and start level), and the
     // tile's fields are re-read from its shared-memory slot (tile, seqlen and range live there) per block.
 #pragma unroll 1
