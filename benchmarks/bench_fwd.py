@@ -473,7 +473,8 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", choices=("paper", "headline", "production", "decode", "features", "all"), default="all")
+    ap.add_argument("--grid", default="all",
+                    help="paper, headline, production, decode, features or all; several joined by commas")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
                     help="dtype of the paper grid (fp8: float8_e4m3fn inputs, bfloat16 output)")
     ap.add_argument("--hdim", help="comma-separated head dims to keep, e.g. 64,128 (default: all)")
@@ -496,7 +497,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_fwd: a CUDA GPU is required", file=sys.stderr)
         return 1
-    cases = build_cases(args.grid, args.dtype, args.quick)
+    grids = [g.strip() for g in args.grid.split(",") if g.strip()]
+    unknown = set(grids) - {"paper", "headline", "production", "decode", "features", "all"}
+    if unknown:
+        ap.error(f"--grid: unknown grid(s) {sorted(unknown)}")
+    cases = [c for g in grids for c in build_cases(g, args.dtype, args.quick)]
     if args.hdim:
         keep = {int(x) for x in args.hdim.split(",")}
         cases = [c for c in cases if c.head_dim in keep]

@@ -218,7 +218,13 @@ for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
                 flash3_lens = torch.tensor([100, 131], device="cuda", dtype=torch.int32)
                 flash_attn3.flash_attn_with_kvcache(q[:, :2], kc, vc, k=kn, v=kn.clone(), cache_seqlens=flash3_lens,
                                                     causal=causal, **rot)
-                ran += 7
+                # sliding window, softcap and sinks (dense, varlen split-KV decode)
+                sinks = torch.randn(8, device="cuda")
+                flash_attn3.flash_attn_func(q, k, v, causal=causal, window_size=(31, 0 if causal else 17),
+                                            softcap=15.0, sinks=sinks)
+                flash_attn3.flash_attn_with_kvcache(q[:, :1], k, v, cache_seqlens=lens, window_size=(40, 0),
+                                                    softcap=30.0, sinks=sinks, num_splits=3)
+                ran += 9
             except NotImplementedError:
                 pass
 torch.cuda.synchronize()
