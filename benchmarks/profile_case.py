@@ -1,0 +1,55 @@
+"""One forward call for Nsight Compute, by name: a few warm-up calls, then two profiled ones.
+
+Usage: ncu --kernel-name regex:'fwd_kernel|flash_fwd' ... python benchmarks/profile_case.py CASE [ours|fa3]
+Cases (bf16 d128): prefill (b2 s8192 h16 non-causal), prefill_causal (b1 s16384 h16 causal), window256
+(b1 s16384 h16, window (256, 0)), decode (64 x 8192 h32/8 contiguous cache), page16 / page256 (the same cache
+paged). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
+import sys
+
+import torch
+
+case = sys.argv[1] if len(sys.argv) > 1 else "prefill"
+backend = sys.argv[2] if len(sys.argv) > 2 else "ours"
+if backend == "fa3":
+    import fa3_fwd_interface as lib
+else:
+    import flash_attn3 as lib
+
+bf16 = torch.bfloat16
+
+
+def rand(*shape):
+    return torch.randn(*shape, device="cuda", dtype=bf16)
+
+
+if case in ("prefill", "prefill_causal", "window256"):
+    b, s, h = (2, 8192, 16) if case == "prefill" else (1, 16384, 16)
+    q, k, v = rand(b, s, h, 128), rand(b, s, h, 128), rand(b, s, h, 128)
+    kw = dict(causal=case != "prefill")
+    if case == "window256":
+        kw["window_size"] = (256, 0)
+
+    def call():
+        return lib.flash_attn_func(q, k, v, **kw)
+elif case in ("decode", "page16", "page256"):
+    b, s, h, hk = 64, 8192, 32, 8
+    q = rand(b, 1, h, 128)
+    lens = torch.full((b,), s, dtype=torch.int32, device="cuda")
+    if case == "decode":
+        k, v, table = rand(b, s, hk, 128), rand(b, s, hk, 128), None
+    else:
+        page = int(case[4:])
+        k, v = rand(b * s // page, page, hk, 128), rand(b * s // page, page, hk, 128)
+        table = torch.randperm(b * s // page, device="cuda").to(torch.int32).view(b, -1)
+
+    def call():
+        return lib.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, causal=True)
+else:
+    raise SystemExit(f"unknown case {case!r}")
+
+for _ in range(3):
+    call()
+torch.cuda.synchronize()
+for _ in range(2):
+    call()
+torch.cuda.synchronize()
