@@ -13,7 +13,7 @@
 # stop later ones (except that nothing runs without a build); the exit code is non-zero if any stage failed.
 #
 # Usage: bash tools/gpu_check.sh [STAGES...]   stages: build standalone tests bench sanitize, or all
-#        (= build standalone tests bench). build always runs first when another stage needs the extension.
+#        (= build standalone tests bench). build always runs first, except for standalone alone (no extension).
 # Environment:
 #   FLASH_ATTN3_DTYPES / FLASH_ATTN3_HDIMS  build only some kernels (passed through to setup.py)
 #   GPU_TESTS="expr"    pytest -k expression;  PYTEST_ARGS="..." more pytest arguments
@@ -261,7 +261,10 @@ EOF
 }
 
 stage env env_info
-if stage build build; then
+# The standalone stage alone needs no extension (build_standalone.sh builds its own library).
+if [[ "${STAGES[*]}" == standalone ]]; then
+  stage standalone standalone
+elif stage build build; then
   stage sass sass
   for s in "${STAGES[@]}"; do
     [[ "$s" == build ]] || stage "$s" "$s"
