@@ -48,9 +48,10 @@ struct FwdKernelSm90 {
     alignas(16) uint64_t barrier_q;
     alignas(8) uint64_t mailbox_full;
     alignas(8) uint64_t mailbox_empty;
-    int tile_index;  // mailbox slot: the tile the consumers take next
+    int tile_index;  // mailbox slot: the tile the consumers take next; -1 = no more tiles
     // The producer's next tile, handed over by the claimer warp (see claim_tiles): slot and its mbarriers.
-    int next_index;
+    int next_index;  // -1 = no more tiles
+    uint32_t kv_round;  // the KV warp's hand-over count, kept here rather than in its 40 registers
     TileWork next_work;
     alignas(8) uint64_t next_full;
     alignas(8) uint64_t next_empty;
@@ -109,7 +110,7 @@ struct FwdKernelSm90 {
       TileWork const w = work_of(params, current < num_tiles ? current : 0);
       if (round > 0) { mailbox_wait(&smem.next_empty, (round - 1) & 1); }
       if (cute::elect_one_sync()) {
-        smem.next_index = current;
+        smem.next_index = current < num_tiles ? current : -1;
         smem.next_work = w;
         mailbox_arrive(&smem.next_full);
       }
@@ -124,13 +125,12 @@ struct FwdKernelSm90 {
   // producer warp's 24 registers hold its TMA loop's state already (the gather there spilled 28-40 bytes),
   // and so that the gather overlaps the producer's first K/V loads.
   __device__ static void gather_q(Params const& params, SharedStorage& smem, Mainloop const& mainloop) {
-    int const num_tiles = int(params.scheduler.num_tiles());
     bool q_loaded = false;
     for (uint32_t round = 0;; ++round) {
       mailbox_wait(&smem.mailbox_full, round & 1);
       int const idx = smem.tile_index;
       mailbox_arrive(&smem.mailbox_empty);  // each lane, after its read
-      if (idx >= num_tiles) { break; }
+      if (idx < 0) { break; }
       TileWork const w = work_of(params, idx);
       if (w.has_rows() && !w.range.empty()) {
         mainloop.load_q_packed(params.mainloop, smem.mainloop, smem.barrier_q, w.tile, w.seqlen, q_loaded);
@@ -144,16 +144,23 @@ struct FwdKernelSm90 {
   // the readers next_empty waits for), while the producer warp loads Q.
   __device__ static void gather_kv(Params const& params, SharedStorage& smem, Mainloop const& mainloop,
                                    Pipeline const& pipe_k, Pipeline const& pipe_v) {
-    int const num_tiles = int(params.scheduler.num_tiles());
     typename Pipeline::State state;
-    for (uint32_t round = 0;; ++round) {
+    int const lane = int(threadIdx.x) % 32;
+    if (lane == 0) { smem.kv_round = 0; }
+    __syncwarp();
+    for (;;) {
+      // Re-read each hand-over: the FP8 gather variant spilled the counter when it stayed in a register.
+      uint32_t const round = *const_cast<uint32_t const volatile*>(&smem.kv_round);
       mailbox_wait(&smem.next_full, round & 1);
-      if (smem.next_index >= num_tiles) { break; }
+      __syncwarp();  // every lane has read the count before lane 0 advances it
+      if (lane == 0) { smem.kv_round = round + 1; }
+      if (smem.next_index < 0) { break; }
       TileWork const& w = smem.next_work;
       if (w.has_rows() && !w.range.empty()) {
         mainloop.load_paged(params.mainloop, smem.mainloop, pipe_k, pipe_v, state, w.tile, w.seqlen, w.range);
       }
       mailbox_arrive(&smem.next_empty);  // each lane, after its last read of the slot
+      __syncwarp();  // lane 0's new count is visible to the warp's next read
     }
   }
 
@@ -176,12 +183,11 @@ struct FwdKernelSm90 {
       cutlass::arch::ClusterBarrier::init(&smem.mailbox_empty, Mainloop::kNumMmaThreads + (params.pack > 1 ? 32 : 0));
       cutlass::arch::ClusterBarrier::init(&smem.next_full, 1);
       // Every producer lane after its own reads, and with paged K/V every KV-warp lane too.
-      cutlass::arch::ClusterBarrier::init(&smem.next_empty, params.mainloop.gathers() ? 64 : 32);
+      cutlass::arch::ClusterBarrier::init(&smem.next_empty, params.mainloop.kv_warp() ? 64 : 32);
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
 
-    int const num_tiles = int(params.scheduler.num_tiles());
     Mainloop mainloop;
     Pipeline const pipe_k{&smem.pipeline_k};
     Pipeline const pipe_v{&smem.pipeline_v};
@@ -198,7 +204,7 @@ struct FwdKernelSm90 {
         return;
       }
       if (warp_idx == 3) {
-        if (params.mainloop.gathers()) { gather_kv(params, smem, mainloop, pipe_k, pipe_v); }
+        if (params.mainloop.kv_warp()) { gather_kv(params, smem, mainloop, pipe_k, pipe_v); }
         return;
       }
       if (warp_idx != 0) { return; }  // one warp issues all loads
@@ -208,11 +214,13 @@ struct FwdKernelSm90 {
         int const idx = smem.next_index;
         if (round > 0) { mailbox_wait(&smem.mailbox_empty, (round - 1) & 1); }
         if (cute::elect_one_sync()) {
+          // -1 (from the claimer) ends the readers' loops: they then need no tile count live across
+          // their loops (the consumers of the FP8 192-key gather variant spilled it, 2026-12-01).
           smem.tile_index = idx;
           mailbox_arrive(&smem.mailbox_full);
         }
         __syncwarp();
-        if (idx >= num_tiles) { break; }
+        if (idx < 0) { break; }
         TileWork const& w = smem.next_work;
         if (w.has_rows() && !w.range.empty()) {
           mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
@@ -230,7 +238,7 @@ struct FwdKernelSm90 {
         mailbox_wait(&smem.mailbox_full, round & 1);
         int const idx = smem.tile_index;
         mailbox_arrive(&smem.mailbox_empty);
-        if (idx >= num_tiles) { break; }
+        if (idx < 0) { break; }
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }
         if (w.range.empty()) {

@@ -92,6 +92,18 @@ struct MainloopFwdSm90 {
   using SmemLayoutVt = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutVt16>;
   // What the V TMA writes: (keys, d, stage) for 16-bit, (d, keys, stage) for FP8.
   using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutKV>;
+  // Gather variant, pages of a multiple of 16 rows (vLLM's 16, SGLang's 64): K (and 16-bit V) in TMA boxes
+  // of 16 rows by one swizzle atom's width, each landing where those rows and columns sit in a stage. A box
+  // starts at a multiple of 16 rows (2 KB at d 128) and of an atom column (kBlockN rows apart), so the
+  // hardware's address-based swizzle matches the stage layout's.
+  using SmemAtomKV =
+      decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
+  static constexpr int kBoxRows = 16;
+  static constexpr int kBoxCols = decltype(size<1>(SmemAtomKV{}))::value;
+  static constexpr int kBoxesPerRow = kHeadDim / kBoxCols;
+  static_assert(kBlockN % kBoxRows == 0 && kHeadDim % kBoxCols == 0 && kBlockN / kBoxRows <= 32);
+  using SmemLayoutBox = decltype(tile_to_shape(SmemAtomKV{}, Shape<Int<kBoxRows>, Int<kBoxCols>>{}));
+  static constexpr uint32_t kTxBytesBox = kBoxRows * kBoxCols * sizeof(Element);
 
   // Paged K/V: where the rows of the key block being gathered live, as the addresses of their first element
   // in the K and V caches (this head); nullptr = no row (past the sequence, or a page outside the cache).
@@ -124,6 +136,11 @@ struct MainloopFwdSm90 {
   using TileShapeVLoad = std::conditional_t<kFp8, Shape<Int<kHeadDim>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDim>>>;
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{},
                                       _1{}));
+  using TmaBox = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutBox{},
+                                        Shape<Int<kBoxRows>, Int<kBoxCols>>{}, _1{}));
+  struct NoBox {};
+  // Only the gather variant carries (and encodes on the host) the box descriptors.
+  using TmaBoxField = std::conditional_t<kGather, TmaBox, NoBox>;
 
   struct Arguments {
     Element const* q;
@@ -177,8 +194,15 @@ struct MainloopFwdSm90 {
     // Pages that hold whole key blocks (page_size % kBlockN == 0, no left padding) are loaded by TMA, one box
     // per block at (row block in the page, page); other page sizes are gathered with cp.async.
     bool paged_tma;
+    // Gather variant, pages of a multiple of 16 rows otherwise (no left padding): 16-row TMA boxes from the
+    // KV warp (load_paged), one page lookup per box; the other page sizes are gathered with cp.async.
+    bool paged_box;
+    TmaBoxField tma_k_box;  // (page_size, d, head, page) views of K and, 16-bit, V
+    TmaBoxField tma_v_box;
     __device__ bool paged() const { return page_table != nullptr; }
-    __device__ bool gathers() const { return kGather && page_table != nullptr && !paged_tma; }
+    __device__ bool gathers() const { return kGather && page_table != nullptr && !paged_tma && !paged_box; }
+    // Whether the kernel's KV warp loads K/V (cp.async rows or TMA boxes).
+    __device__ bool kv_warp() const { return kGather && page_table != nullptr && !paged_tma; }
 
     __device__ int head_k(int tile_head) const { return tile_head / tile_heads_per_kv; }
   };
@@ -207,7 +231,17 @@ struct MainloopFwdSm90 {
              a.paged.page_table_stride,
              cutlass::FastDivmod(a.paged.page_table ? a.paged.page_size : 1),
              a.paged.num_pages,
-             a.paged.page_table != nullptr && a.paged.page_size % kBlockN == 0 && a.paged.leftpad == nullptr};
+             a.paged.page_table != nullptr && a.paged.page_size % kBlockN == 0 && a.paged.leftpad == nullptr,
+             false};
+    if constexpr (kGather) {
+      p.paged_box = a.paged.page_table != nullptr && !p.paged_tma && a.paged.page_size % kBoxRows == 0 &&
+                    a.paged.leftpad == nullptr;
+      // The V box reads the caller's V (16-bit); FP8's V is the dense transposed copy, so its box is unused.
+      Tensor mVbox = make_tensor(make_gmem_ptr(kFp8 ? a.k : a.v_paged), a.shape_kv, kFp8 ? a.stride_k : a.stride_v_paged);
+      auto const box = Shape<Int<kBoxRows>, Int<kBoxCols>>{};
+      p.tma_k_box = make_tma_copy(SM90_TMA_LOAD{}, mK, SmemLayoutBox{}, box, _1{});
+      p.tma_v_box = make_tma_copy(SM90_TMA_LOAD{}, mVbox, SmemLayoutBox{}, box, _1{});
+    }
     return p;
   }
 
@@ -215,6 +249,12 @@ struct MainloopFwdSm90 {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    if constexpr (kGather) {
+      if (p.paged_box) {
+        cute::prefetch_tma_descriptor(p.tma_k_box.get_tma_descriptor());
+        cute::prefetch_tma_descriptor(p.tma_v_box.get_tma_descriptor());
+      }
+    }
   }
 
   __device__ static auto cta_v_of(Params const& p) { return p.tma_v.get_slice(_0{}); }
@@ -375,6 +415,10 @@ struct MainloopFwdSm90 {
         asm volatile("prefetch.global.L2 [%0];\n" ::"l"(table + slot));
       }
     }
+    if (p.paged_box) {
+      load_boxes(p, smem, pipe_k, pipe_v, state, tile, seqlen, range);
+      return;
+    }
     // Few live values across the loop, so that the copy loop can be unrolled within the producer budget: K and V of
     // a block share one pipeline state (both rings advance once per block here, and start level), and the
     // tile's fields are re-read from its shared-memory slot (tile, seqlen and range live there) per block.
@@ -390,6 +434,65 @@ struct MainloopFwdSm90 {
       }
       state.advance();
     }
+    }
+  }
+
+  // Params::paged_box: each key block as kBlockN / 16 boxes of 16 rows per swizzle-atom column; box j holds
+  // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16), whose
+  // index lane j reads (one page-table read per box, not per row) and the warp shares by shuffle. Boxes
+  // past the sequence are not loaded (the stage's transaction count says how many are); keys past it in
+  // the last box are masked and their V rows zeroed (zero_v_tail), and a page index outside the cache is
+  // outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.
+  __device__ void load_boxes(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
+                             typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
+                             BlockRange const& range) const {
+    if constexpr (kGather) {
+      Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
+      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // 16-bit V: K's layout
+      int const lane = int(threadIdx.x) % 32;
+      // Box j's (page, 16-row block in the page), written by lane j into the page_rows storage (idle on this
+      // path) and read back by the issuing lane: no per-box values held in the 40 registers across the loop.
+      int2* const box_of = reinterpret_cast<int2*>(smem.page_rows);
+#pragma unroll 1
+      for (int n = reread(range.end) - 1; n >= reread(range.begin); --n) {
+        int const first_key = reread(seqlen.offset_k) + n * kBlockN;  // offset_k = 0: no left padding here
+        constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
+        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
+        __syncwarp();  // the issuing lane is done with the previous block's entries
+        if (lane < boxes) {
+          int32_t const* const table = p.page_table + int64_t(reread(seqlen.batch_k)) * p.page_table_stride;
+          int slot, row;
+          p.page_size(slot, row, first_key + lane * kRows);
+          box_of[lane] = make_int2(__ldg(table + slot), row / kRows);
+        }
+        __syncwarp();
+        if (cute::elect_one_sync()) {
+          uint32_t const tx = uint32_t(boxes) * kBoxesPerRow * kTxBytesBox;
+          pipe_k.producer_acquire(state, tx);
+          if constexpr (!kFp8) { pipe_v.producer_acquire(state, tx); }  // FP8's V: the producer warp's TMA
+          int const head_k = p.head_k(reread(tile.head));
+#pragma unroll 1
+          for (int j = 0; j < boxes; ++j) {
+            int2 const b = box_of[j];
+            Tensor mKp = p.tma_k_box.get_tma_tensor(p.shape_kv)(_, _, head_k, b.x);  // (page_size, d)
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < kBoxesPerRow; ++c) {
+              Tensor g = local_tile(mKp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(b.y, c));
+              Tensor sk = make_tensor(make_smem_ptr(&sK(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
+              copy(p.tma_k_box.with(*pipe_k.full_barrier(state), 0), p.tma_k_box.get_slice(_0{}).partition_S(g),
+                   p.tma_k_box.get_slice(_0{}).partition_D(sk));
+              if constexpr (!kFp8) {
+                Tensor mVp = p.tma_v_box.get_tma_tensor(p.shape_kv)(_, _, head_k, b.x);
+                Tensor gv = local_tile(mVp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(b.y, c));
+                Tensor sv = make_tensor(make_smem_ptr(&sV(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
+                copy(p.tma_v_box.with(*pipe_v.full_barrier(state), 0), p.tma_v_box.get_slice(_0{}).partition_S(gv),
+                     p.tma_v_box.get_slice(_0{}).partition_D(sv));
+              }
+            }
+          }
+        }
+        state.advance();
+      }
     }
   }
 

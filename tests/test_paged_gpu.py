@@ -222,6 +222,15 @@ def test_page_index_out_of_range_reads_nothing():
     out = flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=D._i32([64, 64]), page_table=table)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all(), "out-of-range pages must read as zeros, not memory"
+    # The same as a dense cache whose out-of-range pages are zeros (both load paths zero-fill them).
+    dense = [torch.zeros(b, 4 * page_size, h_k, d, dtype=dtype, device=D.DEVICE) for _ in range(2)]
+    for i, row in enumerate(table.tolist()):
+        for j, page in enumerate(row):
+            if 0 <= page < 8:
+                for t, pages in zip(dense, (k_pages, v_pages)):
+                    t[i, j * page_size:(j + 1) * page_size] = pages[page]
+    want = flash_attn_with_kvcache(q, *dense, cache_seqlens=D._i32([64, 64]))
+    torch.testing.assert_close(out.float(), want.float(), atol=4e-3, rtol=2e-2)
 
 
 @pytest.mark.parametrize("page_size", [16, 1])
