@@ -232,7 +232,9 @@ struct MainloopFwdSm90 {
              cutlass::FastDivmod(a.paged.page_table ? a.paged.page_size : 1),
              a.paged.num_pages,
              a.paged.page_table != nullptr && a.paged.page_size % kBlockN == 0 && a.paged.leftpad == nullptr,
-             false};
+             false,
+             {},
+             {}};
     if constexpr (kGather) {
       p.paged_box = a.paged.page_table != nullptr && !p.paged_tma && a.paged.page_size % kBoxRows == 0 &&
                     a.paged.leftpad == nullptr;
