@@ -231,10 +231,15 @@ struct FwdKernelSm90 {
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<Registers::kConsumer>();
-      int const thread_idx = int(threadIdx.x) - kWarpGroupThreads;
-      Mainloop::init_turns(thread_idx / kWarpGroupThreads);
+      Mainloop::init_turns((int(threadIdx.x) - kWarpGroupThreads) / kWarpGroupThreads);
       uint32_t q_phase = 0;
       for (uint32_t round = 0;; ++round) {
+        // The thread index read per tile (a volatile read the compiler cannot hoist), so that neither it nor
+        // the coordinates derived from it stay live across the tile loop: the gather variants' consumers
+        // (232 registers) spilled them (16-bit d 96 local, 2026-12-01).
+        int tid;
+        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
+        int const thread_idx = tid - kWarpGroupThreads;
         mailbox_wait(&smem.mailbox_full, round & 1);
         int const idx = smem.tile_index;
         mailbox_arrive(&smem.mailbox_empty);

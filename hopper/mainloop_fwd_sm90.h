@@ -451,12 +451,15 @@ struct MainloopFwdSm90 {
     if constexpr (kGather) {
       Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
       Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // 16-bit V: K's layout
-      int const lane = int(threadIdx.x) % 32;
       // Box j's (page, 16-row block in the page), written by lane j into the page_rows storage (idle on this
       // path) and read back by the issuing lane: no per-box values held in the 40 registers across the loop.
       int2* const box_of = reinterpret_cast<int2*>(smem.page_rows);
 #pragma unroll 1
       for (int n = reread(range.end) - 1; n >= reread(range.begin); --n) {
+        // The lane index read per block (a volatile read the compiler cannot hoist): kept across the loop,
+        // it and the address derived from it spilled in 13 kernels (FP8 d 64/256, 16-bit d 96 local).
+        int lane;
+        asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(lane));
         int const first_key = reread(seqlen.offset_k) + n * kBlockN;  // offset_k = 0: no left padding here
         constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
         int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
