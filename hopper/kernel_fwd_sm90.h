@@ -51,7 +51,9 @@ struct FwdKernelSm90 {
     int tile_index;  // mailbox slot: the tile the consumers take next; -1 = no more tiles
     // The producer's next tile, handed over by the claimer warp (see claim_tiles): slot and its mbarriers.
     int next_index;  // -1 = no more tiles
-    uint32_t kv_round;  // the KV warp's hand-over count, kept here rather than in its 40 registers
+    // The KV warp's hand-over count, one copy per lane (each lane reads and writes only its own), kept here
+    // rather than in the warp's 40 registers.
+    uint32_t kv_round[32];
     TileWork next_work;
     alignas(8) uint64_t next_full;
     alignas(8) uint64_t next_empty;
@@ -145,22 +147,21 @@ struct FwdKernelSm90 {
   __device__ static void gather_kv(Params const& params, SharedStorage& smem, Mainloop const& mainloop,
                                    Pipeline const& pipe_k, Pipeline const& pipe_v) {
     typename Pipeline::State state;
-    int const lane = int(threadIdx.x) % 32;
-    if (lane == 0) { smem.kv_round = 0; }
-    __syncwarp();
+    uint32_t volatile* const my_round = &smem.kv_round[threadIdx.x % 32];
+    *my_round = 0;
     for (;;) {
-      // Re-read each hand-over: the FP8 gather variant spilled the counter when it stayed in a register.
-      uint32_t const round = *const_cast<uint32_t const volatile*>(&smem.kv_round);
+      // Re-read each hand-over: the FP8 gather variant spilled the counter when it stayed in a register. A
+      // count per lane: one shared by the warp (lane 0 advancing it between __syncwarp()s) drew 16 racecheck
+      // reports in the FP8 gather kernels (2026-12-01).
+      uint32_t const round = *my_round;
       mailbox_wait(&smem.next_full, round & 1);
-      __syncwarp();  // every lane has read the count before lane 0 advances it
-      if (lane == 0) { smem.kv_round = round + 1; }
+      *my_round = round + 1;
       if (smem.next_index < 0) { break; }
       TileWork const& w = smem.next_work;
       if (w.has_rows() && !w.range.empty()) {
         mainloop.load_paged(params.mainloop, smem.mainloop, pipe_k, pipe_v, state, w.tile, w.seqlen, w.range);
       }
       mailbox_arrive(&smem.next_empty);  // each lane, after its last read of the slot
-      __syncwarp();  // lane 0's new count is visible to the warp's next read
     }
   }
 
