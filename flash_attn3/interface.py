@@ -178,7 +178,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         cache_leftpad: int32 (batch,): first valid cache index of each batch entry.
         page_table: int32 (batch, max_pages): page indices into k_cache/v_cache; the cache of batch entry i
             is the concatenation of its pages, max_pages * page_size positions.
-        cu_seqlens_k_new: varlen layout of k/v (only with k/v).
+        cu_seqlens_k_new: varlen layout of k/v; ignored without them (as FA3 does; SGLang always passes it).
         scheduler_metadata: optional int32 tensor from get_scheduler_metadata for the same sizes and options.
             The kernel schedules itself on the device from cache_seqlens (no host sync, so a captured decode
             step replays correctly with new lengths), so the metadata only records the host-side choices
@@ -205,8 +205,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         raise ValueError("k, v: the new keys and values must be given together")
     if k is not None and cache_seqlens is None:
         raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
-    if cu_seqlens_k_new is not None and k is None:
-        raise ValueError("cu_seqlens_k_new: only valid together with new k, v")
+    # cu_seqlens_k_new without new k, v describes nothing and is ignored, as FA3 ignores it: SGLang passes
+    # cu_seqlens_k_new=cu_seqlens_k on every call (shared/research/anchors.md 7.3).
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: must be given together")
     if rotary_cos is not None and k is None:

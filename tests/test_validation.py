@@ -273,8 +273,9 @@ KVCACHE_CASES = [
     ("k_without_v", _dense_cache(k=torch.randn(2, 1, 2, 64).half()), ValueError, r"k, v: .* given together"),
     ("k_without_cache_seqlens", _dense_cache(k=torch.randn(2, 1, 2, 64).half(), v=torch.randn(2, 1, 2, 64).half(),
                                              cache_seqlens=None), ValueError, r"cache_seqlens: required"),
-    ("cu_k_new_without_k", _dense_cache(cu_seqlens_k_new=i32(0, 1, 2)), ValueError,
-     r"cu_seqlens_k_new: only valid together with new k, v"),
+    # SGLang passes cu_seqlens_k_new=cu_seqlens_k without new k, v; FA3 ignores it, so do we.
+    ("valid_cu_k_new_without_k", _dense_cache(cu_seqlens_k_new=i32(0, 1, 2)), ValueError, ON_CPU),
+    ("cu_k_new_without_k_type", _dense_cache(cu_seqlens_k_new=[0, 1, 2]), TypeError, r"cu_seqlens_k_new: expected"),
     ("rotary_without_sin", _dense_cache(rotary_cos=torch.ones(9, 32).half()), ValueError,
      r"rotary_cos, rotary_sin: must be given together"),
     ("rotary_without_k", _dense_cache(rotary_cos=torch.ones(9, 32).half(), rotary_sin=torch.ones(9, 32).half()),
@@ -818,3 +819,25 @@ def test_sinks_reach_the_op(kernel_stub):
     flash_attn_func(q, k, v, sinks=sinks)
     flash_attn_with_kvcache(q, k, v, cache_seqlens=3, sinks=sinks)
     assert [c["sinks"] is not None and torch.equal(c["sinks"], sinks) for c in kernel_stub] == [True] * 3
+
+
+def test_sglang_kvcache_call_surface(kernel_stub):
+    """SGLang's call (anchors.md 7.3): packed q with cu_seqlens_q, a paged cache of page size 1, cache_seqlens,
+    cu_seqlens_k_new=cu_seqlens_k without new keys (ignored, as FA3 ignores it), a window tuple, softcap,
+    return_softmax_lse and sinks: it reaches the op as the paged varlen-q call, with no append."""
+    h, hk, d = 4, 2, 64
+    q = torch.randn(5, h, d).half()  # sequences of 2 and 3 new tokens
+    kc, vc = torch.randn(20, 1, hk, d).half(), torch.randn(20, 1, hk, d).half()
+    table = i32(*range(10), *range(10, 20)).view(2, 10)
+    seqlens, cu_q, cu_k = i32(7, 10), i32(0, 2, 5), i32(0, 7, 17)
+    sinks = torch.randn(h)
+    got = flash_attn_with_kvcache(q=q, k_cache=kc, v_cache=vc, page_table=table, cache_seqlens=seqlens,
+                                  cu_seqlens_q=cu_q, cu_seqlens_k_new=cu_k, max_seqlen_q=3, softmax_scale=d ** -0.5,
+                                  causal=True, window_size=(5, 0), softcap=30.0, k_descale=None, v_descale=None,
+                                  return_softmax_lse=True, sinks=sinks)
+    (c,) = kernel_stub
+    assert not kernel_stub.appends, "cu_seqlens_k_new without k, v must not append"
+    assert len(got) == 4
+    assert c["page_table"] is table and c["cu_seqlens_q"] is cu_q and c["seqused_k"] is seqlens
+    assert c["max_seqlen_q"] == 3 and c["softcap"] == 30.0 and torch.equal(c["sinks"], sinks)
+    assert (c["window_size_left"], c["window_size_right"]) == (5, 0)
