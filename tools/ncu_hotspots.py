@@ -42,10 +42,10 @@ def main() -> int:
         print(f"{num(r[samp]) / total * 100:5.1f}%  {r[addr]:>6}  {r[src].strip()[:110]}")
     ops = collections.Counter()
     for r in body:
-        op = r[src].strip().split(" ")[0] if r[src].strip() else "?"
-        if op.startswith("@"):
-            op = r[src].strip().split(" ")[1]
-        ops[op.split(".")[0]] += num(r[samp])
+        words = r[src].split()  # SASS separates a guard predicate by several spaces
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        ops[words[0].split(".")[0] if words else "?"] += num(r[samp])
     print("samples by opcode:", ", ".join(f"{k} {v / total * 100:.1f}%" for k, v in ops.most_common(12)))
     return 0
 
