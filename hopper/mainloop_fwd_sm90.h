@@ -440,59 +440,72 @@ struct MainloopFwdSm90 {
   }
 
   // Params::paged_box: each key block as kBlockN / 16 boxes of 16 rows per swizzle-atom column; box j holds
-  // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16), whose
-  // index lane j reads (one page-table read per box, not per row) into shared memory for the issuing lane. Boxes
-  // past the sequence are not loaded (the stage's transaction count says how many are); keys past it in
-  // the last box are masked and their V rows zeroed (zero_v_tail), and a page index outside the cache is
-  // outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.
+  // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16). Lane j owns
+  // box j: it reads the box's page one block ahead (the page-table read's latency then hides behind the wait
+  // for a free stage) and, once the elected lane has armed the stage's barriers, issues the box's copies
+  // itself, so the boxes of a block go out in parallel rather than one lane's serial loop. A copy may land
+  // before the barrier's expect-tx (the tx-count may go negative); the phase cannot complete before the
+  // elected lane's arrival. Boxes past the sequence are not loaded (the transaction count says how many
+  // are); keys past it in the last box are masked and their V rows zeroed (zero_v_tail), and a page index
+  // outside the cache is outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.
   __device__ void load_boxes(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
                              typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
                              BlockRange const& range) const {
     if constexpr (kGather) {
       Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
       Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // 16-bit V: K's layout
-      // Box j's (page, 16-row block in the page), written by lane j into the page_rows storage (idle on this
-      // path) and read back by the issuing lane: no per-box values held in the 40 registers across the loop.
-      int2* const box_of = reinterpret_cast<int2*>(smem.page_rows);
-#pragma unroll 1
-      for (int n = reread(range.end) - 1; n >= reread(range.begin); --n) {
-        // The lane index read per block (a volatile read the compiler cannot hoist): kept across the loop,
-        // it and the address derived from it spilled in 13 kernels (FP8 d 64/256, 16-bit d 96 local).
+      constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
+      // The lane index by a volatile read the compiler cannot hoist into a long-lived register (that and the
+      // addresses derived from it spilled in 13 kernels of the serial version, 2026-12-01).
+      auto lane_id = [] {
         int lane;
         asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(lane));
-        int const first_key = reread(seqlen.offset_k) + n * kBlockN;  // offset_k = 0: no left padding here
-        constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
-        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
-        __syncwarp();  // the issuing lane is done with the previous block's entries
-        if (lane < boxes) {
+        return lane;
+      };
+      // This lane's box of block `blk`: its page (0 if the box is past the sequence) and 16-row block.
+      auto lookup = [&](int blk, int& page, int& row_block) {
+        int const lane = lane_id();
+        int const local = blk * kBlockN + lane * kRows;  // offset_k = 0: no left padding on this path
+        page = 0;
+        row_block = 0;
+        if (lane < kMaxBoxes && local < reread(seqlen.seqlen_k)) {
           int32_t const* const table = p.page_table + int64_t(reread(seqlen.batch_k)) * p.page_table_stride;
           int slot, row;
-          p.page_size(slot, row, first_key + lane * kRows);
-          box_of[lane] = make_int2(__ldg(table + slot), row / kRows);
+          p.page_size(slot, row, reread(seqlen.offset_k) + local);
+          page = __ldg(table + slot);
+          row_block = row / kRows;
         }
-        __syncwarp();
+      };
+      int n = reread(range.end) - 1;
+      int next_page, next_row_block;
+      lookup(n, next_page, next_row_block);
+#pragma unroll 1
+      for (; n >= reread(range.begin); --n) {
+        int const page = next_page, row_block = next_row_block;
+        if (n > reread(range.begin)) { lookup(n - 1, next_page, next_row_block); }
+        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
         if (cute::elect_one_sync()) {
           uint32_t const tx = uint32_t(boxes) * kBoxesPerRow * kTxBytesBox;
           pipe_k.producer_acquire(state, tx);
           if constexpr (!kFp8) { pipe_v.producer_acquire(state, tx); }  // FP8's V: the producer warp's TMA
+        }
+        __syncwarp();  // the stage is free (the elected lane waited for it) before any lane copies into it
+        int const j = lane_id();
+        if (j < boxes) {
           int const head_k = p.head_k(reread(tile.head));
-#pragma unroll 1
-          for (int j = 0; j < boxes; ++j) {
-            int2 const b = box_of[j];
-            Tensor mKp = p.tma_k_box.get_tma_tensor(p.shape_kv)(_, _, head_k, b.x);  // (page_size, d)
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < kBoxesPerRow; ++c) {
-              Tensor g = local_tile(mKp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(b.y, c));
-              Tensor sk = make_tensor(make_smem_ptr(&sK(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
-              copy(p.tma_k_box.with(*pipe_k.full_barrier(state), 0), p.tma_k_box.get_slice(_0{}).partition_S(g),
-                   p.tma_k_box.get_slice(_0{}).partition_D(sk));
-              if constexpr (!kFp8) {
-                Tensor mVp = p.tma_v_box.get_tma_tensor(p.shape_kv)(_, _, head_k, b.x);
-                Tensor gv = local_tile(mVp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(b.y, c));
-                Tensor sv = make_tensor(make_smem_ptr(&sV(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
-                copy(p.tma_v_box.with(*pipe_v.full_barrier(state), 0), p.tma_v_box.get_slice(_0{}).partition_S(gv),
-                     p.tma_v_box.get_slice(_0{}).partition_D(sv));
-              }
+          Tensor mKp = p.tma_k_box.get_tma_tensor(p.shape_kv)(_, _, head_k, page);  // (page_size, d)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kBoxesPerRow; ++c) {
+            Tensor g = local_tile(mKp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(row_block, c));
+            Tensor sk = make_tensor(make_smem_ptr(&sK(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
+            copy(p.tma_k_box.with(*pipe_k.full_barrier(state), 0), p.tma_k_box.get_slice(_0{}).partition_S(g),
+                 p.tma_k_box.get_slice(_0{}).partition_D(sk));
+            if constexpr (!kFp8) {
+              Tensor mVp = p.tma_v_box.get_tma_tensor(p.shape_kv)(_, _, head_k, page);
+              Tensor gv = local_tile(mVp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(row_block, c));
+              Tensor sv = make_tensor(make_smem_ptr(&sV(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
+              copy(p.tma_v_box.with(*pipe_v.full_barrier(state), 0), p.tma_v_box.get_slice(_0{}).partition_S(gv),
+                   p.tma_v_box.get_slice(_0{}).partition_D(sv));
             }
           }
         }
