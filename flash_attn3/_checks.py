@@ -44,11 +44,17 @@ FEATURE_TEXT = {
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    t = type(x)
+    if t is int:  # the common case first: the ABC check costs ~0.5 us per argument on every eager call
+        return True
+    return t is not bool and isinstance(x, numbers.Integral)
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    t = type(x)
+    if t is float or t is int:
+        return True
+    return t is not bool and isinstance(x, numbers.Real)
 
 
 def check_tensor(name: str, t, optional: bool = False) -> None:
@@ -153,7 +159,10 @@ def normalize_window(window_size, causal: bool, rows_q: int, rows_k: int) -> tup
     cache capacity). max_seqlen_q/k are deliberately not used: an understated one would silently turn a
     window into full attention.
     """
-    if _is_array(window_size):
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int \
+            and type(window_size[1]) is int:
+        sides = window_size  # the common case (Python ints), without the array probes below
+    elif _is_array(window_size):
         if tuple(window_size.shape) != (2,):
             raise ValueError(f"window_size: a tensor or array must have shape (2,) (left, right), got "
                              f"{tuple(window_size.shape)}")

@@ -35,9 +35,9 @@ def _run_fwd(call):
             seqused_q=call.seqused_q, seqused_k=call.seqused_k, max_seqlen_q=call.max_seqlen_q,
             max_seqlen_k=call.max_seqlen_k, page_table=call.page_table, kv_batch_idx=call.kv_batch_idx,
             leftpad_k=call.leftpad_k, names=call.names)
-    call = call.with_outputs()
-    _ops.fwd(*call.op_args())
-    return call.out, call.softmax_lse
+    args, out, softmax_lse = call.op_args_with_outputs()
+    _ops.fwd(*args)
+    return out, softmax_lse
 
 
 def _check_common_extras(qv, attention_chunk, **flags):

@@ -441,7 +441,7 @@ struct MainloopFwdSm90 {
 
   // Params::paged_box: each key block as kBlockN / 16 boxes of 16 rows per swizzle-atom column; box j holds
   // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16), whose
-  // index lane j reads (one page-table read per box, not per row) and the warp shares by shuffle. Boxes
+  // index lane j reads (one page-table read per box, not per row) into shared memory for the issuing lane. Boxes
   // past the sequence are not loaded (the stage's transaction count says how many are); keys past it in
   // the last box are masked and their V rows zeroed (zero_v_tail), and a page index outside the cache is
   // outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.

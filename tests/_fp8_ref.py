@@ -7,7 +7,7 @@ probabilities P rounded to FP8 before the P @ V product, as the kernel's tensor 
 be at most a small multiple further from out_ref than out_pt is. flash_attn3.reference has no intermediate
 dtype, so this module computes out_pt itself, with the same argument semantics as attention_ref for the
 arguments it accepts (dense or packed q, k, v; cu_seqlens, seqused / cache_seqlens, causal and window masks,
-GQA, (b, h_k) descales).
+softcap, attention sinks, GQA, (b, h_k) descales).
 
 The FP8 P is emulated the way the kernel forms it (FA3's softmax with Max_offset = 8): P is taken relative to
 the row maximum, p = exp(s - max) in [0, 1], scaled by 2^8 so that it uses the normal range of e4m3 (max 448,
@@ -37,16 +37,19 @@ def _per_batch(x, n):
 
 def attention_fp8_lowp(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
                        cache_seqlens=None, causal=False, window_size=(-1, -1), softmax_scale=None, q_descale=None,
-                       k_descale=None, v_descale=None, intermediate_dtype=FP8, p_scale=P_SCALE):
+                       k_descale=None, v_descale=None, softcap=0.0, sinks=None, intermediate_dtype=FP8,
+                       p_scale=P_SCALE):
     """Low-precision attention of FP8 (or any) inputs; returns out in bfloat16 with q's layout.
 
     Layouts and argument meanings as flash_attn3.reference.attention_ref (cache_seqlens is seqused_k's kv-cache
     name). Per batch entry: q, k, v dequantised (upcast, multiplied by their (b, h_k) descale in float32) and
     rounded to bfloat16; scores = q @ (k * scale)ᵀ in bfloat16 (FA3's reorder_ops, which estimates the error of
-    the other order); masked; p = exp(scores - row max) in bfloat16; P rounded through `intermediate_dtype`
-    after scaling by `p_scale` (None: no rounding, the plain bfloat16 baseline); out = (P @ V) / (p_scale *
-    Σ p) with the product in bfloat16 and the normalisation in float32, rounded to bfloat16. Rows with no
-    visible key and unused rows get 0.
+    the other order); softcap > 0: scores = tanh(scores / softcap) * softcap (bfloat16), before the mask;
+    masked; p = exp(scores - row max) in bfloat16; P rounded through `intermediate_dtype` after scaling by
+    `p_scale` (None: no rounding, the plain bfloat16 baseline); out = (P @ V) / (p_scale * (Σ p + e^(sink -
+    row max))) with the product in bfloat16 and the normalisation in float32 (sinks: float32 (h,) logits in
+    the scaled scores' units, as the kernel adds them after the row's keys), rounded to bfloat16. Rows with
+    no visible key and unused rows get 0.
     """
     if cache_seqlens is not None:
         assert seqused_k is None, "give seqused_k or cache_seqlens, not both"
@@ -87,12 +90,16 @@ def attention_fp8_lowp(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused
         qf, kf, vf = load(q_rows, b, q_descale, True), load(k_rows, b, k_descale, False), load(v_rows, b, v_descale,
                                                                                              False)
         scores = torch.einsum("qhd,khd->hqk", qf, kf * scale)  # bfloat16
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
         visible = visible_keys(sq, sk, left, right, device=q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True) if sk > 0 else torch.zeros(h, sq, 1, dtype=lp, device=q.device)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), dtype=lp, device=q.device))
         p = torch.exp(scores - row_max)  # bfloat16, 0 where masked, 1 at the row maximum
         row_sum = p.float().sum(dim=-1, keepdim=True)  # float32, of the unrounded p, as the kernel's row sum
+        if sinks is not None:  # each head's sink joins the denominator relative to the same row maximum
+            row_sum = row_sum + torch.exp(sinks.float().view(h, 1, 1) - row_max.float())
         if intermediate_dtype is not None:
             p_op = ((p.float() * p_scale).to(intermediate_dtype).float()).to(lp)  # the scaled FP8 operand
             denom = row_sum * p_scale

@@ -97,3 +97,30 @@ def test_dense_packed_and_seqused_agree():
     cut = attention_fp8_lowp(q, torch.cat([k, pad], 1), torch.cat([v, pad], 1), causal=True,
                              cache_seqlens=torch.full((b,), s_k, dtype=torch.int32), **ds)
     assert torch.equal(dense, cut)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.0, 20.0])
+@pytest.mark.parametrize("sink_scale", [None, 1.0, 30.0])
+def test_softcap_and_sinks_as_the_reference(softcap, sink_scale):
+    """softcap and sinks mean what attention_ref means by them (tests/test_local_softcap_gpu.py's FP8 cases
+    rest on this): the unrounded baseline is bfloat16 attention of the same problem, the rounded one a
+    rounding away; a dominating sink (scale 30) drives rows towards 0 in both."""
+    h, h_k, d = 4, 2, 32
+    q, k, v = _fp8(2, 23, h, d), _fp8(2, 37, h_k, d), _fp8(2, 37, h_k, d)
+    kw = dict(causal=True, softcap=softcap, **_descales(2, h_k))
+    if sink_scale is not None:
+        kw["sinks"] = torch.tensor([30.0, -30.0, 5.0, 0.0]) * (sink_scale / 30.0)  # dominating to negligible
+    ref, _ = attention_ref(q, k, v, **kw)
+    plain = attention_fp8_lowp(q, k, v, intermediate_dtype=None, **kw)
+    rounded = attention_fp8_lowp(q, k, v, **kw)
+    err_plain, err_rounded = (plain.float() - ref).abs(), (rounded.float() - ref).abs()
+    # Bounds of a rounding (bfloat16 scores of up to ~16 with descales up to 2; e4m3 P), not of another problem.
+    assert err_plain.max() < 0.2 and err_plain.mean() < 0.01
+    assert err_rounded.max() < 0.4 and err_rounded.mean() < 0.05
+    # Against the same call without the feature: the feature changes the answer (the test could fail).
+    base = dict(kw)
+    base.pop("sinks", None)
+    base["softcap"] = 0.0
+    if softcap == 2.0 or sink_scale == 30.0:  # strong enough to move rows by more than the bf16 rounding
+        other, _ = attention_ref(q, k, v, **base)
+        assert (other - ref).abs().mean() > 3 * err_plain.mean()
