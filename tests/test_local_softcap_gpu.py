@@ -1,5 +1,5 @@
 """GPU tests of sliding-window (local) attention and softcap, alone and combined with causal, GQA, varlen,
-split-KV / PackGQA, the KV cache and every dtype (FP8 with windows; its low-precision baseline has no softcap).
+split-KV / PackGQA, the KV cache and every dtype (FP8 too: tests/_fp8_ref.py's baseline has softcap and sinks).
 
 Outputs and LSEs are compared with flash_attn3.reference.attention_ref (float32) under FA3's rule, with the
 helpers of tests/test_decode_gpu.py; every `out=` starts as NaN. Windows: 0 and 1 wide, odd sizes, one side
@@ -45,8 +45,6 @@ CASES = D._grid((WINDOWS, SOFTCAPS),
                          ids=[f"w{c[0][0]}_{c[0][1]}-cap{c[1]}-sq{c[2][0]}-sk{c[2][1]}-{D._name(c[3])}-d{c[4]}-"
                               f"h{D._name(c[5])}-splits{c[6]}-{D._name(c[7])}" for c in CASES])
 def test_window_softcap(window, softcap, shape, dtype, d, heads, num_splits, causal):
-    if dtype == FP8 and softcap:
-        softcap = 0.0  # tests/_fp8_ref.py's baseline has no softcap
     if causal:  # causal intersects the window: its right side becomes 0
         window = (window[0], 0 if window[1] < 0 else min(window[1], 0))
     _require_features(dtype, d, window, softcap, num_splits)
@@ -89,8 +87,8 @@ def test_window_decode_kvcache(window, num_splits):
 
 
 SINK_CASES = [(BF16, 1, 513, (8, 2), 0, False), (F16, 113, 113, (4, 4), 1, True), (BF16, 1, 4000, (16, 2), 0, True),
-              (BF16, 77, 1023, (6, 1), 3, True), (BF16, 1, 1, (4, 1), 0, False)]
-# FP8 with sinks is built, but the FP8 low-precision baseline (tests/_fp8_ref.py) has no sinks yet.
+              (BF16, 77, 1023, (6, 1), 3, True), (BF16, 1, 1, (4, 1), 0, False), (FP8, 113, 700, (8, 2), 0, True),
+              (FP8, 1, 2000, (16, 2), 3, False)]
 
 
 @pytest.mark.parametrize("dtype,sq,sk,heads,num_splits,causal", SINK_CASES,
