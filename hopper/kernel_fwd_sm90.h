@@ -29,7 +29,7 @@ struct FwdKernelSm90 {
   static constexpr int kNumConsumerWarpGroups = Mainloop::kNumConsumerWarpGroups;
   static constexpr int kNumThreads = kWarpGroupThreads * (1 + kNumConsumerWarpGroups);
   static constexpr int kMinBlocksPerSm = 1;  // one CTA fills an SM's shared memory and registers
-  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kGather ? 40 : 24>;
+  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kProducerRegisters>;
 
   enum class Role : int { Producer = 0 };  // warpgroup 0; warpgroups 1.. are consumers
 
@@ -74,7 +74,7 @@ struct FwdKernelSm90 {
     SeqlenArgs seqlen;
     Scheduler scheduler;
     int pack;  // PackGQA: q heads packed into a tile's rows (1 = none)
-    flash3_mask window;  // the local mask's window (kLocal)
+    flash3_mask window;  // the local mask's window and chunk (kLocal)
   };
 
   // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
@@ -89,7 +89,7 @@ struct FwdKernelSm90 {
     TileCoord const tile = params.scheduler.tile(idx);
     SeqlenInfo const seqlen(params.seqlen, tile.batch);
     Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block, params.pack, params.window.window_left,
-                    params.window.window_right};
+                    params.window.window_right, params.window.chunk};
     BlockRange range = mask.range();
     if (params.scheduler.num_splits > 1) { range = range.split(tile.split, params.scheduler.num_splits); }
     return {tile, seqlen, mask, range};

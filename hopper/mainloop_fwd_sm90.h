@@ -32,18 +32,24 @@ namespace flash3 {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
+template <class Element_, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
           class Score_ = ScaledScores<sizeof(Element_) == 1, (kBlockN_ <= 128)>, bool kGather_ = false>
 struct MainloopFwdSm90 {
   // The variant for paged K/V that is gathered with cp.async (page sizes that are not a multiple of the key
   // block, or left padding): its producer warpgroup gets 40 registers (the consumers 232), which the gather
   // loop needs unrolled; the other kernels do not carry the gather code at all.
   static constexpr bool kGather = kGather_;
+  // The producer warpgroup's least registers: 40 for the gather variant's unrolled copy loop (FA3's budget for
+  // its cp.async loads), 24 otherwise (RegisterBudget shares out the rest).
+  static constexpr int kProducerRegisters = kGather_ ? 40 : 24;
   using Element = Element_;
   // FP8 (e4m3): both WGMMA operands must be K-major, so P V reads V transposed (fp8_vt.h), P is reordered
   // into the 8-bit A operand, and the softmax keeps 8 bits of headroom so P uses e4m3's range.
   static constexpr bool kFp8 = sizeof(Element) == 1;
-  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDim = kHeadDim_;    // of Q and K: the K dimension of Q K^T
+  static constexpr int kHeadDimV = kHeadDimV_;  // of V and O: the N dimension of P V (DeepSeek's 192 / 128)
+  // The gather variant stages K and V rows at one shared-memory offset, which needs one layout for both.
+  static_assert(!kGather_ || kHeadDimV == kHeadDim, "the paged gather variant needs head_dim_v == head_dim");
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
@@ -63,7 +69,7 @@ struct MainloopFwdSm90 {
                 "kBlockN not a multiple of 32 needs -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED");
 
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // (M, N, K) of S = Q K^T
-  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // (M, N, K) of O = P V
+  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;  // (M, N, K) of O = P V
   // One 64-row WGMMA atom per consumer warpgroup, stacked along M.
   using WarpGroupLayout = Layout<Shape<Int<kNumConsumerWarpGroups>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(),
@@ -73,7 +79,7 @@ struct MainloopFwdSm90 {
   static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
   using TiledMmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, kMajorV>(), WarpGroupLayout{}));
-  static_assert(!kFp8 || (kHeadDim % 32 == 0 && kBlockN % 32 == 0), "FP8 WGMMA has K = 32");
+  static_assert(!kFp8 || (kHeadDim % 32 == 0 && kHeadDimV % 32 == 0 && kBlockN % 32 == 0), "FP8 WGMMA has K = 32");
 
   using SmemLayoutQ = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>(),
@@ -81,17 +87,21 @@ struct MainloopFwdSm90 {
   using SmemLayoutKV = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>(),
       Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V as the B operand of P V: (d, keys, stage). 16-bit: the same bytes as SmemLayoutKV (V as loaded);
+  // 16-bit V as loaded: (keys, dv, stage), laid out as K is (the same layout when dv == d).
+  using SmemLayoutV = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDimV>>(),
+      Shape<Int<kBlockN>, Int<kHeadDimV>, Int<kStages>>{}));
+  // V as the B operand of P V: (dv, keys, stage). 16-bit: the same bytes as SmemLayoutV (V as loaded);
   // FP8: its own K-major layout, filled by TMA from the transposed copy.
   using SmemLayoutVtFp8 = decltype(tile_to_shape(
-      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kHeadDim>, Int<kBlockN>>(),
-      Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kHeadDimV>, Int<kBlockN>>(),
+      Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}));
   using SmemLayoutVt16 = decltype(composition(
-      SmemLayoutKV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+      SmemLayoutV{},
+      make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
   using SmemLayoutVt = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutVt16>;
-  // What the V TMA writes: (keys, d, stage) for 16-bit, (d, keys, stage) for FP8.
-  using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutKV>;
+  // What the V TMA writes: (keys, dv, stage) for 16-bit, (dv, keys, stage) for FP8.
+  using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutV>;
   // Gather variant, pages of a multiple of 16 rows (vLLM's 16, SGLang's 64): K (and 16-bit V) in TMA boxes
   // of 16 rows by one swizzle atom's width, each landing where those rows and columns sit in a stage. A box
   // starts at a multiple of 16 rows (2 KB at d 128) and of an atom column (kBlockN rows apart), so the
@@ -120,7 +130,8 @@ struct MainloopFwdSm90 {
 
   using Pipeline = TmaPipeline<kStages>;
   static constexpr uint32_t kTxBytesQ = kBlockM * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kTxBytesKV = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTxBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTxBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
   // Global operands as TMA sees them: (rows, d, head, batch), d contiguous. For a packed (varlen) operand
   // rows = total rows and batch = 1; the sequence offset is applied per tile.
@@ -132,8 +143,9 @@ struct MainloopFwdSm90 {
                                       select<0, 2>(TileShapeQK{}), _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
                                        select<1, 2>(TileShapeQK{}), _1{}));
-  // The tile of V one stage holds, in the order of SmemLayoutVLoad: (N, d) or, FP8, (d, N).
-  using TileShapeVLoad = std::conditional_t<kFp8, Shape<Int<kHeadDim>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDim>>>;
+  // The tile of V one stage holds, in the order of SmemLayoutVLoad: (N, dv) or, FP8, (dv, N).
+  using TileShapeVLoad =
+      std::conditional_t<kFp8, Shape<Int<kHeadDimV>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDimV>>>;
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{},
                                       _1{}));
   using TmaBox = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutBox{},
@@ -150,8 +162,8 @@ struct MainloopFwdSm90 {
     StrideQKV stride_q;
     ShapeQKV shape_kv;  // (rows, head_dim, num_heads_k, batch)
     StrideQKV stride_k;
-    // V as the kernel reads it: 16-bit, the caller's (rows, d, head, batch); FP8, the transposed copy
-    // (d, cols, head, batch entry) with cols contiguous (fp8_vt.h).
+    // V as the kernel reads it: 16-bit, the caller's (rows, dv, head, batch); FP8, the transposed copy
+    // (dv, cols, head, batch entry) with cols contiguous (fp8_vt.h).
     Element const* v_read;
     ShapeQKV shape_v;
     StrideQKV stride_v;
@@ -320,14 +332,14 @@ struct MainloopFwdSm90 {
     // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
     auto load_k = [&](int n) {
       if (leader) {
-        pipe_k.producer_acquire(state, kTxBytesKV);
+        pipe_k.producer_acquire(state, kTxBytesK);
         copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), tKgK(_, _, _, n), tKsK(_, _, _, state.index));
       }
       state.advance();
     };
     auto load_v = [&](int n) {
       if (leader) {
-        pipe_v.producer_acquire(state_v, kTxBytesKV);
+        pipe_v.producer_acquire(state_v, kTxBytesV);
         copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), tVgV(_, _, _, n), tVsV(_, _, _, state_v.index));
       }
       state_v.advance();
@@ -339,7 +351,7 @@ struct MainloopFwdSm90 {
         if (leader) {
           Tensor gKp = local_tile(p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, __ldg(table + n / blocks_per_page)),
                                   select<1, 2>(TileShapeQK{}), make_coord(n % blocks_per_page, _0{}));  // (N, d)
-          pipe_k.producer_acquire(state, kTxBytesKV);
+          pipe_k.producer_acquire(state, kTxBytesK);
           copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), cta_k.partition_S(gKp), tKsK(_, _, _, state.index));
         }
         state.advance();
@@ -350,8 +362,8 @@ struct MainloopFwdSm90 {
         } else {
           if (leader) {
             Tensor gVp = local_tile(p.tma_v.get_tma_tensor(p.shape_v)(_, _, head_k, __ldg(table + n / blocks_per_page)),
-                                    select<1, 2>(TileShapeQK{}), make_coord(n % blocks_per_page, _0{}));  // (N, d)
-            pipe_v.producer_acquire(state_v, kTxBytesKV);
+                                    TileShapeVLoad{}, make_coord(n % blocks_per_page, _0{}));  // (N, dv)
+            pipe_v.producer_acquire(state_v, kTxBytesV);
             copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), cta_v_of(p).partition_S(gVp),
                  tVsV(_, _, _, state_v.index));
           }
@@ -650,18 +662,18 @@ struct MainloopFwdSm90 {
   // copy zeroed the keys past the end inside that group).
   __device__ void zero_v_tail(SharedStorage& smem, int stage, int first_row, int thread_idx) const {
     if constexpr (kFp8) {
-      Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVtFp8{});  // (d, N, PIPE)
+      Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVtFp8{});  // (dv, N, PIPE)
       constexpr int kChunksPerRow = kBlockN / 16;
       int const first_chunk = (first_row + 15) / 16;
       int const chunks = kChunksPerRow - first_chunk;
-      for (int i = thread_idx; i < chunks * kHeadDim; i += kNumMmaThreads) {
+      for (int i = thread_idx; i < chunks * kHeadDimV; i += kNumMmaThreads) {
         int const d = i / chunks;
         int const col = (first_chunk + i % chunks) * 16;
         *reinterpret_cast<uint4*>(&sVt(d, col, stage)) = make_uint4(0, 0, 0, 0);
       }
     } else {
-      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // (N, d, PIPE)
-      constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
+      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutV{});  // (N, dv, PIPE)
+      constexpr int kChunksPerRow = kHeadDimV / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
       int const num_chunks = (kBlockN - first_row) * kChunksPerRow;
       for (int i = thread_idx; i < num_chunks; i += kNumMmaThreads) {
         int const row = first_row + i / kChunksPerRow;

@@ -21,13 +21,19 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 // blocks: the wider blocks' S (88-96 registers) leaves no room for the softcap's loop (32-44 bytes of spills,
 // 2026-12-01), so those kernels have a 128-key sibling that softcap calls run on.
 // `local` (a sliding window): the row starts of the window take registers too (kHasKeyStart), so local tiles
-// are narrower where that spilled (FA3 makes the same cuts): 16-bit d 128: 96 keys (128 spilled 32 bytes with a
-// softcap); FP8 d 256: 64 keys (96 spilled 52 bytes even without one).
+// are narrower where that spilled (FA3 makes the same cuts): 16-bit d 128 / 192: 96 keys (128 spilled 32 bytes
+// with a softcap at d 128); 16-bit d 256 and FP8 d 256: 64 keys (FP8's 96 spilled 52 bytes even without one).
+// `gather`: the gather variant (paged K/V that TMA cannot load a key block at a time; launch_fwd_sm90.h). It
+// takes the split tile (its producer has 40 registers, the consumers 232), except at 16-bit head dims over
+// 192: there it runs one consumer warpgroup of 64 rows, whose 240 registers hold O (128 per thread) beside
+// 80-key S / P; two of them at 232 spilled 40-96 bytes even with 64 keys, and at 24 producer registers the
+// gather loops spilled instead (2026-12-01). Its calls are decode and paged chunked prefill.
 constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split = false,
-                                    bool narrow = false, bool local = false) {
-  TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split);
+                                    bool narrow = false, bool local = false, bool gather = false) {
+  if (gather && elem_bytes == 2 && head_dim > 192) { return {64, local ? 64 : 80, 2}; }
+  TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split || gather);
   if (narrow && t.block_n > 128) { t.block_n = 128; }
-  if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = 96; }
+  if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = head_dim > 192 ? 64 : 96; }
   if (local && elem_bytes == 1 && head_dim > 128) { t.block_n = 64; }
   return t;
 }
@@ -55,6 +61,15 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // Split-KV kernels (decode, long keys per tile) keep 128: their float32 epilogue does not fit next to the
   // 176-key tile's registers (356 bytes of spills, 2026-12-01), and their tiles are short anyway.
   if (head_dim == 128 && head_dim_v == 128 && !causal && !split) { return {128, 176, 2}; }
+  // hdim 256 (Gemma): 128x80, 2 stages = 64 + 2 x (40 + 40) KB = 224 KB, the widest key block that fits (96
+  // would need 256 KB). O alone is 128 registers per thread, S 40 and P 20 more. Causal, split-KV and the
+  // gather variant (232 consumer registers) take 64: with 80 they spilled 8 / 16-44 bytes (2026-12-01);
+  // FA3 runs causal at 80.
+  if (head_dim > 192) { return {128, causal || split ? 64 : 80, 2}; }
+  // hdim 192 with dv 128 (DeepSeek-V3's prefill, q = nope 128 + rope 64): 128x128 = 48 + 2 x (48 + 32) KB =
+  // 208 KB. dv 192: 128x112 = 48 + 2 x (42 + 42) KB = 216 KB (128 would need 240 KB); split-KV and the
+  // gather variant 96 (its causal kernel spilled 20 bytes at 112).
+  if (head_dim > 128) { return {128, head_dim_v <= 128 ? 128 : (split ? 96 : 112), 2}; }
   // hdim 128, causal: 128x128. Causal tiles have few key blocks near the diagonal, where a wide block wastes
   // masked work; 128 keeps the diagonal block square with the query tile.
   // hdim 96: 128x128, 2 stages = 24 + 96 KB.
@@ -64,10 +79,10 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 }
 
 template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2, bool kSplit = false, bool kNarrow = false,
-          bool kLocal = false>
+          bool kLocal = false, bool kGather = false>
 struct TileConfigSm90 {
   static constexpr TileShape kShape =
-      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal);
+      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal, kGather);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
   static constexpr int kStages = kShape.stages;
