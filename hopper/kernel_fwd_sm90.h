@@ -235,12 +235,11 @@ struct FwdKernelSm90 {
       Mainloop::init_turns((int(threadIdx.x) - kWarpGroupThreads) / kWarpGroupThreads);
       uint32_t q_phase = 0;
       for (uint32_t round = 0;; ++round) {
-        // The thread index read per tile (a volatile read the compiler cannot hoist), so that neither it nor
-        // the coordinates derived from it stay live across the tile loop: the gather variants' consumers
-        // (232 registers) spilled them (16-bit d 96 local, 2026-12-01).
-        int tid;
-        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
-        int const thread_idx = tid - kWarpGroupThreads;
+        // The thread index read per tile and again for the epilogue (consumer_thread_index), so that neither
+        // it nor the coordinates derived from it stay live across the tile loop or the mainloop: the gather
+        // variants' consumers (232 registers) spilled them (16-bit d 96 local), the d 256 causal kernel too
+        // (2026-12-01).
+        int const thread_idx = consumer_thread_index();
         mailbox_wait(&smem.mailbox_full, round & 1);
         int const idx = smem.tile_index;
         mailbox_arrive(&smem.mailbox_empty);
@@ -259,7 +258,7 @@ struct FwdKernelSm90 {
         q_phase ^= 1;
         // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.
         TileWork const we = work_of(params, idx);
-        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile, we.seqlen);
+        Epilogue::store(params.epilogue, tOrO, lse, consumer_thread_index(), we.tile, we.seqlen);
       }
     }
   }

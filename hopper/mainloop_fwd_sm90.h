@@ -250,11 +250,16 @@ struct MainloopFwdSm90 {
     if constexpr (kGather) {
       p.paged_box = a.paged.page_table != nullptr && !p.paged_tma && a.paged.page_size % kBoxRows == 0 &&
                     a.paged.leftpad == nullptr;
-      // The V box reads the caller's V (16-bit); FP8's V is the dense transposed copy, so its box is unused.
-      Tensor mVbox = make_tensor(make_gmem_ptr(kFp8 ? a.k : a.v_paged), a.shape_kv, kFp8 ? a.stride_k : a.stride_v_paged);
-      auto const box = Shape<Int<kBoxRows>, Int<kBoxCols>>{};
-      p.tma_k_box = make_tma_copy(SM90_TMA_LOAD{}, mK, SmemLayoutBox{}, box, _1{});
-      p.tma_v_box = make_tma_copy(SM90_TMA_LOAD{}, mVbox, SmemLayoutBox{}, box, _1{});
+      // Encoded only for the calls that use them (the cp.async path, other page sizes, does not): each
+      // encoding is a host-side driver call. The V box reads the caller's V (16-bit); FP8's V is the dense
+      // transposed copy, so its box is unused.
+      if (p.paged_box) {
+        Tensor mVbox =
+            make_tensor(make_gmem_ptr(kFp8 ? a.k : a.v_paged), a.shape_kv, kFp8 ? a.stride_k : a.stride_v_paged);
+        auto const box = Shape<Int<kBoxRows>, Int<kBoxCols>>{};
+        p.tma_k_box = make_tma_copy(SM90_TMA_LOAD{}, mK, SmemLayoutBox{}, box, _1{});
+        p.tma_v_box = make_tma_copy(SM90_TMA_LOAD{}, mVbox, SmemLayoutBox{}, box, _1{});
+      }
     }
     return p;
   }
@@ -837,9 +842,12 @@ struct MainloopFwdSm90 {
     float o_scale[kRowsPerThread];
     softmax.finalize(score.softmax_scale, o_scale, lse);
     if (p.score.sinks != nullptr) {  // each row's q head: the tile's, or with PackGQA the packed row's
+      // The rows' coordinates from a fresh thread index, not kept live across the loop (consumer_thread_index).
+      Tensor tScS_end = mma_qk.get_slice(consumer_thread_index()).partition_C(cS);
+      Tensor tScS_end_rc = make_tensor(tScS_end.data(), acc_rowcol(tScS_end.layout()));
       CUTLASS_PRAGMA_UNROLL
       for (int m = 0; m < kRowsPerThread; ++m) {
-        int const row = tile.m_block * kBlockM + get<0>(tScS_rc(m, 0));
+        int const row = tile.m_block * kBlockM + get<0>(tScS_end_rc(m, 0));
         int const head = p.pack > 1 ? tile.head * p.pack + row % p.pack : tile.head;
         Score::add_sink(p.score.sinks[head], lse[m], o_scale[m]);
       }

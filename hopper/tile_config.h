@@ -62,10 +62,11 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // 176-key tile's registers (356 bytes of spills, 2026-12-01), and their tiles are short anyway.
   if (head_dim == 128 && head_dim_v == 128 && !causal && !split) { return {128, 176, 2}; }
   // hdim 256 (Gemma): 128x80, 2 stages = 64 + 2 x (40 + 40) KB = 224 KB, the widest key block that fits (96
-  // would need 256 KB). O alone is 128 registers per thread, S 40 and P 20 more. Causal, split-KV and the
-  // gather variant (232 consumer registers) take 64: with 80 they spilled 8 / 16-44 bytes (2026-12-01);
-  // FA3 runs causal at 80.
-  if (head_dim > 192) { return {128, causal || split ? 64 : 80, 2}; }
+  // would need 256 KB). O alone is 128 registers per thread, S 40 and P 20 more; causal too (FA3's tile) once
+  // the thread index is re-read after the mainloop (it spilled 8 bytes kept live, 2026-12-01). Split-KV: 64
+  // (decode tiles are short; 0 spills with its float32 epilogue, 80 not tried; the gather variant: see
+  // tile_shape_sm90).
+  if (head_dim > 192) { return {128, split ? 64 : 80, 2}; }
   // hdim 192 with dv 128 (DeepSeek-V3's prefill, q = nope 128 + rope 64): 128x128 = 48 + 2 x (48 + 32) KB =
   // 208 KB. dv 192: 128x112 = 48 + 2 x (42 + 42) KB = 216 KB (128 would need 240 KB); split-KV and the
   // gather variant 96 (its causal kernel spilled 20 bytes at 112).
