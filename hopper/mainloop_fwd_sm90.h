@@ -334,7 +334,18 @@ struct MainloopFwdSm90 {
       }
     }
     typename Pipeline::State state_v = state;
-    // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
+    // The blocks in the order the consumer needs them: K of block n goes out before V of block n + 1. Not
+    // unrolled: issuing is cheap, and the unrolled loop's extra counters do not fit the producer's 24
+    // registers (the FP8 kernels spilled one).
+    auto issue_blocks = [&](auto&& load_k_block, auto&& load_v_block) {
+      load_k_block(range.end - 1);
+#pragma unroll 1
+      for (int n = range.end - 2; n >= range.begin; --n) {
+        load_k_block(n);
+        load_v_block(n + 1);
+      }
+      load_v_block(range.begin);
+    };
     auto load_k = [&](int n) {
       if (leader) {
         pipe_k.producer_acquire(state, kTxBytesK);
@@ -375,13 +386,7 @@ struct MainloopFwdSm90 {
           state_v.advance();
         }
       };
-      load_k_page(range.end - 1);
-#pragma unroll 1
-      for (int n = range.end - 2; n >= range.begin; --n) {
-        load_k_page(n);
-        load_v_page(n + 1);
-      }
-      load_v_page(range.begin);
+      issue_blocks(load_k_page, load_v_page);
       return;
     }
     if (p.paged()) {  // the KV warp gathers K (and 16-bit V) through the page table (load_paged)
@@ -392,15 +397,7 @@ struct MainloopFwdSm90 {
       }
       return;
     }
-    load_k(range.end - 1);
-    // Not unrolled: issuing is cheap, and the unrolled loop's extra counters do not fit the producer's 24
-    // registers (the FP8 kernels spilled one).
-#pragma unroll 1
-    for (int n = range.end - 2; n >= range.begin; --n) {
-      load_k(n);
-      load_v(n + 1);
-    }
-    load_v(range.begin);
+    issue_blocks(load_k, load_v);
   }
 
   // Paged K/V, any page size (FA3's arbitrary page_block_size), run by the KV warp of the producer
