@@ -8,12 +8,14 @@
 # has no network, so pip is pointed at the carried wheels in .whl/ (PIP_NO_INDEX, PIP_FIND_LINKS): the
 # commands themselves stay as the README prints them.
 #
-# Logs go to $OUT, whose files come back (at most 8, so the set is fixed): build.log (with the SASS check)
-# standalone.log tests.log bench.log fwd_*.csv bench_fwd.png sanitize.log summary.txt. A failing stage does not
-# stop later ones (except that nothing runs without a build); the exit code is non-zero if any stage failed.
+# Logs go to $OUT, whose files come back (at most 8, so the set is fixed): build.log (with the SASS check and
+# the wheel stage) standalone.log tests.log bench.log fwd_*.csv bench_fwd.png sanitize.log summary.txt. A failing
+# stage does not stop later ones (except that nothing runs without a build); the exit code is non-zero if any
+# stage failed.
 #
-# Usage: bash tools/gpu_check.sh [STAGES...]   stages: build standalone tests bench sanitize, or all
-#        (= build standalone tests bench). build always runs first, except for standalone alone (no extension).
+# Usage: bash tools/gpu_check.sh [STAGES...]   stages: build standalone tests bench sanitize wheel, or all
+#        (= build standalone tests bench). build always runs first, except when only standalone and wheel are
+#        asked for (each builds what it tests).
 # Environment:
 #   FLASH_ATTN3_DTYPES / FLASH_ATTN3_HDIMS  build only some kernels (passed through to setup.py)
 #   GPU_TESTS="expr"    pytest -k expression;  PYTEST_ARGS="..." more pytest arguments
@@ -24,8 +26,8 @@ set -uo pipefail
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 || "${STAGES[*]}" == "all" ]] && STAGES=(build standalone tests bench)
 for s in "${STAGES[@]}"; do
-  case "$s" in build | standalone | tests | bench | sanitize) ;; *)
-    echo "usage: bash tools/gpu_check.sh [build|standalone|tests|bench|sanitize ...|all]" >&2
+  case "$s" in build | standalone | tests | bench | sanitize | wheel) ;; *)
+    echo "usage: bash tools/gpu_check.sh [build|standalone|tests|bench|sanitize|wheel ...|all]" >&2
     exit 2
     ;;
   esac
@@ -170,6 +172,43 @@ bench() {
   return "$rc"
 }
 
+# The stable-ABI wheel as a user gets it: `pip wheel` once (after the build stage, ninja finds its objects
+# up to date), installed with --no-deps into a fresh venv that sees the system torch (--system-site-packages:
+# the device has no network; --without-pip: that venv runs the system pip), and tested from a copy of tests/
+# outside the tree, so that nothing comes from the source copy. Prints the wheel's name, tag and size.
+wheel() {
+  [[ -d .whl ]] || { echo "no .whl/ folder: name \".whl\" in the run tool's carry" >&2; return 1; }
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$ROOT/.whl"
+  local work whl rc
+  work="$(mktemp -d)"
+  # shellcheck disable=SC2016
+  echo '$ python -m pip wheel --no-build-isolation --no-deps . -w dist'
+  { python -m pip install --no-deps nvidia-cutlass==4.2.0.0 &&
+    python -m pip wheel -v --no-build-isolation --no-deps . -w "$work/dist"; } >>"$OUT/build.log" 2>&1 ||
+    { tail -n 40 "$OUT/build.log"; rm -rf "$work"; return 1; }
+  whl="$(find "$work/dist" -name 'flash_attn3-*.whl' | head -n1)"
+  python - "$whl" <<'EOF'
+import os, sys, zipfile
+whl = zipfile.ZipFile(sys.argv[1])
+meta = whl.read(next(n for n in whl.namelist() if n.endswith(".dist-info/WHEEL"))).decode()
+tags = [line for line in meta.splitlines() if line.startswith("Tag:")]
+print(f"wheel: {os.path.basename(sys.argv[1])} ({os.path.getsize(sys.argv[1]) / 2**20:.1f} MiB), {', '.join(tags)}, "
+      f"extension {[n for n in whl.namelist() if n.endswith('.so')]}")
+EOF
+  # The interpreter that built the wheel (it has torch); its pip installs into the venv it runs in.
+  python -m venv --system-site-packages --without-pip "$work/venv" &&
+    "$work/venv/bin/python" -m pip install -q --no-deps --ignore-installed "$whl" || { rm -rf "$work"; return 1; }
+  cp -r tests pytest.ini "$work/"
+  (cd "$work" && venv/bin/python -c 'import torch, flash_attn3._C as c, flash_attn3._ops as o
+print("import:", c.__file__, "| torch", torch.__version__, "| extension", o.HAS_EXTENSION)')
+  echo "\$ (copy of tests/, wheel venv) python -m pytest -x -q tests/test_stable_abi.py tests/test_fwd_gpu.py tests/test_ops_gpu.py"
+  (cd "$work" && venv/bin/python -m pytest -x -q -p no:cacheprovider tests/test_stable_abi.py tests/test_fwd_gpu.py \
+    tests/test_ops_gpu.py) 2>&1 | tee -a "$OUT/build.log" | tail -n 15
+  rc=${PIPESTATUS[0]}
+  rm -rf "$work"
+  return "$rc"
+}
+
 # compute-sanitizer on a few small calls (odd lengths, varlen, GQA, causal, split-KV + PackGQA decode); PyTorch's caching allocator is
 # off so that memcheck sees every allocation's true bounds.
 sanitize() {
@@ -288,9 +327,12 @@ EOF
 }
 
 stage env env_info
-# The standalone stage alone needs no extension (build_standalone.sh builds its own library).
-if [[ "${STAGES[*]}" == standalone ]]; then
-  stage standalone standalone
+# standalone and wheel build what they test (build_standalone.sh its own library, wheel its wheel); the other
+# stages test the installed build.
+NEEDS_BUILD=0
+for s in "${STAGES[@]}"; do [[ "$s" == standalone || "$s" == wheel ]] || NEEDS_BUILD=1; done
+if [[ $NEEDS_BUILD -eq 0 ]]; then
+  for s in "${STAGES[@]}"; do stage "$s" "$s"; done
 elif stage build build; then
   stage sass sass
   for s in "${STAGES[@]}"; do
