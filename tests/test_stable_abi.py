@@ -168,7 +168,7 @@ def test_cpu_tensors_are_refused_by_the_dispatcher():
 @needs_extension
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks how a machine without a CUDA device fails")
 def test_plan_without_a_cuda_device_fails_clearly():
-    args = (1, 128, 128, 8, 8, 128, 128, torch.bfloat16, False, -1, -1, 0.0, 0, -1, 0, torch.device("cuda", 0))
+    args = (1, 128, 128, 8, 8, 128, 128, torch.bfloat16, False, -1, -1, 0, 0.0, 0, -1, 0, torch.device("cuda", 0))
     with pytest.raises(RuntimeError, match=r"flash_attn3 fwd: CUDA error in SM count"):
         torch.ops.flash_attn3.plan(*args)
 
