@@ -19,6 +19,7 @@ from flash_attn3._checked import checked_mode, set_checked_mode
 from flash_attn3.interface import (
     flash_attn_combine,
     flash_attn_func,
+    flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
     get_scheduler_metadata,
@@ -41,6 +42,7 @@ __all__ = [
     "dequantize_fp8",
     "flash_attn_combine",
     "flash_attn_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "get_scheduler_metadata",

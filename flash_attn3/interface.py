@@ -93,6 +93,48 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     return (out, softmax_lse) if return_attn_probs else out
 
 
+def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, deterministic=False, num_heads_q=None, sm_margin=0, return_attn_probs=False, sinks=None):  # noqa: E501
+    """flash_attn_func on q, k, v packed in one tensor (FA3's signature), read through views (no copies).
+
+    Args:
+        qkv: (batch, seqlen, 3, num_heads, head_dim), q, k, v along dim -3; or 4-D (batch, seqlen,
+            num_heads_q + 2 * num_heads_k, head_dim) with num_heads_q given: q heads first, then k's, then
+            v's (GQA / MQA).
+        num_heads_q: the q heads of a 4-D qkv (required there, not allowed with 5-D).
+        The other arguments are flash_attn_func's.
+
+    Returns:
+        out (batch, seqlen, num_heads_q, head_dim), or (out, softmax_lse) if return_attn_probs.
+    """
+    _checks.check_tensor("qkv", qkv)
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3:
+            raise ValueError(f"qkv: a 5-D qkv must be (batch, seqlen, 3, num_heads, head_dim), got shape "
+                             f"{tuple(qkv.shape)}")
+        if num_heads_q is not None:
+            raise ValueError("num_heads_q: only for a 4-D qkv (batch, seqlen, num_heads_q + 2 * num_heads_k, "
+                             "head_dim); a 5-D one has equal head counts")
+        q, k, v = qkv.unbind(dim=-3)
+    elif qkv.dim() == 4:
+        if num_heads_q is None:
+            raise ValueError("num_heads_q: required with a 4-D qkv (batch, seqlen, num_heads_q + 2 * num_heads_k, "
+                             "head_dim)")
+        _checks.check_int("num_heads_q", num_heads_q, 1)
+        heads = qkv.shape[2]
+        num_heads_k = (heads - num_heads_q) // 2
+        if num_heads_k < 1 or num_heads_q + 2 * num_heads_k != heads:
+            raise ValueError(f"num_heads_q: {num_heads_q} leaves {heads - num_heads_q} of qkv's {heads} heads, "
+                             "which must be 2 * num_heads_k with num_heads_k >= 1")
+        q, k, v = qkv.split([num_heads_q, num_heads_k, num_heads_k], dim=-2)
+    else:
+        raise ValueError(f"qkv: must be 5-D (batch, seqlen, 3, num_heads, head_dim) or 4-D (batch, seqlen, "
+                         f"num_heads_q + 2 * num_heads_k, head_dim), got {qkv.dim()}-D")
+    return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, q_descale=q_descale,
+                           k_descale=k_descale, v_descale=v_descale, window_size=window_size,
+                           attention_chunk=attention_chunk, softcap=softcap, deterministic=deterministic,
+                           sm_margin=sm_margin, return_attn_probs=return_attn_probs, sinks=sinks)
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, scheduler_metadata=None, out=None, return_softmax_lse=False, block_table=None, fa_version=None, s_aux=None, sinks=None, q_v=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None):  # noqa: E501
     """Attention over packed variable-length sequences.
 

@@ -422,3 +422,27 @@ def test_default_scale_is_head_dim_rsqrt():
 
 
 # Softcap and local attention: tests/test_local_softcap_gpu.py.
+
+
+@pytest.mark.parametrize("packing", ["5d", "4d_gqa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkvpacked_func(packing, causal):
+    """FA3's flash_attn_qkvpacked_func: the reference's answer, and bitwise flash_attn_func's on the views."""
+    from flash_attn3 import flash_attn_qkvpacked_func
+
+    b, s, d = 2, 1023, 128
+    if packing == "5d":
+        qkv = torch.randn(b, s, 3, 6, d, device=DEVICE, dtype=torch.bfloat16)
+        q, k, v = qkv.unbind(2)
+        out, lse = flash_attn_qkvpacked_func(qkv, causal=causal, return_attn_probs=True)
+    else:
+        qkv = torch.randn(b, s, 8 + 2 * 2, d, device=DEVICE, dtype=torch.bfloat16)
+        q, k, v = qkv.split([8, 2, 2], dim=2)
+        out, lse = flash_attn_qkvpacked_func(qkv, causal=causal, num_heads_q=8, return_attn_probs=True)
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, upcast=True)
+    low, _ = attention_ref(q, k, v, causal=causal, upcast=False, reorder_ops=True)
+    err, base = (out.float() - ref).abs().max().item(), (low.float() - ref).abs().max().item()
+    assert err <= 2 * base + OUT_FLOOR, f"{packing} causal={causal}: max error {err:.3e} > 2 x {base:.3e} + floor"
+    torch.testing.assert_close(lse, ref_lse.float(), atol=LSE_ATOL, rtol=0)
+    plain = flash_attn_func(q, k, v, causal=causal)
+    assert torch.equal(out, plain), f"{packing} causal={causal}: differs from flash_attn_func on the same views"

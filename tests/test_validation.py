@@ -841,3 +841,37 @@ def test_sglang_kvcache_call_surface(kernel_stub):
     assert c["page_table"] is table and c["cu_seqlens_q"] is cu_q and c["seqused_k"] is seqlens
     assert c["max_seqlen_q"] == 3 and c["softcap"] == 30.0 and torch.equal(c["sinks"], sinks)
     assert (c["window_size_left"], c["window_size_right"]) == (5, 0)
+
+
+def test_qkvpacked_func_reads_views_of_qkv(kernel_stub):
+    """FA3's flash_attn_qkvpacked_func: 5-D (b, s, 3, h, d) unbound along dim -3, 4-D (b, s, hq + 2 hk, d)
+    split by num_heads_q (GQA); the op gets views of the one tensor, and flash_attn_func's defaults."""
+    qkv = torch.randn(2, 5, 3, 4, 64).half()
+    out = flash_attn3.flash_attn_qkvpacked_func(qkv, causal=True)
+    c = kernel_stub[-1]
+    assert out.shape == (2, 5, 4, 64)
+    for i, name in enumerate("qkv"):
+        assert c[name].data_ptr() == qkv[:, :, i].data_ptr() and c[name].shape == (2, 5, 4, 64)
+    assert (c["window_size_left"], c["window_size_right"]) == (-1, 0)
+    assert c["softmax_scale"] == pytest.approx(64 ** -0.5)
+    gqa = torch.randn(2, 5, 8 + 2 * 2, 64).half()
+    out, lse = flash_attn3.flash_attn_qkvpacked_func(gqa, num_heads_q=8, return_attn_probs=True, softcap=5.0)
+    c = kernel_stub[-1]
+    assert out.shape == (2, 5, 8, 64) and lse.shape == (2, 8, 5)
+    assert c["q"].shape == (2, 5, 8, 64) and c["k"].shape == (2, 5, 2, 64) and c["v"].shape == (2, 5, 2, 64)
+    assert c["k"].data_ptr() == gqa[:, :, 8].data_ptr() and c["v"].data_ptr() == gqa[:, :, 10].data_ptr()
+    assert c["softcap"] == 5.0
+
+
+@pytest.mark.parametrize("qkv,kw,exc,match", [
+    (torch.randn(2, 5, 4, 4, 64).half(), {}, ValueError, r"qkv: a 5-D qkv must be \(batch, seqlen, 3"),
+    (torch.randn(2, 5, 3, 4, 64).half(), dict(num_heads_q=4), ValueError, r"num_heads_q: only for a 4-D qkv"),
+    (torch.randn(2, 5, 12, 64).half(), {}, ValueError, r"num_heads_q: required with a 4-D qkv"),
+    (torch.randn(2, 5, 12, 64).half(), dict(num_heads_q=5), ValueError, r"num_heads_q: 5 leaves 7 of qkv's 12"),
+    (torch.randn(2, 5, 12, 64).half(), dict(num_heads_q=12), ValueError, r"num_heads_q: 12 leaves 0"),
+    (torch.randn(5, 12, 64).half(), {}, ValueError, r"qkv: must be 5-D .* or 4-D .*, got 3-D"),
+    ("qkv", {}, TypeError, r"qkv"),
+], ids=["5d_not_3", "5d_with_num_heads_q", "4d_without", "4d_odd_rest", "4d_no_kv", "3d", "not_tensor"])
+def test_qkvpacked_func_rejects(kernel_stub, qkv, kw, exc, match):
+    raises(exc, match, flash_attn3.flash_attn_qkvpacked_func, qkv, **kw)
+    assert not kernel_stub
