@@ -147,6 +147,9 @@ def _is_array(x) -> bool:
     return isinstance(x, torch.Tensor) or (np is not None and isinstance(x, np.ndarray))
 
 
+_SINK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def normalize_window(window_size, causal: bool, rows_q: int, rows_k: int) -> tuple[int, int]:
     """Validates window_size and returns FA3's normalised (left, right).
 
@@ -396,12 +399,13 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         if not isinstance(sinks, torch.Tensor):
             raise TypeError(f"{n_sinks}: expected a float32 tensor of num_heads sink logits, got "
                             f"{type(sinks).__name__}")
-        if sinks.dtype != torch.float32 or sinks.dim() != 1 or sinks.shape[0] != num_heads:
-            raise ValueError(f"{n_sinks}: must be a float32 tensor of shape (num_heads,) = ({num_heads},), got "
-                             f"{sinks.dtype} of shape {tuple(sinks.shape)}")
+        # vLLM keeps gpt-oss's sinks in bfloat16 (its fork's s_aux takes only that); the kernel reads float32.
+        if sinks.dtype not in _SINK_DTYPES or sinks.dim() != 1 or sinks.shape[0] != num_heads:
+            raise ValueError(f"{n_sinks}: must be a float32, bfloat16 or float16 tensor of shape (num_heads,) = "
+                             f"({num_heads},), got {sinks.dtype} of shape {tuple(sinks.shape)}")
         if sinks.device != q.device:
             raise ValueError(f"{n_sinks}: must be on q's device {q.device}, got {sinks.device}")
-        sinks = sinks.contiguous()
+        sinks = sinks.to(torch.float32).contiguous()
     if num_splits > 1:
         features.add("split_kv")
     if paged:

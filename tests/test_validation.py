@@ -796,8 +796,9 @@ def test_vllm_varlen_call_surface(kernel_stub):
 
 @pytest.mark.parametrize("case", [
     ("s_aux_and_sinks", dict(s_aux=torch.zeros(4), sinks=torch.zeros(4)), ValueError, r"s_aux, sinks"),
-    ("s_aux_shape", dict(s_aux=torch.zeros(3)), ValueError, r"s_aux: must be a float32 tensor of shape \(num_heads,\)"),
-    ("sinks_dtype", dict(sinks=torch.zeros(4).half()), ValueError, r"sinks: must be a float32"),
+    ("s_aux_shape", dict(s_aux=torch.zeros(3)), ValueError, r"s_aux: must be a float32, bfloat16 or float16 tensor of shape \(num_heads,\)"),
+    ("sinks_dtype", dict(sinks=torch.zeros(4, dtype=torch.float64)), ValueError,
+     r"sinks: must be a float32, bfloat16 or float16 tensor"),
     ("cp", dict(cp_world_size=2, cp_rank=1), NotImplementedError, r"context-parallel"),
     ("cp_rank_negative", dict(cp_rank=-1), ValueError, r"cp_rank"),
     ("q_v_and_qv", dict(q_v=torch.zeros(3, 4, 64).half(), qv=torch.zeros(3, 4, 64).half()), ValueError, r"q_v, qv"),
@@ -819,6 +820,10 @@ def test_sinks_reach_the_op(kernel_stub):
     flash_attn_func(q, k, v, sinks=sinks)
     flash_attn_with_kvcache(q, k, v, cache_seqlens=3, sinks=sinks)
     assert [c["sinks"] is not None and torch.equal(c["sinks"], sinks) for c in kernel_stub] == [True] * 3
+    # vLLM's bfloat16 s_aux reaches the op as float32 of the same values.
+    flash_attn_varlen_func(**_vllm_paged(), s_aux=sinks.bfloat16())
+    assert kernel_stub[-1]["sinks"].dtype == torch.float32
+    assert torch.equal(kernel_stub[-1]["sinks"], sinks.bfloat16().float())
 
 
 def test_sglang_kvcache_call_surface(kernel_stub):
