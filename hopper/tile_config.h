@@ -44,12 +44,17 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // 2 x (K + V^T) 72-96 KB); S 96 + P 24 + O 48-64 registers, 0 spills; 128x224 (FA3's d 128 tile) spilled 4
   // bytes. 128x128 for d 128 ran at 665 TFLOPS against FA3's 794 (H200, s 8k), so the per-block fixed costs
   // matter as they did for 16-bit. Causal: 128, as for 16-bit (the diagonal block stays square). d 256: the O
-  // accumulator alone is 128 registers per thread; with 128 keys one kernel spilled 28 bytes, 96 keys fit.
+  // accumulator alone is 128 registers per thread; with 128 keys (FA3's) one kernel spilled 28 bytes (12-16
+  // with the thread index re-read, 2026-12-01), 96 keys fit.
   // d 128: 3 stages (16 + 3 x 48 KB non-causal, 16 + 3 x 32 KB causal): FP8's GEMMs take half the time of
   // 16-bit ones, so fewer blocks of work cover a load's latency. Measured (H200, s 8k, same runs as FA3):
   // non-causal 723 -> 739 TFLOPS, causal 625 -> 636; FA3 899 / 810 and 897 / 826 in those runs.
   if (elem_bytes == 1) {
     if (head_dim > 128) { return {128, 96, 2}; }
+    // d 128 non-causal: FA3's tile, 128x224; 3 stages = 16 + 3 x 56 KB. Kept live after the mainloop, the
+    // thread index had made it spill 4 bytes; re-read, it fits (2026-12-01, compile-checked). FA3 runs causal
+    // at 224 too; ours spilled 16 bytes there (4 at 192), so causal keeps 128. Split-KV keeps 192.
+    if (head_dim == 128 && !split && !causal) { return {128, 224, 3}; }
     return {128, !causal && head_dim >= 96 ? 192 : 128, head_dim == 128 ? 3 : 2};
   }
   // hdim 128, non-causal: 128x176, 2 stages = 32 + 176 KB = 208 KB. Wider key blocks cut the per-block fixed
