@@ -75,6 +75,12 @@ class Case:
     append: bool = False  # kvcache rows: the last token is appended in the call (k=, v=) with rotary on q and k
     window: tuple = (-1, -1)  # sliding window (left, right); with causal the right side is 0
     softcap: float = 0.0
+    head_dim_v: int = 0  # v's head dim; 0 = head_dim (DeepSeek's MLA prefill: 192 / 128)
+    chunk: int = 0  # attention_chunk (Llama 4's chunked attention); 0 = off
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim_v or self.head_dim
 
     @property
     def reports_gbps(self) -> bool:
@@ -85,12 +91,13 @@ class Case:
     def label(self) -> str:
         heads = f"{self.heads}" if self.heads == self.heads_k else f"{self.heads}/{self.heads_k}"
         seq = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}x{self.seqlen_k}"
-        return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{self.head_dim}"
+        dims = f"{self.head_dim}" if self.dv == self.head_dim else f"{self.head_dim}/{self.dv}"
+        return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{dims}"
                 f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}"
                 f"{' kvcache' if self.kvcache else ''}{f' page{self.page_size}' if self.page_size else ''}"
                 f"{' append+rotary' if self.append else ''}"
                 f"{f' window{self.window[0]}' if self.window != (-1, -1) else ''}"
-                f"{f' softcap{self.softcap:g}' if self.softcap else ''}")
+                f"{f' softcap{self.softcap:g}' if self.softcap else ''}{f' chunk{self.chunk}' if self.chunk else ''}")
 
     def flops(self) -> float:
         avg_sk = (max(0, self.seqlen_k - self.seqlen_q) + self.seqlen_k) / 2 if self.causal else self.seqlen_k
@@ -98,12 +105,17 @@ class Case:
         if left >= 0 and self.causal and self.seqlen_q == self.seqlen_k:  # query i sees min(i, left) + 1 keys
             s, w = self.seqlen_q, min(left + 1, self.seqlen_q)
             avg_sk = (w * (w + 1) / 2 + (s - w) * w) / s
-        return 2.0 * self.batch * self.heads * self.seqlen_q * avg_sk * (2 * self.head_dim)
+        if self.chunk and self.causal and self.seqlen_q == self.seqlen_k:  # causal inside each chunk
+            s, c = self.seqlen_q, self.chunk
+            full, rest = divmod(s, c)
+            avg_sk = (full * c * (c + 1) / 2 + rest * (rest + 1) / 2) / s
+        # FA3's convention: 2 flops per multiply-add in Q K^T (d) and P V (dv)
+        return 2.0 * self.batch * self.heads * self.seqlen_q * avg_sk * (self.head_dim + self.dv)
 
     def kv_bytes(self) -> int:
         """Bytes of K and V a forward reads once: every cached key and value of every KV head."""
         elem = 1 if self.dtype == "fp8" else 2
-        return self.batch * self.seqlen_k * self.heads_k * self.head_dim * 2 * elem
+        return self.batch * self.seqlen_k * self.heads_k * (self.head_dim + self.dv) * elem
 
     def gbps(self, ms: float) -> float:
         return self.kv_bytes() / (ms * 1e-3) / 1e9
@@ -142,7 +154,14 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
                   Case("features", "bf16", 1, 32768, 32768, 32, 8, 128, True, window=(4096, 0)),
                   Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, False),
                   Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, False, softcap=30.0),
-                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, True, softcap=30.0)]
+                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 128, True, softcap=30.0),
+                  # Head dims of today's models: d 256 (Gemma; FA3 738 / 717 TFLOPS non-causal / causal on
+                  # H100), DeepSeek-V3's MLA prefill (d 192, dv 128), Llama 4's chunks of 8192 against causal.
+                  Case("features", "bf16", 1, 16384, 16384, 8, 8, 256, False),
+                  Case("features", "bf16", 1, 16384, 16384, 8, 8, 256, True),
+                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 192, False, head_dim_v=128),
+                  Case("features", "bf16", 2, 8192, 8192, 16, 16, 192, True, head_dim_v=128),
+                  Case("features", "bf16", 1, 32768, 32768, 32, 8, 128, True, chunk=8192)]
     if grid in ("decode", "all"):
         cases += [Case("decode", "bf16", b, 1, s, 32, 8, 128, True, kvcache=True)
                   for b, s in ((1, 8192), (8, 8192), (64, 8192), (128, 2048), (16, 32768))]
@@ -211,9 +230,9 @@ def make_backends(torch):
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn3.flash_attn_varlen_func(
                 qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
-        if case.window != (-1, -1) or case.softcap:
+        if case.window != (-1, -1) or case.softcap or case.chunk:
             return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal, window_size=case.window,
-                                                       softcap=case.softcap)
+                                                       softcap=case.softcap, attention_chunk=case.chunk)
         return lambda: flash_attn3.flash_attn_func(q, k, v, causal=case.causal)
 
     def fa3(case, q, k, v, cu_q, cu_k):
@@ -240,8 +259,8 @@ def make_backends(torch):
             qp, kp, vp = (t.flatten(0, 1) for t in (q, k, v))
             return lambda: flash_attn_interface.flash_attn_varlen_func(
                 qp, kp, vp, cu_q, cu_k, case.seqlen_q, case.seqlen_k, causal=case.causal)
-        if case.window != (-1, -1):
-            raise Unsupported("the fa3-fwd wheel is built without local attention")
+        if case.window != (-1, -1) or case.chunk:
+            raise Unsupported("the fa3-fwd wheel is built without local attention (windows, chunks)")
         if case.softcap:
             return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal, softcap=case.softcap)
         return lambda: flash_attn_interface.flash_attn_func(q, k, v, causal=case.causal)
@@ -275,8 +294,8 @@ def make_backends(torch):
         def factory(case, q, k, v, cu_q, cu_k):
             if case.page_size or case.append:
                 raise Unsupported("torch SDPA has no paged KV or KV append")
-            if case.window != (-1, -1) or case.softcap:
-                raise Unsupported("torch SDPA has no sliding window or softcap (a dense mask would be timed)")
+            if case.window != (-1, -1) or case.softcap or case.chunk:
+                raise Unsupported("torch SDPA has no sliding window, chunks or softcap (a dense mask would be timed)")
             if case.dtype == "fp8":
                 if backend != SDPBackend.CUDNN_ATTENTION:
                     raise Unsupported("no fp8 in FlashAttention-2")
@@ -315,7 +334,7 @@ def make_inputs(torch, case: Case, device):
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[case.dtype]
     q = torch.randn(case.batch, case.seqlen_q, case.heads, case.head_dim, device=device, dtype=dt)
     k = torch.randn(case.batch, case.seqlen_k, case.heads_k, case.head_dim, device=device, dtype=dt)
-    v = torch.randn_like(k)
+    v = torch.randn(case.batch, case.seqlen_k, case.heads_k, case.dv, device=device, dtype=dt)
     if case.dtype == "fp8":
         q, k, v = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
     ar = torch.arange(case.batch + 1, device=device, dtype=torch.int32)
@@ -374,8 +393,8 @@ def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
     reference's name: SDPA (cuDNN, else FA2), or for fp8 and kvcache rows without an SDPA result, FA3."""
     device = torch.device("cuda")
     elem = 1 if case.dtype == "fp8" else 2
-    set_bytes = elem * case.head_dim * (2 * case.batch * case.seqlen_q * case.heads
-                                        + 2 * case.batch * case.seqlen_k * case.heads_k)
+    set_bytes = elem * (case.head_dim + case.dv) * (case.batch * case.seqlen_q * case.heads
+                                                    + case.batch * case.seqlen_k * case.heads_k)
     # Sets add up to at most 2·L2 + one set, so memory stays bounded: the largest decode set (64 x 8192 or
     # 16 x 32768 cached tokens, h_k 8, d 128) is 2 GiB of K and V and runs alone.
     n_sets = max(1, min(64, math.ceil(2 * l2_bytes / set_bytes)))

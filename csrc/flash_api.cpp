@@ -176,8 +176,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
          OptTensor const& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, OptTensor const& page_table,
          OptTensor const& kv_batch_idx, OptTensor const& leftpad_k, OptTensor const& q_descale,
          OptTensor const& k_descale, OptTensor const& v_descale, double softmax_scale, int64_t window_size_left,
-         int64_t window_size_right, double softcap, OptTensor const& sinks, int64_t num_splits, int64_t pack_gqa,
-         int64_t sm_margin) {
+         int64_t window_size_right, int64_t attention_chunk, double softcap, OptTensor const& sinks,
+         int64_t num_splits, int64_t pack_gqa, int64_t sm_margin) {
   // ---- devices and dtypes ----
   TORCH_CHECK(q.is_cuda(), "flash_attn3 fwd: q must be a CUDA tensor, got device ", q.device());
   check_same_device(k, "k", q);
@@ -212,6 +212,8 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
                   window_size_right <= std::numeric_limits<int32_t>::max(),
               "flash_attn3 fwd: window_size_left/right must be < 2^31, got (", window_size_left, ", ",
               window_size_right, ")");
+  TORCH_CHECK(attention_chunk >= 0 && attention_chunk <= std::numeric_limits<int32_t>::max(),
+              "flash_attn3 fwd: attention_chunk must be in [0, 2^31) (0 = off), got ", attention_chunk);
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "flash_attn3 fwd: max_seqlen_q/k must be >= 0, got ",
               max_seqlen_q, " and ", max_seqlen_k);
 
@@ -354,6 +356,7 @@ void fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::Tens
   }
   params.mask.window_left = static_cast<int32_t>(window_size_left < 0 ? -1 : window_size_left);
   params.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
+  params.mask.chunk = static_cast<int32_t>(attention_chunk);
   params.softmax_scale = static_cast<float>(softmax_scale);
   params.softcap = static_cast<float>(softcap);
   if (sinks.has_value()) {
@@ -593,7 +596,8 @@ void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor const& k_new
 // contiguous layouts at a placeholder address: it reads no memory.
 std::vector<int64_t> plan(int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t num_heads,
                           int64_t num_heads_k, int64_t head_dim, int64_t head_dim_v, at::ScalarType qkv_dtype,
-                          bool varlen_q, int64_t window_size_left, int64_t window_size_right, double softcap,
+                          bool varlen_q, int64_t window_size_left, int64_t window_size_right,
+                          int64_t attention_chunk, double softcap,
                           int64_t num_splits, int64_t pack_gqa, int64_t sm_margin, at::Device device) {
   TORCH_CHECK(device.is_cuda() && device.has_index(), "flash_attn3 plan: device must be an indexed CUDA device");
   DeviceInfo const& dev = device_info(device.index());
@@ -634,6 +638,9 @@ std::vector<int64_t> plan(int64_t batch, int64_t max_seqlen_q, int64_t max_seqle
   p.lse.ptr = reinterpret_cast<float*>(fake);
   p.mask.window_left = static_cast<int32_t>(window_size_left < 0 ? -1 : window_size_left);
   p.mask.window_right = static_cast<int32_t>(window_size_right < 0 ? -1 : window_size_right);
+  TORCH_CHECK(attention_chunk >= 0 && attention_chunk <= std::numeric_limits<int32_t>::max(),
+              "flash_attn3 plan: attention_chunk must be in [0, 2^31) (0 = off), got ", attention_chunk);
+  p.mask.chunk = static_cast<int32_t>(attention_chunk);
   p.softcap = static_cast<float>(softcap);
   p.num_sms = dev.num_sms - static_cast<int>(sm_margin);
   TORCH_CHECK(num_splits <= 256, "flash_attn3 plan: num_splits must be <= 256, got ", num_splits);
@@ -655,7 +662,8 @@ TORCH_LIBRARY(flash_attn3, m) {
       "int max_seqlen_q, int max_seqlen_k, "
       "Tensor? page_table, Tensor? kv_batch_idx, Tensor? leftpad_k, "
       "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
-      "float softmax_scale, int window_size_left, int window_size_right, float softcap, Tensor? sinks, "
+      "float softmax_scale, int window_size_left, int window_size_right, int attention_chunk, float softcap, "
+      "Tensor? sinks, "
       "int num_splits, int pack_gqa, int sm_margin) -> ()");
   m.def("combine(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(
@@ -667,6 +675,7 @@ TORCH_LIBRARY(flash_attn3, m) {
   m.def(
       "plan(int batch, int max_seqlen_q, int max_seqlen_k, int num_heads, int num_heads_k, int head_dim, "
       "int head_dim_v, ScalarType qkv_dtype, bool varlen_q, int window_size_left, int window_size_right, "
+      "int attention_chunk, "
       "float softcap, int num_splits, int pack_gqa, int sm_margin, Device device) -> int[]");
 }
 

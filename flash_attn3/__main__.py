@@ -63,7 +63,8 @@ def main() -> int:
     print(f"build: cuda_extension_built={build.cuda_extension_built}")
     if build.head_dims:
         for tag, hds in sorted(build.head_dims.items()):
-            print(f"  {tag}: head dims {list(hds)}")
+            pairs = build.head_dim_pairs.get(tag, ())
+            print(f"  {tag}: head dims {list(hds)}" + (f", (d, dv) pairs {list(pairs)}" if pairs else ""))
     else:
         print("  no kernels compiled")
     on = [f for f in _ops.FEATURE_NAMES if build.has(f)]

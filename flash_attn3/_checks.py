@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from flash_attn3._ops import FwdCall
+from flash_attn3._ops import DTYPE_TAGS, FwdCall
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 MAX_HEAD_DIM = 256
@@ -204,8 +204,8 @@ def check_devices(tensors: dict) -> None:
 def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
               max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
               q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
-              window_size=(-1, -1), softcap=0.0, sinks=None, num_splits=1, pack_gqa=None, sm_margin=0,
-              cache_seqlens_int=None, names=None, extra_tensors=None) -> FwdCall:
+              window_size=(-1, -1), attention_chunk=0, softcap=0.0, sinks=None, num_splits=1, pack_gqa=None,
+              sm_margin=0, cache_seqlens_int=None, names=None, extra_tensors=None) -> FwdCall:
     """Validates one forward call (schema-level arguments) and returns it as the op call to make.
 
     `names` renames arguments in messages (e.g. {"k": "k_cache", "seqused_k": "cache_seqlens"});
@@ -353,6 +353,9 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
 
     # Scalar options.
     window_left, window_right = normalize_window(window_size, causal, rows_q, rows_k)
+    # Not normalised away even when it exceeds every sequence: rows before the first key (s_q > s_k) sit in
+    # a chunk of negative positions and see no key, which a chunk-free call would not give them.
+    check_int("attention_chunk", attention_chunk, 0, 2**31 - 1)
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap: must be a finite value >= 0 (0 = off), got {softcap}")
     if softmax_scale is None:
@@ -387,10 +390,10 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         features.add("varlen")
     if num_heads != num_heads_k:
         features.add("gqa")
-    if window_left < 0 and window_right == 0:
+    if window_left < 0 and window_right == 0 and not attention_chunk:
         features.add("causal")
-    elif window_left >= 0 or window_right >= 0:
-        features.add("local")
+    elif window_left >= 0 or window_right >= 0 or attention_chunk:
+        features.add("local")  # a chunk runs on the local (sliding-window) kernels, as in FA3
     if softcap > 0:
         features.add("softcap")
     if sinks is not None:
@@ -422,7 +425,8 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k,
         page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=float(softmax_scale),
-        window_size_left=window_left, window_size_right=window_right, softcap=float(softcap), sinks=sinks,
+        window_size_left=window_left, window_size_right=window_right, attention_chunk=int(attention_chunk),
+        softcap=float(softcap), sinks=sinks,
         num_splits=num_splits, pack_gqa=-1 if pack_gqa is None else int(pack_gqa), sm_margin=sm_margin,
         batch=batch, out_dtype=out_dtype, out_shape=out_shape, lse_shape=lse_shape, features=frozenset(features),
         names=dict(names or {}))
@@ -447,9 +451,12 @@ def check_supported(call: FwdCall, build) -> None:
         raise NotImplementedError(
             f"q: head dim {head_dim} has no compiled kernel for {name}; this build compiled head dims "
             f"{list(built) or 'none'} for {name} (a head dim runs on the smallest compiled one >= it)")
-    if head_dim_v != head_dim:
+    if head_dim_v != head_dim and build.compiled_head_dims(dtype, head_dim, head_dim_v) is None:
+        pairs = list(build.head_dim_pairs.get(DTYPE_TAGS.get(dtype), ()))
         raise NotImplementedError(
-            f"v: head dim {head_dim_v} != q's head dim {head_dim}; only kernels with equal head dims are built")
+            f"v: head dim {head_dim_v} != q's head dim {head_dim} and no {name} kernel for that pair is built; "
+            f"this build compiled the (d, dv) pairs {pairs or 'none'} besides dv == d (a pair runs on the "
+            "smallest compiled one that holds both)")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
         raise NotImplementedError("backward: flash_attn3 implements the forward pass only; run it under "
                                   "torch.no_grad() or pass tensors that do not require grad")

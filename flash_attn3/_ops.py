@@ -38,9 +38,11 @@ class BuildConfig:
     """What setup.py compiled. The default value means: nothing was built."""
 
     cuda_extension_built: bool = False
-    # dtype tag -> compiled head dims, ascending. Each compiled head dim has both no-mask and causal kernels.
+    # dtype tag -> compiled head dims (of q/k and v alike), ascending. Each has every mask's kernels.
     head_dims: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
+    # dtype tag -> compiled (head_dim, head_dim_v) pairs with dv != d, ascending (DeepSeek's (192, 128)).
+    head_dim_pairs: dict = field(default_factory=dict)
 
     def has(self, feature: str) -> bool:
         return bool(self.features.get(feature, False))
@@ -56,6 +58,15 @@ class BuildConfig:
                 return hd
         return None
 
+    def compiled_head_dims(self, dtype: torch.dtype, head_dim: int, head_dim_v: int) -> tuple | None:
+        """The compiled (d, dv) kernel that serves a call, or None; hopper/api.cu find_kernel's rule: the
+        smallest d >= head_dim, then the smallest dv >= head_dim_v, where a kernel with dv == d serves only
+        calls with equal head dims."""
+        tag = DTYPE_TAGS.get(dtype)
+        equal = [(hd, hd) for hd in self.head_dims.get(tag, ()) if head_dim_v == head_dim]
+        fits = [(d, dv) for d, dv in (*equal, *self.head_dim_pairs.get(tag, ())) if d >= head_dim and dv >= head_dim_v]
+        return min(fits) if fits else None
+
 
 def _load_build_config() -> tuple[BuildConfig, str | None]:
     try:
@@ -63,15 +74,22 @@ def _load_build_config() -> tuple[BuildConfig, str | None]:
     except ImportError as exc:
         return BuildConfig(), f"flash_attn3/_build_config.py could not be imported ({exc})"
     head_dims: dict[str, list[int]] = {}
+    pairs: dict[str, list[tuple]] = {}
     axes = getattr(rec, "AXES", ("dtype", "head_dim"))
     for entry in getattr(rec, "FWD_KERNELS", ()):
         key = dict(zip(axes, entry))
-        head_dims.setdefault(str(key["dtype"]), []).append(int(key["head_dim"]))
+        tag, d = str(key["dtype"]), int(key["head_dim"])
+        dv = int(key.get("head_dim_v", d))
+        if dv == d:
+            head_dims.setdefault(tag, []).append(d)
+        else:
+            pairs.setdefault(tag, []).append((d, dv))
     return (
         BuildConfig(
             cuda_extension_built=bool(getattr(rec, "CUDA_EXTENSION_BUILT", False)),
             head_dims={tag: tuple(sorted(set(hds))) for tag, hds in head_dims.items()},
             features=dict(getattr(rec, "FEATURES", {})),
+            head_dim_pairs={tag: tuple(sorted(set(ps))) for tag, ps in pairs.items()},
         ),
         None,
     )
@@ -120,6 +138,7 @@ class FwdArgs:
     softmax_scale: float
     window_size_left: int  # -1 = unbounded
     window_size_right: int
+    attention_chunk: int  # 0 = off; > 0: each query sees only keys of its own chunk (Llama 4)
     softcap: float  # 0 = off
     sinks: torch.Tensor | None  # float32 (num_heads,) sink logits
     num_splits: int

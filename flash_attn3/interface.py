@@ -47,11 +47,9 @@ def _check_common_extras(qv, attention_chunk, **flags):
         _checks.check_bool(name, flag)
 
 
-def _reject_unimplemented(qv, attention_chunk):
+def _reject_unimplemented(qv):
     if qv is not None:
         raise _checks.not_implemented("qv (the extra query of MLA-style absorbed decoding)")
-    if attention_chunk != 0:
-        raise _checks.not_implemented("attention_chunk != 0 (chunked attention)")
 
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, sinks=None):  # noqa: E501
@@ -70,7 +68,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
         window_size: (left, right) local window, -1 = unbounded; query i sees keys
             [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]. A tuple or list of two ints, or
             a 2-element integer tensor as FA3 allows (a CUDA one is read back to the host, one sync).
-        attention_chunk: only 0 is implemented.
+        attention_chunk: 0 = off; > 0: chunked attention (Llama 4): query i sees only keys of its own chunk
+            [c, c + attention_chunk), c = floor((i + seqlen_k - seqlen_q) / attention_chunk) * attention_chunk,
+            intersected with the causal mask / window.
         softcap: if > 0, scores become tanh(score · softmax_scale / softcap) · softcap before masking.
         num_splits: 1 = no split-KV; 0 (or any value <= 0, as FA3) = heuristic; > 1 (up to 256) forces that many.
         pack_gqa: None = heuristic; True/False force packing the query heads of one key head into one tile.
@@ -86,9 +86,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     _check_common_extras(qv, attention_chunk, deterministic=deterministic, return_attn_probs=return_attn_probs)
     call = _checks.check_fwd(
         q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale,
-        causal=causal, window_size=window_size, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
+        causal=causal, window_size=window_size, attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, extra_tensors={"qv": qv})
-    _reject_unimplemented(qv, attention_chunk)
+    _reject_unimplemented(qv)
     out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs else out
 
@@ -187,10 +187,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=block_table,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
+        window_size=window_size, attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, names=names, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata})
     _check_scheduler_metadata(scheduler_metadata, call)
-    _reject_unimplemented(qv, attention_chunk)
+    _reject_unimplemented(qv)
     out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs or return_softmax_lse else out
 
@@ -271,9 +271,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
         page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
+        window_size=window_size, attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
         sm_margin=sm_margin, cache_seqlens_int=cache_seqlens_int, names=names, extra_tensors=extra)
-    _reject_unimplemented(qv, attention_chunk)
+    _reject_unimplemented(qv)
     _check_scheduler_metadata(scheduler_metadata, call)
     if cache_seqlens_int is not None:
         # A tensor built on the device from a Python int: no host sync, graph-capturable.
@@ -348,7 +348,7 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
     # the window with max_seqlen_q (call.window_* were normalised with the packed row count).
     sq = call.max_seqlen_q if call.cu_seqlens_q is not None else q.shape[1]
     right = call.window_size_right if call.window_size_right < max(sq - 1, 0) or call.window_size_left >= 0 else -1
-    causal_or_local = call.window_size_left >= 0 or right >= 0
+    causal_or_local = call.window_size_left >= 0 or right >= 0 or call.attention_chunk > 0
     _ops.append_kv(k_cache, v_cache, k_new, v_new, seqused, seqused_out, cu_seqlens_k_new, max_new, page_table,
                    cache_batch_idx, q, q_out, rotary_cos, rotary_sin,
                    rotary_seqlens if rotary_cos is not None else None, bool(rotary_interleaved), causal_or_local,
@@ -357,7 +357,7 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
                                features=call.features | {"append_kv"})
 
 
-def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, seqused_q=None, seqused_k=None, out=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, num_splits=1, pack_gqa=None, sm_margin=0):  # noqa: E501
+def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, seqused_q=None, seqused_k=None, out=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, num_splits=1, pack_gqa=None, sm_margin=0):  # noqa: E501
     """Thin mirror of the C++ op `flash_attn3::fwd`, for callers that manage buffers themselves.
 
     Accepts every layout of the op (dense or packed q; dense, packed or paged k/v), validates like the
@@ -370,7 +370,8 @@ def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table,
         kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale,
         v_descale=v_descale, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin))
+        attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+        sm_margin=sm_margin))
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
@@ -458,15 +459,13 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
     # runs over the cache after the append, whose lengths the kernels read on the device.
     if page_size is not None:  # the schedule does not depend on it (paged K/V is gathered per key block)
         _checks.check_int("page_size", page_size, 1)
-    if attention_chunk:
-        raise _checks.not_implemented("attention_chunk != 0 (chunked attention)")
     if not cache_seqlens.is_cuda:
         raise ValueError(f"cache_seqlens: must be a CUDA tensor, got device {cache_seqlens.device}")
     _ops.require_extension()
     window_left, window_right = _checks.normalize_window(window_size, causal, max_seqlen_q, max_seqlen_k)
     plan = _ops.plan(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,
                      headdim if headdim_v is None else headdim_v, qkv_dtype, cu_seqlens_q is not None,
-                     window_left, window_right, 1.0 if has_softcap else 0.0, num_splits,
+                     window_left, window_right, attention_chunk, 1.0 if has_softcap else 0.0, num_splits,
                      -1 if pack_gqa is None else int(pack_gqa), sm_margin, cache_seqlens.device)
     values = [_ops.METADATA_TAG, *plan]
     md = torch.empty(len(values), dtype=torch.int32, device=cache_seqlens.device)

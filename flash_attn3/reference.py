@@ -26,10 +26,14 @@ def _per_batch(x, batch: int, name: str) -> list[int] | None:
     return vals
 
 
-def visible_keys(seqlen_q: int, seqlen_k: int, window_left: int, window_right: int, device=None) -> torch.Tensor:
+def visible_keys(seqlen_q: int, seqlen_k: int, window_left: int, window_right: int, device=None,
+                 attention_chunk: int = 0) -> torch.Tensor:
     """Bool (seqlen_q, seqlen_k) mask: query i sees key j iff
     i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right (bottom-right
-    aligned); a negative window side is unbounded."""
+    aligned); a negative window side is unbounded. attention_chunk > 0 (FA3's chunked attention) further
+    keeps only the keys of the query's chunk: c <= j < c + attention_chunk with
+    c = floor((i + seqlen_k - seqlen_q) / attention_chunk) * attention_chunk (floor: rows before the first
+    key, when seqlen_q > seqlen_k, fall in a chunk of negative positions and see nothing)."""
     i = torch.arange(seqlen_q, device=device).unsqueeze(1)
     j = torch.arange(seqlen_k, device=device).unsqueeze(0)
     diag = i + seqlen_k - seqlen_q
@@ -38,11 +42,14 @@ def visible_keys(seqlen_q: int, seqlen_k: int, window_left: int, window_right: i
         mask &= j >= diag - window_left
     if window_right >= 0:
         mask &= j <= diag + window_right
+    if attention_chunk > 0:
+        start = torch.div(diag, attention_chunk, rounding_mode="floor") * attention_chunk
+        mask &= (j >= start) & (j < start + attention_chunk)
     return mask
 
 
 def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
-                  max_seqlen_q=None, max_seqlen_k=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                  max_seqlen_q=None, max_seqlen_k=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
                   softmax_scale=None, page_table=None, cache_seqlens=None, cache_batch_idx=None, leftpad_k=None,
                   k_new=None, v_new=None, cu_seqlens_k_new=None, q_descale=None, k_descale=None, v_descale=None,
                   upcast=True, reorder_ops=False, sinks=None):
@@ -62,8 +69,8 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
         any finite scale is valid (0: equal weights, out = mean of v over the visible keys, lse = log of their
         count; negative: the least similar keys weigh most). softcap > 0: scores = tanh(scores / softcap) *
         softcap, before masking.
-      * mask: bottom-right aligned window (see visible_keys); causal = window (left, 0). A row with no
-        visible key gets out = 0 and lse = -inf.
+      * mask: bottom-right aligned window and attention_chunk (see visible_keys); causal = window (left, 0).
+        A row with no visible key gets out = 0 and lse = -inf.
       * fp8 (float8_e4m3fn) inputs are upcast and multiplied by q/k/v_descale (float32 (b, h_k); the q heads
         of kv head g share q_descale[b, g]).
     max_seqlen_q/max_seqlen_k are accepted for signature parity and unused (lengths are read from the data).
@@ -129,7 +136,10 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
             q_rows = q_rows[:used_q[b]]
         r = kv_row[b] if kv_row is not None else b
         if page_table is not None:
-            pages = page_table[r].long()
+            # Only the pages that hold this sequence's keys: the table's entries past them may be garbage.
+            page_size = k.shape[1]
+            n_keys = used_k[b] if used_k is not None else page_table.shape[1] * page_size
+            pages = page_table[r, :(n_keys + page_size - 1) // page_size].long()
             k_row = k[pages].reshape(-1, num_heads_k, head_dim)
             v_row = v[pages].reshape(-1, num_heads_k, head_dim_v)
         elif cu_k is not None:
@@ -158,7 +168,7 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
             scores = torch.einsum("qhd,khd->hqk", qf * scale, kf)
         if softcap > 0:
             scores = torch.tanh(scores / softcap) * softcap
-        visible = visible_keys(sq, sk, left, right, device=q.device)
+        visible = visible_keys(sq, sk, left, right, device=q.device, attention_chunk=attention_chunk)
         scores = scores.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # (h, sq); -inf for rows with no visible key
         probs = torch.where(visible, torch.exp(scores - row_lse.unsqueeze(-1)), torch.zeros((), dtype=cdt,

@@ -78,12 +78,13 @@ def _fast_path_blocker(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> 
         return "batch sizes of q, k, v differ"
     if sv != sk:
         return "k and v sequence lengths differ"
-    if dk != d or dv != d:
-        return "q, k, v head dims differ"
+    if dk != d:
+        return "q and k head dims differ"
     from flash_attn3 import _ops
 
-    if _ops.BUILD.compiled_head_dim(q.dtype, d) is None:
-        return f"head dim {d} has no compiled {_ops.DTYPE_TAGS[q.dtype]} kernel"
+    if _ops.BUILD.compiled_head_dims(q.dtype, d, dv) is None:
+        return (f"head dim {d} has no compiled {_ops.DTYPE_TAGS[q.dtype]} kernel" if dv == d else
+                f"head dims (q/k {d}, v {dv}) have no compiled {_ops.DTYPE_TAGS[q.dtype]} kernel")
     if hv != hk:
         return "k and v head counts differ"
     if hq != hk:
@@ -117,7 +118,7 @@ def _fa_layout(x: torch.Tensor) -> torch.Tensor:
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, on the flash_attn3 kernel when possible.
 
-    q (b, h, s_q, d), k/v (b, h_k, s_k, d); returns (b, h, s_q, d) in q's dtype. Semantics are torch's
+    q (b, h, s_q, d), k (b, h_k, s_k, d), v (b, h_k, s_k, dv); returns (b, h, s_q, dv) in q's dtype. Semantics are torch's
     (scale defaults to d ** -0.5; is_causal is top-left aligned). See the module docstring for when it
     falls back to torch's SDPA, and last_fallback_reason() for why the last call did.
     """

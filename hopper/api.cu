@@ -128,6 +128,9 @@ Status validate(FwdParams const& p) {
     return fail(FLASH3_INVALID_ARGUMENT, "mask: window_left and window_right must be >= -1 (-1 = unbounded), got (" +
                                              str(p.mask.window_left) + ", " + str(p.mask.window_right) + ")");
   }
+  if (p.mask.chunk < 0) {
+    return fail(FLASH3_INVALID_ARGUMENT, "mask: chunk (attention_chunk) must be >= 0 (0 = off), got " + str(p.mask.chunk));
+  }
   if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) {
     return fail(FLASH3_INVALID_ARGUMENT, "head_dim: must be a multiple of 8 in [8, 256], got " + str(p.head_dim));
   }
@@ -266,7 +269,9 @@ Status check_supported(FwdParams const& p) {
   if (p.dtype == FLASH3_FLOAT8_E4M3 && !kBuilt.fp8) { return missing("q/k/v dtype float8_e4m3fn (FP8)"); }
   if (p.softcap != 0.f && !kBuilt.softcap) { return missing("softcap"); }
   if (p.sinks != nullptr && !kBuilt.sinks) { return missing("sinks (attention sinks)"); }
-  if (is_local(p.mask) && !kBuilt.local) { return missing("window_size (local attention)"); }
+  if (is_local(p.mask) && !kBuilt.local) {
+    return missing(p.mask.chunk > 0 ? "attention_chunk (chunked local attention)" : "window_size (local attention)");
+  }
   if (is_causal(p.mask) && !kBuilt.causal) { return missing("causal attention"); }
   if ((is_varlen_q(p) || is_varlen_k(p)) && !kBuilt.varlen) { return missing("cu_seqlens (varlen)"); }
   if (p.num_heads != p.num_heads_k && !kBuilt.gqa) { return missing("num_heads != num_heads_k (GQA/MQA)"); }
@@ -278,9 +283,26 @@ Status check_supported(FwdParams const& p) {
   // An empty problem launches nothing, so it needs no kernel; the features above it still must exist, so
   // that an empty batch fails the same way a full one would.
   bool const empty = p.batch == 0 || p.q.rows == 0 || p.num_heads == 0;
-  if (!empty && find_kernel(p.dtype, p.head_dim, p.head_dim_v) == nullptr) {
+  KernelEntry const* const e = empty ? nullptr : find_kernel(p.dtype, p.head_dim, p.head_dim_v);
+  if (!empty && e == nullptr) {
     return fail(FLASH3_NOT_COMPILED, std::string("no forward kernel built for ") + dtype_name(p.dtype) + " with head dim " +
                                          str(p.head_dim) + (p.head_dim_v != p.head_dim ? " and v head dim " + str(p.head_dim_v) : ""));
+  }
+  // The gather variant (pages TMA cannot load a key block at a time) stages K and V rows at one offset, so it
+  // exists only for kernels with dv == d; the key block is the one of the split or unsplit tile, whichever
+  // the plan picks, so both must divide the page.
+  if (e != nullptr && e->head_dim_v != e->head_dim && is_paged(p)) {
+    bool const masked = is_causal(p.mask) || is_local(p.mask);
+    int const elem = element_size(p.dtype);
+    TileShape const whole = tile_shape_sm90(e->head_dim, e->head_dim_v, masked, elem, false, p.softcap > 0.f, is_local(p.mask));
+    TileShape const split = tile_shape_sm90(e->head_dim, e->head_dim_v, masked, elem, true, p.softcap > 0.f, is_local(p.mask));
+    if (paged_needs_gather(p, whole.block_n) || paged_needs_gather(p, split.block_n)) {
+      return fail(FLASH3_NOT_COMPILED,
+                  "paged KV with head_dim_v != head_dim: page_size must be a multiple of " + str(whole.block_n) +
+                      (split.block_n != whole.block_n ? " and " + str(split.block_n) : std::string()) +
+                      " with no leftpad_k (the gather variant for other pages is built for head_dim_v == head_dim only), got page_size " +
+                      str(p.kv_cache.page_size));
+    }
   }
   return FLASH3_SUCCESS;
 }

@@ -29,7 +29,7 @@ struct FwdKernelSm90 {
   static constexpr int kNumConsumerWarpGroups = Mainloop::kNumConsumerWarpGroups;
   static constexpr int kNumThreads = kWarpGroupThreads * (1 + kNumConsumerWarpGroups);
   static constexpr int kMinBlocksPerSm = 1;  // one CTA fills an SM's shared memory and registers
-  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kGather ? 40 : 24>;
+  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kProducerRegisters>;
 
   enum class Role : int { Producer = 0 };  // warpgroup 0; warpgroups 1.. are consumers
 
@@ -74,7 +74,7 @@ struct FwdKernelSm90 {
     SeqlenArgs seqlen;
     Scheduler scheduler;
     int pack;  // PackGQA: q heads packed into a tile's rows (1 = none)
-    flash3_mask window;  // the local mask's window (kLocal)
+    flash3_mask window;  // the local mask's window and chunk (kLocal)
   };
 
   // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
@@ -89,7 +89,7 @@ struct FwdKernelSm90 {
     TileCoord const tile = params.scheduler.tile(idx);
     SeqlenInfo const seqlen(params.seqlen, tile.batch);
     Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block, params.pack, params.window.window_left,
-                    params.window.window_right};
+                    params.window.window_right, params.window.chunk};
     BlockRange range = mask.range();
     if (params.scheduler.num_splits > 1) { range = range.split(tile.split, params.scheduler.num_splits); }
     return {tile, seqlen, mask, range};
@@ -235,12 +235,11 @@ struct FwdKernelSm90 {
       Mainloop::init_turns((int(threadIdx.x) - kWarpGroupThreads) / kWarpGroupThreads);
       uint32_t q_phase = 0;
       for (uint32_t round = 0;; ++round) {
-        // The thread index read per tile (a volatile read the compiler cannot hoist), so that neither it nor
-        // the coordinates derived from it stay live across the tile loop: the gather variants' consumers
-        // (232 registers) spilled them (16-bit d 96 local, 2026-12-01).
-        int tid;
-        asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
-        int const thread_idx = tid - kWarpGroupThreads;
+        // The thread index read per tile and again for the epilogue (consumer_thread_index), so that neither
+        // it nor the coordinates derived from it stay live across the tile loop or the mainloop: the gather
+        // variants' consumers (232 registers) spilled them (16-bit d 96 local), the d 256 causal kernel too
+        // (2026-12-01).
+        int const thread_idx = consumer_thread_index();
         mailbox_wait(&smem.mailbox_full, round & 1);
         int const idx = smem.tile_index;
         mailbox_arrive(&smem.mailbox_empty);
@@ -259,7 +258,7 @@ struct FwdKernelSm90 {
         q_phase ^= 1;
         // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.
         TileWork const we = work_of(params, idx);
-        Epilogue::store(params.epilogue, tOrO, lse, thread_idx, we.tile, we.seqlen);
+        Epilogue::store(params.epilogue, tOrO, lse, consumer_thread_index(), we.tile, we.seqlen);
       }
     }
   }

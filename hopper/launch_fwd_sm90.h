@@ -24,23 +24,27 @@ namespace flash3 {
 template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kNarrow = false,
           bool kGather = false>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
-  static_assert(kHeadDimV == kHeadDim, "kernels with a v head dim unlike q's are not written yet");
   constexpr bool kFp8 = sizeof(Element) == 1;
   using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;  // FP8 in, BF16 out (FA3)
   // A window takes the causal tiles (its diagonal blocks are as in causal, and it skips blocks the same way);
   // the gather variant keeps 128-key blocks (as split-KV): its consumers have 232 registers, not 240.
-  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask != MaskKind::kNone, int(sizeof(Element)), kSplit || kGather,
-                                kNarrow, kMask == MaskKind::kLocal>;
+  using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask != MaskKind::kNone, int(sizeof(Element)), kSplit, kNarrow,
+                                kMask == MaskKind::kLocal, kGather>;
   if constexpr (!kGather) {
-    // Paged K/V that TMA cannot load block by block runs on the gather variant.
-    if (is_paged(p) && !(p.kv_cache.page_size % Config::kBlockN == 0 && p.kv_cache.leftpad == nullptr)) {
-      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, kNarrow, true>(p, stream);
+    // Paged K/V that TMA cannot load block by block runs on the gather variant, which needs dv == d
+    // (api.cu refuses such calls for dv != d kernels: paged_needs_gather).
+    if (paged_needs_gather(p, Config::kBlockN)) {
+      if constexpr (kHeadDimV == kHeadDim) {
+        return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, kNarrow, true>(p, stream);
+      } else {
+        return cudaErrorNotSupported;
+      }
     }
   }
   if constexpr (!kNarrow && Config::kBlockN > 128) {  // a softcap runs on the 128-key sibling (tile_config.h)
     if (p.softcap > 0.f) { return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true, kGather>(p, stream); }
   }
-  using Mainloop = MainloopFwdSm90<Element, kHeadDim, Config::kBlockM, Config::kBlockN, Config::kStages, kMask,
+  using Mainloop = MainloopFwdSm90<Element, kHeadDim, kHeadDimV, Config::kBlockM, Config::kBlockN, Config::kStages, kMask,
                                    ScaledScores<kFp8, (Config::kBlockN <= 128)>, kGather>;
   using Epilogue = EpilogueFwdSm90<ElementOut, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
                                    typename Mainloop::TiledMmaPV, kSplit>;
@@ -99,6 +103,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   } else {
     mainloop_args.v_read = static_cast<Element const*>(p.v.ptr);
     mainloop_args.shape_v = mainloop_args.shape_kv;
+    get<1>(mainloop_args.shape_v) = p.head_dim_v;
     mainloop_args.stride_v = make_stride(p.v.row_stride, _1{}, p.v.head_stride, varlen_k ? int64_t(0) : p.v.batch_stride);
     mainloop_args.v_packed = false;
   }

@@ -32,18 +32,24 @@ namespace flash3 {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
+template <class Element_, int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_, MaskKind kMaskKind_,
           class Score_ = ScaledScores<sizeof(Element_) == 1, (kBlockN_ <= 128)>, bool kGather_ = false>
 struct MainloopFwdSm90 {
   // The variant for paged K/V that is gathered with cp.async (page sizes that are not a multiple of the key
   // block, or left padding): its producer warpgroup gets 40 registers (the consumers 232), which the gather
   // loop needs unrolled; the other kernels do not carry the gather code at all.
   static constexpr bool kGather = kGather_;
+  // The producer warpgroup's least registers: 40 for the gather variant's unrolled copy loop (FA3's budget for
+  // its cp.async loads), 24 otherwise (RegisterBudget shares out the rest).
+  static constexpr int kProducerRegisters = kGather_ ? 40 : 24;
   using Element = Element_;
   // FP8 (e4m3): both WGMMA operands must be K-major, so P V reads V transposed (fp8_vt.h), P is reordered
   // into the 8-bit A operand, and the softmax keeps 8 bits of headroom so P uses e4m3's range.
   static constexpr bool kFp8 = sizeof(Element) == 1;
-  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDim = kHeadDim_;    // of Q and K: the K dimension of Q K^T
+  static constexpr int kHeadDimV = kHeadDimV_;  // of V and O: the N dimension of P V (DeepSeek's 192 / 128)
+  // The gather variant stages K and V rows at one shared-memory offset, which needs one layout for both.
+  static_assert(!kGather_ || kHeadDimV == kHeadDim, "the paged gather variant needs head_dim_v == head_dim");
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
@@ -63,7 +69,7 @@ struct MainloopFwdSm90 {
                 "kBlockN not a multiple of 32 needs -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED");
 
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // (M, N, K) of S = Q K^T
-  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // (M, N, K) of O = P V
+  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;  // (M, N, K) of O = P V
   // One 64-row WGMMA atom per consumer warpgroup, stacked along M.
   using WarpGroupLayout = Layout<Shape<Int<kNumConsumerWarpGroups>, _1, _1>>;
   using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(),
@@ -73,7 +79,7 @@ struct MainloopFwdSm90 {
   static constexpr GMMA::Major kMajorV = kFp8 ? GMMA::Major::K : GMMA::Major::MN;
   using TiledMmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, kMajorV>(), WarpGroupLayout{}));
-  static_assert(!kFp8 || (kHeadDim % 32 == 0 && kBlockN % 32 == 0), "FP8 WGMMA has K = 32");
+  static_assert(!kFp8 || (kHeadDim % 32 == 0 && kHeadDimV % 32 == 0 && kBlockN % 32 == 0), "FP8 WGMMA has K = 32");
 
   using SmemLayoutQ = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>(),
@@ -81,17 +87,21 @@ struct MainloopFwdSm90 {
   using SmemLayoutKV = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>(),
       Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V as the B operand of P V: (d, keys, stage). 16-bit: the same bytes as SmemLayoutKV (V as loaded);
+  // 16-bit V as loaded: (keys, dv, stage), laid out as K is (the same layout when dv == d).
+  using SmemLayoutV = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDimV>>(),
+      Shape<Int<kBlockN>, Int<kHeadDimV>, Int<kStages>>{}));
+  // V as the B operand of P V: (dv, keys, stage). 16-bit: the same bytes as SmemLayoutV (V as loaded);
   // FP8: its own K-major layout, filled by TMA from the transposed copy.
   using SmemLayoutVtFp8 = decltype(tile_to_shape(
-      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kHeadDim>, Int<kBlockN>>(),
-      Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kHeadDimV>, Int<kBlockN>>(),
+      Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}));
   using SmemLayoutVt16 = decltype(composition(
-      SmemLayoutKV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+      SmemLayoutV{},
+      make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
   using SmemLayoutVt = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutVt16>;
-  // What the V TMA writes: (keys, d, stage) for 16-bit, (d, keys, stage) for FP8.
-  using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutKV>;
+  // What the V TMA writes: (keys, dv, stage) for 16-bit, (dv, keys, stage) for FP8.
+  using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutV>;
   // Gather variant, pages of a multiple of 16 rows (vLLM's 16, SGLang's 64): K (and 16-bit V) in TMA boxes
   // of 16 rows by one swizzle atom's width, each landing where those rows and columns sit in a stage. A box
   // starts at a multiple of 16 rows (2 KB at d 128) and of an atom column (kBlockN rows apart), so the
@@ -120,7 +130,8 @@ struct MainloopFwdSm90 {
 
   using Pipeline = TmaPipeline<kStages>;
   static constexpr uint32_t kTxBytesQ = kBlockM * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kTxBytesKV = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTxBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTxBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
   // Global operands as TMA sees them: (rows, d, head, batch), d contiguous. For a packed (varlen) operand
   // rows = total rows and batch = 1; the sequence offset is applied per tile.
@@ -132,8 +143,9 @@ struct MainloopFwdSm90 {
                                       select<0, 2>(TileShapeQK{}), _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
                                        select<1, 2>(TileShapeQK{}), _1{}));
-  // The tile of V one stage holds, in the order of SmemLayoutVLoad: (N, d) or, FP8, (d, N).
-  using TileShapeVLoad = std::conditional_t<kFp8, Shape<Int<kHeadDim>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDim>>>;
+  // The tile of V one stage holds, in the order of SmemLayoutVLoad: (N, dv) or, FP8, (dv, N).
+  using TileShapeVLoad =
+      std::conditional_t<kFp8, Shape<Int<kHeadDimV>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDimV>>>;
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{},
                                       _1{}));
   using TmaBox = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutBox{},
@@ -150,8 +162,8 @@ struct MainloopFwdSm90 {
     StrideQKV stride_q;
     ShapeQKV shape_kv;  // (rows, head_dim, num_heads_k, batch)
     StrideQKV stride_k;
-    // V as the kernel reads it: 16-bit, the caller's (rows, d, head, batch); FP8, the transposed copy
-    // (d, cols, head, batch entry) with cols contiguous (fp8_vt.h).
+    // V as the kernel reads it: 16-bit, the caller's (rows, dv, head, batch); FP8, the transposed copy
+    // (dv, cols, head, batch entry) with cols contiguous (fp8_vt.h).
     Element const* v_read;
     ShapeQKV shape_v;
     StrideQKV stride_v;
@@ -238,11 +250,16 @@ struct MainloopFwdSm90 {
     if constexpr (kGather) {
       p.paged_box = a.paged.page_table != nullptr && !p.paged_tma && a.paged.page_size % kBoxRows == 0 &&
                     a.paged.leftpad == nullptr;
-      // The V box reads the caller's V (16-bit); FP8's V is the dense transposed copy, so its box is unused.
-      Tensor mVbox = make_tensor(make_gmem_ptr(kFp8 ? a.k : a.v_paged), a.shape_kv, kFp8 ? a.stride_k : a.stride_v_paged);
-      auto const box = Shape<Int<kBoxRows>, Int<kBoxCols>>{};
-      p.tma_k_box = make_tma_copy(SM90_TMA_LOAD{}, mK, SmemLayoutBox{}, box, _1{});
-      p.tma_v_box = make_tma_copy(SM90_TMA_LOAD{}, mVbox, SmemLayoutBox{}, box, _1{});
+      // Encoded only for the calls that use them (the cp.async path, other page sizes, does not): each
+      // encoding is a host-side driver call. The V box reads the caller's V (16-bit); FP8's V is the dense
+      // transposed copy, so its box is unused.
+      if (p.paged_box) {
+        Tensor mVbox =
+            make_tensor(make_gmem_ptr(kFp8 ? a.k : a.v_paged), a.shape_kv, kFp8 ? a.stride_k : a.stride_v_paged);
+        auto const box = Shape<Int<kBoxRows>, Int<kBoxCols>>{};
+        p.tma_k_box = make_tma_copy(SM90_TMA_LOAD{}, mK, SmemLayoutBox{}, box, _1{});
+        p.tma_v_box = make_tma_copy(SM90_TMA_LOAD{}, mVbox, SmemLayoutBox{}, box, _1{});
+      }
     }
     return p;
   }
@@ -317,17 +334,28 @@ struct MainloopFwdSm90 {
       }
     }
     typename Pipeline::State state_v = state;
-    // Same order as the consumer needs them: K of block n goes out before V of block n + 1.
+    // The blocks in the order the consumer needs them: K of block n goes out before V of block n + 1. Not
+    // unrolled: issuing is cheap, and the unrolled loop's extra counters do not fit the producer's 24
+    // registers (the FP8 kernels spilled one).
+    auto issue_blocks = [&](auto&& load_k_block, auto&& load_v_block) {
+      load_k_block(range.end - 1);
+#pragma unroll 1
+      for (int n = range.end - 2; n >= range.begin; --n) {
+        load_k_block(n);
+        load_v_block(n + 1);
+      }
+      load_v_block(range.begin);
+    };
     auto load_k = [&](int n) {
       if (leader) {
-        pipe_k.producer_acquire(state, kTxBytesKV);
+        pipe_k.producer_acquire(state, kTxBytesK);
         copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), tKgK(_, _, _, n), tKsK(_, _, _, state.index));
       }
       state.advance();
     };
     auto load_v = [&](int n) {
       if (leader) {
-        pipe_v.producer_acquire(state_v, kTxBytesKV);
+        pipe_v.producer_acquire(state_v, kTxBytesV);
         copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), tVgV(_, _, _, n), tVsV(_, _, _, state_v.index));
       }
       state_v.advance();
@@ -339,7 +367,7 @@ struct MainloopFwdSm90 {
         if (leader) {
           Tensor gKp = local_tile(p.tma_k.get_tma_tensor(p.shape_kv)(_, _, head_k, __ldg(table + n / blocks_per_page)),
                                   select<1, 2>(TileShapeQK{}), make_coord(n % blocks_per_page, _0{}));  // (N, d)
-          pipe_k.producer_acquire(state, kTxBytesKV);
+          pipe_k.producer_acquire(state, kTxBytesK);
           copy(p.tma_k.with(*pipe_k.full_barrier(state), 0), cta_k.partition_S(gKp), tKsK(_, _, _, state.index));
         }
         state.advance();
@@ -350,21 +378,15 @@ struct MainloopFwdSm90 {
         } else {
           if (leader) {
             Tensor gVp = local_tile(p.tma_v.get_tma_tensor(p.shape_v)(_, _, head_k, __ldg(table + n / blocks_per_page)),
-                                    select<1, 2>(TileShapeQK{}), make_coord(n % blocks_per_page, _0{}));  // (N, d)
-            pipe_v.producer_acquire(state_v, kTxBytesKV);
+                                    TileShapeVLoad{}, make_coord(n % blocks_per_page, _0{}));  // (N, dv)
+            pipe_v.producer_acquire(state_v, kTxBytesV);
             copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), cta_v_of(p).partition_S(gVp),
                  tVsV(_, _, _, state_v.index));
           }
           state_v.advance();
         }
       };
-      load_k_page(range.end - 1);
-#pragma unroll 1
-      for (int n = range.end - 2; n >= range.begin; --n) {
-        load_k_page(n);
-        load_v_page(n + 1);
-      }
-      load_v_page(range.begin);
+      issue_blocks(load_k_page, load_v_page);
       return;
     }
     if (p.paged()) {  // the KV warp gathers K (and 16-bit V) through the page table (load_paged)
@@ -375,15 +397,7 @@ struct MainloopFwdSm90 {
       }
       return;
     }
-    load_k(range.end - 1);
-    // Not unrolled: issuing is cheap, and the unrolled loop's extra counters do not fit the producer's 24
-    // registers (the FP8 kernels spilled one).
-#pragma unroll 1
-    for (int n = range.end - 2; n >= range.begin; --n) {
-      load_k(n);
-      load_v(n + 1);
-    }
-    load_v(range.begin);
+    issue_blocks(load_k, load_v);
   }
 
   // Paged K/V, any page size (FA3's arbitrary page_block_size), run by the KV warp of the producer
@@ -440,59 +454,72 @@ struct MainloopFwdSm90 {
   }
 
   // Params::paged_box: each key block as kBlockN / 16 boxes of 16 rows per swizzle-atom column; box j holds
-  // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16), whose
-  // index lane j reads (one page-table read per box, not per row) into shared memory for the issuing lane. Boxes
-  // past the sequence are not loaded (the stage's transaction count says how many are); keys past it in
-  // the last box are masked and their V rows zeroed (zero_v_tail), and a page index outside the cache is
-  // outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.
+  // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16). Lane j owns
+  // box j: it reads the box's page one block ahead (the page-table read's latency then hides behind the wait
+  // for a free stage) and, once the elected lane has armed the stage's barriers, issues the box's copies
+  // itself, so the boxes of a block go out in parallel rather than one lane's serial loop. A copy may land
+  // before the barrier's expect-tx (the tx-count may go negative); the phase cannot complete before the
+  // elected lane's arrival. Boxes past the sequence are not loaded (the transaction count says how many
+  // are); keys past it in the last box are masked and their V rows zeroed (zero_v_tail), and a page index
+  // outside the cache is outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.
   __device__ void load_boxes(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
                              typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
                              BlockRange const& range) const {
     if constexpr (kGather) {
       Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
       Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // 16-bit V: K's layout
-      // Box j's (page, 16-row block in the page), written by lane j into the page_rows storage (idle on this
-      // path) and read back by the issuing lane: no per-box values held in the 40 registers across the loop.
-      int2* const box_of = reinterpret_cast<int2*>(smem.page_rows);
-#pragma unroll 1
-      for (int n = reread(range.end) - 1; n >= reread(range.begin); --n) {
-        // The lane index read per block (a volatile read the compiler cannot hoist): kept across the loop,
-        // it and the address derived from it spilled in 13 kernels (FP8 d 64/256, 16-bit d 96 local).
+      constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
+      // The lane index by a volatile read the compiler cannot hoist into a long-lived register (that and the
+      // addresses derived from it spilled in 13 kernels of the serial version, 2026-12-01).
+      auto lane_id = [] {
         int lane;
         asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(lane));
-        int const first_key = reread(seqlen.offset_k) + n * kBlockN;  // offset_k = 0: no left padding here
-        constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
-        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
-        __syncwarp();  // the issuing lane is done with the previous block's entries
-        if (lane < boxes) {
+        return lane;
+      };
+      // This lane's box of block `blk`: its page (0 if the box is past the sequence) and 16-row block.
+      auto lookup = [&](int blk, int& page, int& row_block) {
+        int const lane = lane_id();
+        int const local = blk * kBlockN + lane * kRows;  // offset_k = 0: no left padding on this path
+        page = 0;
+        row_block = 0;
+        if (lane < kMaxBoxes && local < reread(seqlen.seqlen_k)) {
           int32_t const* const table = p.page_table + int64_t(reread(seqlen.batch_k)) * p.page_table_stride;
           int slot, row;
-          p.page_size(slot, row, first_key + lane * kRows);
-          box_of[lane] = make_int2(__ldg(table + slot), row / kRows);
+          p.page_size(slot, row, reread(seqlen.offset_k) + local);
+          page = __ldg(table + slot);
+          row_block = row / kRows;
         }
-        __syncwarp();
+      };
+      int n = reread(range.end) - 1;
+      int next_page, next_row_block;
+      lookup(n, next_page, next_row_block);
+#pragma unroll 1
+      for (; n >= reread(range.begin); --n) {
+        int const page = next_page, row_block = next_row_block;
+        if (n > reread(range.begin)) { lookup(n - 1, next_page, next_row_block); }
+        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
         if (cute::elect_one_sync()) {
           uint32_t const tx = uint32_t(boxes) * kBoxesPerRow * kTxBytesBox;
           pipe_k.producer_acquire(state, tx);
           if constexpr (!kFp8) { pipe_v.producer_acquire(state, tx); }  // FP8's V: the producer warp's TMA
+        }
+        __syncwarp();  // the stage is free (the elected lane waited for it) before any lane copies into it
+        int const j = lane_id();
+        if (j < boxes) {
           int const head_k = p.head_k(reread(tile.head));
-#pragma unroll 1
-          for (int j = 0; j < boxes; ++j) {
-            int2 const b = box_of[j];
-            Tensor mKp = p.tma_k_box.get_tma_tensor(p.shape_kv)(_, _, head_k, b.x);  // (page_size, d)
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < kBoxesPerRow; ++c) {
-              Tensor g = local_tile(mKp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(b.y, c));
-              Tensor sk = make_tensor(make_smem_ptr(&sK(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
-              copy(p.tma_k_box.with(*pipe_k.full_barrier(state), 0), p.tma_k_box.get_slice(_0{}).partition_S(g),
-                   p.tma_k_box.get_slice(_0{}).partition_D(sk));
-              if constexpr (!kFp8) {
-                Tensor mVp = p.tma_v_box.get_tma_tensor(p.shape_kv)(_, _, head_k, b.x);
-                Tensor gv = local_tile(mVp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(b.y, c));
-                Tensor sv = make_tensor(make_smem_ptr(&sV(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
-                copy(p.tma_v_box.with(*pipe_v.full_barrier(state), 0), p.tma_v_box.get_slice(_0{}).partition_S(gv),
-                     p.tma_v_box.get_slice(_0{}).partition_D(sv));
-              }
+          Tensor mKp = p.tma_k_box.get_tma_tensor(p.shape_kv)(_, _, head_k, page);  // (page_size, d)
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kBoxesPerRow; ++c) {
+            Tensor g = local_tile(mKp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(row_block, c));
+            Tensor sk = make_tensor(make_smem_ptr(&sK(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
+            copy(p.tma_k_box.with(*pipe_k.full_barrier(state), 0), p.tma_k_box.get_slice(_0{}).partition_S(g),
+                 p.tma_k_box.get_slice(_0{}).partition_D(sk));
+            if constexpr (!kFp8) {
+              Tensor mVp = p.tma_v_box.get_tma_tensor(p.shape_kv)(_, _, head_k, page);
+              Tensor gv = local_tile(mVp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(row_block, c));
+              Tensor sv = make_tensor(make_smem_ptr(&sV(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
+              copy(p.tma_v_box.with(*pipe_v.full_barrier(state), 0), p.tma_v_box.get_slice(_0{}).partition_S(gv),
+                   p.tma_v_box.get_slice(_0{}).partition_D(sv));
             }
           }
         }
@@ -637,18 +664,18 @@ struct MainloopFwdSm90 {
   // copy zeroed the keys past the end inside that group).
   __device__ void zero_v_tail(SharedStorage& smem, int stage, int first_row, int thread_idx) const {
     if constexpr (kFp8) {
-      Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVtFp8{});  // (d, N, PIPE)
+      Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVtFp8{});  // (dv, N, PIPE)
       constexpr int kChunksPerRow = kBlockN / 16;
       int const first_chunk = (first_row + 15) / 16;
       int const chunks = kChunksPerRow - first_chunk;
-      for (int i = thread_idx; i < chunks * kHeadDim; i += kNumMmaThreads) {
+      for (int i = thread_idx; i < chunks * kHeadDimV; i += kNumMmaThreads) {
         int const d = i / chunks;
         int const col = (first_chunk + i % chunks) * 16;
         *reinterpret_cast<uint4*>(&sVt(d, col, stage)) = make_uint4(0, 0, 0, 0);
       }
     } else {
-      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // (N, d, PIPE)
-      constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
+      Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutV{});  // (N, dv, PIPE)
+      constexpr int kChunksPerRow = kHeadDimV / 8;  // 16-byte chunks; the swizzle keeps each chunk contiguous
       int const num_chunks = (kBlockN - first_row) * kChunksPerRow;
       for (int i = thread_idx; i < num_chunks; i += kNumMmaThreads) {
         int const row = first_row + i / kChunksPerRow;
@@ -812,9 +839,12 @@ struct MainloopFwdSm90 {
     float o_scale[kRowsPerThread];
     softmax.finalize(score.softmax_scale, o_scale, lse);
     if (p.score.sinks != nullptr) {  // each row's q head: the tile's, or with PackGQA the packed row's
+      // The rows' coordinates from a fresh thread index, not kept live across the loop (consumer_thread_index).
+      Tensor tScS_end = mma_qk.get_slice(consumer_thread_index()).partition_C(cS);
+      Tensor tScS_end_rc = make_tensor(tScS_end.data(), acc_rowcol(tScS_end.layout()));
       CUTLASS_PRAGMA_UNROLL
       for (int m = 0; m < kRowsPerThread; ++m) {
-        int const row = tile.m_block * kBlockM + get<0>(tScS_rc(m, 0));
+        int const row = tile.m_block * kBlockM + get<0>(tScS_end_rc(m, 0));
         int const head = p.pack > 1 ? tile.head * p.pack + row % p.pack : tile.head;
         Score::add_sink(p.score.sinks[head], lse[m], o_scale[m]);
       }

@@ -22,7 +22,9 @@ namespace flash3 {
 using namespace cute;
 
 // kLocal: FA3's sliding window (window_size = (left, right), -1 = unbounded on that side; causal is
-// (-1, 0) and runs as kCausal): query i sees keys [i + sk - sq - left, i + sk - sq + right].
+// (-1, 0) and runs as kCausal): query i sees keys [i + sk - sq - left, i + sk - sq + right], and with a
+// chunk (attention_chunk) only those of its own chunk [c, c + chunk), c = floor((i + sk - sq) / chunk) * chunk.
+// Both bounds stay non-decreasing in i, which range() relies on.
 enum class MaskKind { kNone, kCausal, kLocal };
 
 struct BlockRange {
@@ -63,11 +65,21 @@ struct MaskPolicy {
   int pack;  // packed rows per query (PackGQA), 1 without packing
   int window_left;   // kLocal only: -1 = unbounded
   int window_right;  // kLocal only: -1 = unbounded
+  int chunk;         // kLocal only: 0 = no chunks
+
+  // kLocal with a chunk: the first key of query row `row`'s chunk, floor division (the aligned position is
+  // negative for rows before the first key when sq > sk). Once per row and tile (row_bounds, range).
+  __device__ int chunk_start(int row) const {
+    int const pos = row + seqlen_k - seqlen_q;
+    int const q = pos >= 0 ? pos / chunk : -((chunk - 1 - pos) / chunk);
+    return q * chunk;
+  }
 
   // First key visible to query row `row` (tile-independent coordinates); may be negative (then 0).
   __device__ int key_start(int row) const {
     if constexpr (kKind == MaskKind::kLocal) {
-      return window_left >= 0 ? row + seqlen_k - seqlen_q - window_left : 0;
+      int const start = window_left >= 0 ? row + seqlen_k - seqlen_q - window_left : 0;
+      return chunk > 0 ? max(start, chunk_start(row)) : start;
     } else {
       return 0;
     }
@@ -78,7 +90,8 @@ struct MaskPolicy {
     if constexpr (kKind == MaskKind::kCausal) {
       return min(seqlen_k, row + 1 + seqlen_k - seqlen_q);
     } else if constexpr (kKind == MaskKind::kLocal) {
-      return window_right >= 0 ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q + window_right) : seqlen_k;
+      int const limit = window_right >= 0 ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q + window_right) : seqlen_k;
+      return chunk > 0 ? min(limit, chunk_start(row) + chunk) : limit;
     } else {
       return seqlen_k;
     }

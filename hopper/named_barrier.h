@@ -42,6 +42,15 @@ __device__ __forceinline__ void mailbox_arrive(uint64_t* barrier) {
 // Threads of one warpgroup: the unit that issues a WGMMA and that setmaxnreg resizes.
 constexpr int kWarpGroupThreads = 128;
 
+// The thread's index among the consumer warpgroups (those after the producer warpgroup), by a volatile read
+// the compiler cannot hoist: so that neither the index nor the coordinates derived from it stay live across
+// a loop that needs every register (its spilled copies cost local memory traffic per tile).
+__device__ inline int consumer_thread_index() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
+  return tid - kWarpGroupThreads;
+}
+
 // setmaxnreg budgets for one producer warpgroup and kConsumers consumer warpgroups. setmaxnreg only moves
 // registers inside the CTA's launch-time allocation, so the budgets must add up to at most that: with one
 // CTA per SM, 65536 registers over the CTA's threads, rounded down to a multiple of 8 per thread (what

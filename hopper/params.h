@@ -85,10 +85,13 @@ typedef struct flash3_kv_cache {
 
 /* Keys each query row may see, bottom-right aligned: query i of a sequence with lengths (sq, sk) sees keys
  * [i + sk - sq - window_left, i + sk - sq + window_right]; -1 means unbounded on that side. Causal is
- * window_right == 0 with window_left == -1. */
+ * window_right == 0 with window_left == -1 (and no chunk). chunk > 0 (FA3's attention_chunk, Llama 4's
+ * chunked attention): besides, only keys of the query's own chunk [c, c + chunk), c = floor((i + sk - sq) /
+ * chunk) * chunk; 0 = off. */
 typedef struct flash3_mask {
   int32_t window_left FLASH3_DEFAULT(-1);
   int32_t window_right FLASH3_DEFAULT(-1);
+  int32_t chunk FLASH3_DEFAULT(0);
 } flash3_mask;
 
 /* FP8 dequantisation scales, float32 (batch, num_heads_k) with any element strides (0 broadcasts one value);
@@ -179,11 +182,20 @@ using Operand = flash3_operand;
 using DType = flash3_dtype;
 using Status = flash3_status;
 
-FLASH3_HOST_DEVICE inline bool is_causal(flash3_mask const& m) { return m.window_left < 0 && m.window_right == 0; }
-FLASH3_HOST_DEVICE inline bool is_local(flash3_mask const& m) { return (m.window_left >= 0 || m.window_right >= 0) && !is_causal(m); }
+// A chunk makes any mask a local one (the kLocal kernels carry the chunk bounds), as in FA3.
+FLASH3_HOST_DEVICE inline bool is_causal(flash3_mask const& m) {
+  return m.window_left < 0 && m.window_right == 0 && m.chunk <= 0;
+}
+FLASH3_HOST_DEVICE inline bool is_local(flash3_mask const& m) {
+  return (m.window_left >= 0 || m.window_right >= 0 || m.chunk > 0) && !is_causal(m);
+}
 FLASH3_HOST_DEVICE inline bool is_varlen_q(FwdParams const& p) { return p.varlen.cu_seqlens_q != nullptr; }
 FLASH3_HOST_DEVICE inline bool is_varlen_k(FwdParams const& p) { return p.varlen.cu_seqlens_k != nullptr; }
 FLASH3_HOST_DEVICE inline bool is_paged(FwdParams const& p) { return p.kv_cache.page_table != nullptr; }
+// Paged K/V that TMA cannot load one key block (of block_n rows) per box: the gather variant's calls.
+FLASH3_HOST_DEVICE inline bool paged_needs_gather(FwdParams const& p, int block_n) {
+  return is_paged(p) && !(p.kv_cache.page_size % block_n == 0 && p.kv_cache.leftpad == nullptr);
+}
 // Grid sizing: the longest q / k sequence.
 FLASH3_HOST_DEVICE inline int32_t max_seqlen_q(FwdParams const& p) { return is_varlen_q(p) ? p.varlen.max_seqlen_q : p.q.rows; }
 FLASH3_HOST_DEVICE inline int32_t max_seqlen_k(FwdParams const& p) { return is_varlen_k(p) ? p.varlen.max_seqlen_k : p.k.rows; }

@@ -8,7 +8,7 @@
 // MUFU.EX2 per score. Any finite scale is valid. For a negative scale the largest scaled score belongs to
 // the smallest raw score, so the running "max" becomes a running minimum and invisible scores are +inf
 // instead of -inf (masked_score()): in both cases invisible scores scale to -inf and weigh 0. The choice is
-// one predicate of FMNMX, which selects min or max, so positive scales pay nothing for it. A scale of 0
+// a warp-uniform branch between two compiled bodies (update), so positive scales pay nothing for it. A scale of 0
 // (uniform attention) reaches here as scale_log2 = FLT_MIN (see the mainloop's Params): every visible weight
 // rounds to exactly 1 while -inf stays -inf, where a true 0 would turn -inf * 0 into NaN.
 // A row whose scaled extremum is -inf (no visible key yet) uses 0 instead so that -inf - -inf never produces
@@ -44,29 +44,37 @@ struct OnlineSoftmax {
   // The raw score a mask writes for an invisible key: it scales to -inf for either sign of the scale.
   __device__ float masked_score() const { return negative ? INFINITY : -INFINITY; }
 
-  __device__ float extremum(float a, float b) const { return negative ? fminf(a, b) : fmaxf(a, b); }
-
   // The 4 threads of a quad own the same rows of a WGMMA accumulator.
-  __device__ float quad_max(float x) const {
-    x = extremum(x, __shfl_xor_sync(0xffffffff, x, 1));
-    return extremum(x, __shfl_xor_sync(0xffffffff, x, 2));
-  }
   __device__ static float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffff, x, 1);
     return x + __shfl_xor_sync(0xffffffff, x, 2);
   }
 
   // s: scores as (rows, cols). Replaces them by exp2 terms, updates max and sum, and writes the factor by
-  // which O accumulated so far must be scaled into `o_scale`.
+  // which O accumulated so far must be scaled into `o_scale`. The sign of the scale picks one of two
+  // compiled bodies by a warp-uniform branch: with the choice inside the reduction, ptxas emitted every
+  // FMNMX twice (a predicated max and a predicated min), 88 of the 684 instructions of the d 128 steady
+  // loop and twice its dependent chain (2026-12-01).
   template <bool kFirst, class TensorS>
   __device__ void update(TensorS& s, float (&o_scale)[kRows]) {
+    if (negative) {
+      update_signed<kFirst, true>(s, o_scale);
+    } else {
+      update_signed<kFirst, false>(s, o_scale);
+    }
+  }
+
+  template <bool kFirst, bool kNegative, class TensorS>
+  __device__ void update_signed(TensorS& s, float (&o_scale)[kRows]) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    auto ext = [](float a, float b) { return kNegative ? fminf(a, b) : fmaxf(a, b); };
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < kRows; ++m) {
       float mx = row_max[m];
       CUTLASS_PRAGMA_UNROLL
-      for (int n = 0; n < size<1>(s); ++n) { mx = extremum(mx, s(m, n)); }
-      mx = quad_max(mx);
+      for (int n = 0; n < size<1>(s); ++n) { mx = ext(mx, s(m, n)); }
+      mx = ext(mx, __shfl_xor_sync(0xffffffff, mx, 1));  // the 4 threads of a quad own the same rows
+      mx = ext(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       float const mx_scaled = mx * scale_log2 == -INFINITY ? 0.f : mx * scale_log2;
       o_scale[m] = kFirst ? 1.f : exp2f(row_max[m] * scale_log2 - mx_scaled);
       row_max[m] = mx;

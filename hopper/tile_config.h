@@ -21,13 +21,19 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 // blocks: the wider blocks' S (88-96 registers) leaves no room for the softcap's loop (32-44 bytes of spills,
 // 2026-12-01), so those kernels have a 128-key sibling that softcap calls run on.
 // `local` (a sliding window): the row starts of the window take registers too (kHasKeyStart), so local tiles
-// are narrower where that spilled (FA3 makes the same cuts): 16-bit d 128: 96 keys (128 spilled 32 bytes with a
-// softcap); FP8 d 256: 64 keys (96 spilled 52 bytes even without one).
+// are narrower where that spilled (FA3 makes the same cuts): 16-bit d 128 / 192: 96 keys (128 spilled 32 bytes
+// with a softcap at d 128); 16-bit d 256 and FP8 d 256: 64 keys (FP8's 96 spilled 52 bytes even without one).
+// `gather`: the gather variant (paged K/V that TMA cannot load a key block at a time; launch_fwd_sm90.h). It
+// takes the split tile (its producer has 40 registers, the consumers 232), except at 16-bit head dims over
+// 192: there it runs one consumer warpgroup of 64 rows, whose 240 registers hold O (128 per thread) beside
+// 80-key S / P; two of them at 232 spilled 40-96 bytes even with 64 keys, and at 24 producer registers the
+// gather loops spilled instead (2026-12-01). Its calls are decode and paged chunked prefill.
 constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split = false,
-                                    bool narrow = false, bool local = false) {
-  TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split);
+                                    bool narrow = false, bool local = false, bool gather = false) {
+  if (gather && elem_bytes == 2 && head_dim > 192) { return {64, local ? 64 : 80, 2}; }
+  TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split || gather);
   if (narrow && t.block_n > 128) { t.block_n = 128; }
-  if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = 96; }
+  if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = head_dim > 192 ? 64 : 96; }
   if (local && elem_bytes == 1 && head_dim > 128) { t.block_n = 64; }
   return t;
 }
@@ -38,12 +44,17 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // 2 x (K + V^T) 72-96 KB); S 96 + P 24 + O 48-64 registers, 0 spills; 128x224 (FA3's d 128 tile) spilled 4
   // bytes. 128x128 for d 128 ran at 665 TFLOPS against FA3's 794 (H200, s 8k), so the per-block fixed costs
   // matter as they did for 16-bit. Causal: 128, as for 16-bit (the diagonal block stays square). d 256: the O
-  // accumulator alone is 128 registers per thread; with 128 keys one kernel spilled 28 bytes, 96 keys fit.
+  // accumulator alone is 128 registers per thread; with 128 keys (FA3's) one kernel spilled 28 bytes (12-16
+  // with the thread index re-read, 2026-12-01), 96 keys fit.
   // d 128: 3 stages (16 + 3 x 48 KB non-causal, 16 + 3 x 32 KB causal): FP8's GEMMs take half the time of
   // 16-bit ones, so fewer blocks of work cover a load's latency. Measured (H200, s 8k, same runs as FA3):
   // non-causal 723 -> 739 TFLOPS, causal 625 -> 636; FA3 899 / 810 and 897 / 826 in those runs.
   if (elem_bytes == 1) {
     if (head_dim > 128) { return {128, 96, 2}; }
+    // d 128 non-causal: FA3's tile, 128x224; 3 stages = 16 + 3 x 56 KB. Kept live after the mainloop, the
+    // thread index had made it spill 4 bytes; re-read, it fits (2026-12-01, compile-checked). FA3 runs causal
+    // at 224 too; ours spilled 16 bytes there (4 at 192), so causal keeps 128. Split-KV keeps 192.
+    if (head_dim == 128 && !split && !causal) { return {128, 224, 3}; }
     return {128, !causal && head_dim >= 96 ? 192 : 128, head_dim == 128 ? 3 : 2};
   }
   // hdim 128, non-causal: 128x176, 2 stages = 32 + 176 KB = 208 KB. Wider key blocks cut the per-block fixed
@@ -55,6 +66,16 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // Split-KV kernels (decode, long keys per tile) keep 128: their float32 epilogue does not fit next to the
   // 176-key tile's registers (356 bytes of spills, 2026-12-01), and their tiles are short anyway.
   if (head_dim == 128 && head_dim_v == 128 && !causal && !split) { return {128, 176, 2}; }
+  // hdim 256 (Gemma): 128x80, 2 stages = 64 + 2 x (40 + 40) KB = 224 KB, the widest key block that fits (96
+  // would need 256 KB). O alone is 128 registers per thread, S 40 and P 20 more; causal too (FA3's tile) once
+  // the thread index is re-read after the mainloop (it spilled 8 bytes kept live, 2026-12-01). Split-KV: 64
+  // (decode tiles are short; 0 spills with its float32 epilogue, 80 not tried; the gather variant: see
+  // tile_shape_sm90).
+  if (head_dim > 192) { return {128, split ? 64 : 80, 2}; }
+  // hdim 192 with dv 128 (DeepSeek-V3's prefill, q = nope 128 + rope 64): 128x128 = 48 + 2 x (48 + 32) KB =
+  // 208 KB. dv 192: 128x112 = 48 + 2 x (42 + 42) KB = 216 KB (128 would need 240 KB); split-KV and the
+  // gather variant 96 (its causal kernel spilled 20 bytes at 112).
+  if (head_dim > 128) { return {128, head_dim_v <= 128 ? 128 : (split ? 96 : 112), 2}; }
   // hdim 128, causal: 128x128. Causal tiles have few key blocks near the diagonal, where a wide block wastes
   // masked work; 128 keeps the diagonal block square with the query tile.
   // hdim 96: 128x128, 2 stages = 24 + 96 KB.
@@ -64,10 +85,10 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 }
 
 template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2, bool kSplit = false, bool kNarrow = false,
-          bool kLocal = false>
+          bool kLocal = false, bool kGather = false>
 struct TileConfigSm90 {
   static constexpr TileShape kShape =
-      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal);
+      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal, kGather);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
   static constexpr int kStages = kShape.stages;

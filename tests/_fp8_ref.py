@@ -36,8 +36,9 @@ def _per_batch(x, n):
 
 
 def attention_fp8_lowp(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
-                       cache_seqlens=None, causal=False, window_size=(-1, -1), softmax_scale=None, q_descale=None,
-                       k_descale=None, v_descale=None, softcap=0.0, sinks=None, intermediate_dtype=FP8,
+                       cache_seqlens=None, causal=False, window_size=(-1, -1), attention_chunk=0,
+                       softmax_scale=None, q_descale=None, k_descale=None, v_descale=None, softcap=0.0, sinks=None,
+                       intermediate_dtype=FP8,
                        p_scale=P_SCALE):
     """Low-precision attention of FP8 (or any) inputs; returns out in bfloat16 with q's layout.
 
@@ -92,7 +93,7 @@ def attention_fp8_lowp(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused
         scores = torch.einsum("qhd,khd->hqk", qf, kf * scale)  # bfloat16
         if softcap > 0:
             scores = torch.tanh(scores / softcap) * softcap
-        visible = visible_keys(sq, sk, left, right, device=q.device)
+        visible = visible_keys(sq, sk, left, right, device=q.device, attention_chunk=attention_chunk)
         scores = scores.masked_fill(~visible, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True) if sk > 0 else torch.zeros(h, sq, 1, dtype=lp, device=q.device)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros((), dtype=lp, device=q.device))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from flash_attn3.reference import attention_ref, combine_ref
+from flash_attn3.reference import attention_ref, combine_ref, visible_keys
 
 FP8 = torch.float8_e4m3fn
 
@@ -534,3 +534,32 @@ def test_sinks_join_the_denominator(sink_value):
     want = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, torch.logsumexp(full, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (5, 17), (17, 5), (33, 33), (1, 40)])
+@pytest.mark.parametrize("chunk", [1, 3, 8, 100])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (4, 0), (2, 5)])
+def test_visible_keys_chunk_is_the_definition(sq, sk, chunk, window):
+    """attention_chunk: query i (aligned position p = i + sk - sq) sees key j iff the window admits it and
+    floor(p / chunk) == floor(j / chunk), written out element by element."""
+    got = visible_keys(sq, sk, *window, attention_chunk=chunk)
+    for i in range(sq):
+        p = i + sk - sq
+        for j in range(sk):
+            ok = (window[0] < 0 or j >= p - window[0]) and (window[1] < 0 or j <= p + window[1])
+            ok = ok and math.floor(p / chunk) == j // chunk
+            assert bool(got[i, j]) == ok, (i, j)
+
+
+def test_attention_chunk_splits_a_causal_sequence_into_independent_ones():
+    """Causal attention with chunk c over a sequence of length n (sq == sk) equals causal attention run on
+    each chunk of c positions alone."""
+    torch.manual_seed(0)
+    n, c, h, d = 23, 8, 2, 16
+    q, k, v = (torch.randn(1, n, h, d, dtype=torch.float64) for _ in range(3))
+    out, lse = attention_ref(q, k, v, causal=True, attention_chunk=c)
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        o, l = attention_ref(q[:, s:e], k[:, s:e], v[:, s:e], causal=True)
+        torch.testing.assert_close(out[:, s:e], o)
+        torch.testing.assert_close(lse[:, :, s:e], l)

@@ -417,6 +417,19 @@ def without(feature):
     return _ops.BuildConfig(True, FULL_BUILD.head_dims, {**FULL_BUILD.features, feature: False})
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_chunk_reaches_the_op(kernel_stub, causal):
+    """A chunk is passed as given (never normalised away) and makes the call a local one, as in FA3."""
+    flash_attn_func(*qkv(), causal=causal, attention_chunk=3)
+    q, k, v, cu_q, cu_k, mq, mk = packed()
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal, attention_chunk=10**6)
+    for c in kernel_stub:
+        assert (c["window_size_left"], c["window_size_right"]) == (-1, 0 if causal else -1)
+    assert [c["attention_chunk"] for c in kernel_stub] == [3, 10**6]
+    raises(ValueError, r"attention_chunk: must be >= 0, got -1", flash_attn_func, *qkv(), attention_chunk=-1)
+    raises(TypeError, r"attention_chunk: expected an int", flash_attn_func, *qkv(), attention_chunk=2.0)
+
+
 def test_dense_call_arguments(kernel_stub):
     q, k, v = qkv(b=2, sq=5, sk=7, h=4, hk=2, d=64)
     out = flash_attn_func(q, k, v)
@@ -429,6 +442,7 @@ def test_dense_call_arguments(kernel_stub):
     assert (c["max_seqlen_q"], c["max_seqlen_k"]) == (5, 7)
     assert c["softmax_scale"] == pytest.approx(64 ** -0.5)
     assert (c["window_size_left"], c["window_size_right"], c["softcap"]) == (-1, -1, 0.0)
+    assert c["attention_chunk"] == 0
     assert (c["num_splits"], c["pack_gqa"], c["sm_margin"]) == (1, -1, 0)
     assert isinstance(c["softcap"], float) and isinstance(c["softmax_scale"], float)
 
@@ -593,6 +607,14 @@ def test_unbuilt_feature_raises_not_implemented(kernel_stub, monkeypatch, case):
     assert len(kernel_stub) == 1, "the op must not run when a feature is missing"
 
 
+def test_attention_chunk_needs_the_local_kernels(kernel_stub, monkeypatch):
+    monkeypatch.setattr(_ops, "BUILD", without("local"))
+    raises(NotImplementedError, r"local \(sliding-window\).*'local'", flash_attn_func, *qkv(), causal=True,
+           attention_chunk=4)
+    flash_attn_func(*qkv(), causal=True)  # causal alone runs on the causal kernels
+    assert len(kernel_stub) == 1
+
+
 NOT_IMPLEMENTED_CASES = [
     ("head_dim_uncompiled", lambda: flash_attn_func(*qkv(d=136)),
      r"q: head dim 136 has no compiled kernel for float16; this build compiled head dims \[64, 96, 128\]"),
@@ -600,7 +622,6 @@ NOT_IMPLEMENTED_CASES = [
      r"head dim 144 has no compiled kernel for float8_e4m3fn; this build compiled head dims \[128\]"),
     ("dv_differs", lambda: flash_attn_func(*qkv(d=64, dv=128)), r"v: head dim 128 != q's head dim 64"),
     ("qv", lambda: flash_attn_func(*qkv(), qv=torch.randn(2, 5, 4, 64).half()), r"qv .* not implemented"),
-    ("attention_chunk", lambda: flash_attn_func(*qkv(), attention_chunk=16), r"attention_chunk != 0"),
     ("rotary_fp8", lambda: flash_attn_with_kvcache(*qkv(dtype=FP8, d=128), k=qkv(sk=1, dtype=FP8, d=128)[1],
                                                    v=qkv(sk=1, dtype=FP8, d=128)[2], cache_seqlens=3,
                                                    rotary_cos=torch.ones(8, 16).to(FP8),
@@ -632,6 +653,36 @@ def test_missing_extension_raises_runtime_error(kernel_stub, monkeypatch):
     assert not kernel_stub
 
 
+PAIR_BUILD = _ops.BuildConfig(True, {"bf16": (64, 128, 192, 256)}, {name: True for name in _ops.FEATURE_NAMES},
+                              {"bf16": ((192, 128),)})
+
+
+def test_head_dim_pairs_follow_find_kernel():
+    """hopper/api.cu find_kernel's rule: smallest d, then smallest dv, holding both; dv == d kernels serve
+    equal head dims only."""
+    b = PAIR_BUILD
+    assert b.compiled_head_dims(BF16, 192, 128) == (192, 128)
+    assert b.compiled_head_dims(BF16, 136, 104) == (192, 128)
+    assert b.compiled_head_dims(BF16, 192, 192) == (192, 192)
+    assert b.compiled_head_dims(BF16, 160, 160) == (192, 192)
+    assert b.compiled_head_dims(BF16, 96, 96) == (128, 128)
+    assert b.compiled_head_dims(BF16, 64, 128) == (192, 128)  # q/k zero-padded to 192 by the loads
+    assert b.compiled_head_dims(BF16, 64, 256) is None  # no (64, 256) kernel; (256, 256) serves equal dims only
+    assert b.compiled_head_dims(BF16, 192, 136) is None
+    assert b.compiled_head_dims(F16, 192, 128) is None
+
+
+def test_head_dim_pair_call_reaches_the_op(kernel_stub, monkeypatch):
+    monkeypatch.setattr(_ops, "BUILD", PAIR_BUILD)
+    out = flash_attn_func(*qkv(d=192, dv=128, dtype=BF16))
+    assert out.shape == (2, 5, 4, 128) and len(kernel_stub) == 1
+    assert kernel_stub[0]["v"].shape[-1] == 128 and kernel_stub[0]["out"].shape[-1] == 128
+    with pytest.raises(NotImplementedError, match=r"v: head dim 256 != q's head dim 64 and no bfloat16 kernel for "
+                                                  r"that pair is built; this build compiled the \(d, dv\) pairs "
+                                                  r"\[\(192, 128\)\]"):
+        flash_attn_func(*qkv(d=64, dv=256, dtype=BF16))
+
+
 def test_build_record_parsing(monkeypatch):
     rec = types.ModuleType("flash_attn3._build_config")
     rec.CUDA_EXTENSION_BUILT = True
@@ -643,6 +694,12 @@ def test_build_record_parsing(monkeypatch):
     assert build.head_dims == {"bf16": (64, 128), "fp16": (64,)}
     assert build.has("varlen") and not build.has("softcap") and not build.has("paged_kv")
     assert build.compiled_head_dim(BF16, 80) == 128 and build.compiled_head_dim(F16, 80) is None
+    # Three-axis records (dtype, d, dv): pairs with dv != d are kept apart from the equal head dims.
+    rec.AXES = ("dtype", "head_dim", "head_dim_v")
+    rec.FWD_KERNELS = [("bf16", 128, 128), ("bf16", 192, 128), ("bf16", 192, 192)]
+    build, err = _ops._load_build_config()
+    assert err is None and build.head_dims == {"bf16": (128, 192)} and build.head_dim_pairs == {"bf16": ((192, 128),)}
+    assert build.compiled_head_dims(BF16, 192, 128) == (192, 128)
 
 
 def test_missing_build_record_means_nothing_built(monkeypatch):

@@ -180,7 +180,7 @@ import torch, flash_attn3
 torch.manual_seed(0)
 ran = 0
 for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
-    for d in (64, 96, 128) + ((256,) if dtype == torch.float8_e4m3fn else ()):
+    for d in (64, 96, 128, 256) + ((192,) if dtype != torch.float8_e4m3fn else ()):
         for causal in (False, True):
             q = torch.randn(2, 77, 8, d, device="cuda").to(dtype)
             k = torch.randn(2, 133, 2, d, device="cuda").to(dtype)
@@ -224,7 +224,34 @@ for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
                                             softcap=15.0, sinks=sinks)
                 flash_attn3.flash_attn_with_kvcache(q[:, :1], k, v, cache_seqlens=lens, window_size=(40, 0),
                                                     softcap=30.0, sinks=sinks, num_splits=3)
-                ran += 9
+                # attention_chunk (on the local kernels), dense and split-KV decode
+                flash_attn3.flash_attn_func(q, k, v, causal=causal, attention_chunk=19)
+                flash_attn3.flash_attn_with_kvcache(q[:, :1], k, v, cache_seqlens=lens, attention_chunk=50,
+                                                    causal=causal, num_splits=3)
+                ran += 11
+            except NotImplementedError:
+                pass
+# v head dim unlike q's (d 192 / dv 128 and a smaller pair on it): dense, varlen, split-KV decode, whole-block pages
+for dtype in (torch.float16, torch.bfloat16):
+    for d, dv in ((192, 128), (136, 104)):
+        for causal in (False, True):
+            q = torch.randn(2, 77, 8, d, device="cuda").to(dtype)
+            k = torch.randn(2, 133, 2, d, device="cuda").to(dtype)
+            v = torch.randn(2, 133, 2, dv, device="cuda").to(dtype)
+            try:
+                flash_attn3.flash_attn_func(q, k, v, causal=causal, window_size=(-1, -1) if causal else (40, 3))
+                cu_q = torch.tensor([0, 77, 154], device="cuda", dtype=torch.int32)
+                cu_k = torch.tensor([0, 133, 266], device="cuda", dtype=torch.int32)
+                flash_attn3.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                                   cu_q, cu_k, 77, 133, causal=causal)
+                lens = torch.tensor([0, 133], device="cuda", dtype=torch.int32)
+                flash_attn3.flash_attn_with_kvcache(q[:, :3], k, v, cache_seqlens=lens, causal=causal, num_splits=0)
+                kp = torch.randn(5, 128, 2, d, device="cuda").to(dtype)
+                vp = torch.randn(5, 128, 2, dv, device="cuda").to(dtype)
+                table = torch.tensor([[3, 0], [1, 4]], device="cuda", dtype=torch.int32)
+                flash_attn3.flash_attn_with_kvcache(q[:, :3], kp, vp, cache_seqlens=lens, page_table=table,
+                                                    causal=causal, num_splits=0)
+                ran += 4
             except NotImplementedError:
                 pass
 torch.cuda.synchronize()

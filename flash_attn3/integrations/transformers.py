@@ -49,7 +49,7 @@ def _kernel_refusal(module, query, key, value, attention_mask, dropout, is_causa
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return "inputs that need gradients (forward-only kernels)"
     d, dv = query.shape[-1], value.shape[-1]
-    if key.shape[-1] != d or dv != d or _ops.BUILD.compiled_head_dim(query.dtype, d) is None:
+    if key.shape[-1] != d or _ops.BUILD.compiled_head_dims(query.dtype, d, dv) is None:
         return f"head dims (q/k {d}, v {dv}) without a compiled kernel"
     if query.shape[1] % key.shape[1] != 0:
         return "q heads not a multiple of kv heads"

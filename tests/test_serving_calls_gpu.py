@@ -1,0 +1,167 @@
+"""GPU replays of the calls vLLM and SGLang make to their FA3 forks (shared/research/serving-callers.md section
+1; issue #14), with small tensors, each against the float32 reference by FA3's tolerance rule
+(tests/test_decode_gpu.py's checks): vLLM's decode / chunked-prefill call of flash_attn_varlen_func (packed q,
+block_table of page size 16 or 1, seqused_k, out=, scheduler_metadata from get_scheduler_metadata, a window
+list, softcap, fa_version, num_splits=0, s_aux sinks; FP8 with per-tensor scales expanded to (B, Hkv)), the
+same call captured in a CUDA graph and replayed with new lengths, and SGLang's flash_attn_with_kvcache call
+(packed q with cu_seqlens_q, page_table, cache_seqlens, cu_seqlens_k_new=cu_seqlens_k, window tuple, softcap,
+return_softmax_lse, sinks). Not replayed (not built yet): the MLA calls (q_v / qv, d 192 with dv 128) and
+context-parallel decode.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _gpu import capture_graph, skip_reason  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = pytest.mark.gpu
+
+_SKIP_REASON = skip_reason()
+if _SKIP_REASON is not None:
+    pytest.skip(_SKIP_REASON, allow_module_level=True)
+
+import test_decode_gpu as D  # noqa: E402
+import test_paged_gpu as P  # noqa: E402
+
+from flash_attn3 import (_ops, flash_attn_varlen_func, flash_attn_with_kvcache,  # noqa: E402
+                         get_scheduler_metadata)
+
+BF16, FP8 = D.BF16, D.FP8
+H, H_K, D_HEAD = 8, 2, 128
+
+
+def _require(dtype, *features):
+    P._require_paged(dtype, D_HEAD)
+    for f in features:
+        if not _ops.BUILD.has(f):
+            pytest.skip(f"{f} is not built")
+
+
+def _paged_cache(dtype, lengths, cap, page_size):
+    """Dense caches (b, cap, h_k, d) poisoned past each length, and the same keys in pages (NaN elsewhere)."""
+    b = len(lengths)
+    k, v = D._rand(dtype, b, cap, H_K, D_HEAD), D._rand(dtype, b, cap, H_K, D_HEAD)
+    (kp, vp), table = P._to_pages((k, v), lengths, page_size, "nan")
+    return (k, v), (kp, vp), table
+
+
+def _lse_packed_to_dense(lse, b, s_q):
+    """(h, b * s_q) varlen LSE -> (b, h, s_q), the dense layout of the references."""
+    return lse.view(H, b, s_q).permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("page_size", [16, 1])
+@pytest.mark.parametrize("variant", ["plain", "window_softcap_sinks", "fp8"])
+def test_vllm_decode_call(page_size, variant):
+    """vLLM's FlashAttentionImpl decode call: one token per sequence, against the paged cache."""
+    dtype = FP8 if variant == "fp8" else BF16
+    _require(dtype, *(("sinks",) if variant == "window_softcap_sinks" else ()))
+    b, cap = 5, 700
+    lengths = D._cache_lengths(b, cap)
+    (k, v), (kp, vp), table = _paged_cache(dtype, lengths, cap, page_size)
+    q = D._rand(dtype, b, 1, H, D_HEAD)
+    seqlens = D._i32(lengths)
+    window, softcap, sinks, descale = [-1, -1], 0.0, None, {}
+    if variant == "window_softcap_sinks":
+        # bfloat16, as vLLM keeps gpt-oss's sinks (the reference gets the same values)
+        window, softcap, sinks = [127, 0], 30.0, (torch.randn(H, device=D.DEVICE) * 2).bfloat16()
+    if variant == "fp8":  # vLLM's per-tensor scales, expanded to (B, Hkv) without copies
+        descale = {n: torch.rand((), device=D.DEVICE).add(0.5).reshape(1, 1).expand(b, H_K)
+                   for n in ("q_descale", "k_descale", "v_descale")}
+    ref_kw = dict(causal=True, window_size=tuple(window), softcap=softcap, **descale)
+    if sinks is not None:
+        ref_kw["sinks"] = sinks
+    refs = D._references(q, k, v, cache_seqlens=seqlens, **ref_kw)
+    meta = get_scheduler_metadata(b, 1, cap, H, H_K, D_HEAD, seqlens, qkv_dtype=dtype, page_size=page_size,
+                                  causal=True, window_size=window, num_splits=0)
+    buf = D._nan_out((b, H, D_HEAD), D._out_dtype(dtype))
+    out, lse = flash_attn_varlen_func(
+        q=q.flatten(0, 1), k=kp, v=vp, out=buf, cu_seqlens_q=D._cu_seqlens([1] * b), max_seqlen_q=1,
+        seqused_k=seqlens, max_seqlen_k=cap, softmax_scale=D_HEAD ** -0.5, causal=True, window_size=window,
+        block_table=table, softcap=softcap, scheduler_metadata=meta, fa_version=3, num_splits=0, s_aux=sinks,
+        return_softmax_lse=True, **descale)[:2]
+    assert out is buf, "the call must write into and return out="
+    D._check(out.view(b, 1, H, D_HEAD), _lse_packed_to_dense(lse, b, 1), refs,
+             f"vLLM decode page_size={page_size} {variant} lengths={lengths}", kvcache=True)
+
+
+@pytest.mark.parametrize("page_size", [16, 1])
+def test_vllm_chunked_prefill_call(page_size):
+    """vLLM's mixed batch: decode rows and chunked-prefill rows (several new queries each) in one varlen call
+    against the paged cache, with a sliding window and sinks (gpt-oss)."""
+    _require(BF16, "sinks")
+    q_lens = [1, 17, 1, 113, 3]
+    b, cap = len(q_lens), 600
+    lengths = [max(ql, n) for ql, n in zip(q_lens, D._cache_lengths(b, cap))]  # a query sees itself
+    (_, _), (kp, vp), table = _paged_cache(BF16, lengths, cap, page_size)
+    cu_q = D._cu_seqlens(q_lens)
+    q = D._rand(BF16, sum(q_lens), H, D_HEAD)
+    seqlens = D._i32(lengths)
+    sinks = torch.randn(H, device=D.DEVICE)
+    kw = dict(cu_seqlens_q=cu_q, causal=True, window_size=(63, 0), sinks=sinks)
+    refs = D._references(q, kp, vp, page_table=table, cache_seqlens=seqlens, **kw)
+    meta = get_scheduler_metadata(b, max(q_lens), cap, H, H_K, D_HEAD, seqlens, qkv_dtype=BF16, cu_seqlens_q=cu_q,
+                                  page_size=page_size, causal=True, window_size=(63, 0), num_splits=0)
+    out, lse = flash_attn_varlen_func(q=q, k=kp, v=vp, max_seqlen_q=max(q_lens), seqused_k=seqlens,
+                                      max_seqlen_k=cap, block_table=table, scheduler_metadata=meta, fa_version=3,
+                                      num_splits=0, s_aux=sinks, return_softmax_lse=True,
+                                      **{n: kw[n] for n in ("cu_seqlens_q", "causal", "window_size")})[:2]
+    D._check(out, lse, refs, f"vLLM chunked prefill page_size={page_size} q_lens={q_lens} lengths={lengths}",
+             kvcache=True)
+
+
+def test_vllm_decode_graph_replay_with_scheduler_metadata():
+    """vLLM captures the decode step once and replays it with new lengths and block tables; the metadata is
+    made inside the capture (device fills only) and stays valid across replays."""
+    _require(BF16)
+    b, cap, page_size = 6, 1024, 16
+    max_pages = cap // page_size
+    num_pages = b * max_pages
+    kp, vp = D._rand(BF16, num_pages, page_size, H_K, D_HEAD), D._rand(BF16, num_pages, page_size, H_K, D_HEAD)
+    q = D._rand(BF16, b, H, D_HEAD)
+    table = torch.randperm(num_pages, device=D.DEVICE).to(torch.int32).view(b, max_pages).contiguous()
+    seqlens = D._i32(D._cache_lengths(b, cap))
+    cu_q = D._cu_seqlens([1] * b)
+    buf = D._nan_out((b, H, D_HEAD), BF16)
+
+    def step():
+        meta = get_scheduler_metadata(b, 1, cap, H, H_K, D_HEAD, seqlens, qkv_dtype=BF16, page_size=page_size,
+                                      causal=True, num_splits=0)
+        return flash_attn_varlen_func(q=q, k=kp, v=vp, out=buf, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=seqlens,
+                                      max_seqlen_k=cap, causal=True, block_table=table, scheduler_metadata=meta,
+                                      fa_version=3, num_splits=0, return_softmax_lse=True)[:2]
+
+    graph, (out_g, lse_g) = capture_graph(step)
+    for _ in range(3):
+        seqlens.copy_(D._i32(D._cache_lengths(b, cap)))
+        table.copy_(torch.randperm(num_pages, device=D.DEVICE).to(torch.int32).view(b, max_pages))
+        graph.replay()
+        torch.cuda.synchronize()
+        refs = D._references(q.view(b, 1, H, D_HEAD), kp, vp, page_table=table, cache_seqlens=seqlens, causal=True)
+        D._check(out_g.view(b, 1, H, D_HEAD), _lse_packed_to_dense(lse_g, b, 1), refs,
+                 f"graph replay lengths={seqlens.tolist()}", kvcache=True)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_sglang_kvcache_call(page_size):
+    """SGLang's FlashAttentionBackend call: packed q of the batch's new tokens with cu_seqlens_q, the token
+    (page 1) or paged cache, cache_seqlens counting the new tokens, cu_seqlens_k_new=cu_seqlens_k without new
+    keys (FA3 ignores it), a window tuple, softcap, return_softmax_lse and sinks."""
+    _require(BF16, "sinks")
+    q_lens = [1, 5, 1, 31]
+    b, cap = len(q_lens), 500
+    lengths = [max(ql, n) for ql, n in zip(q_lens, D._cache_lengths(b, cap))]
+    (_, _), (kp, vp), table = _paged_cache(BF16, lengths, cap, page_size)
+    cu_q = D._cu_seqlens(q_lens)
+    q = D._rand(BF16, sum(q_lens), H, D_HEAD)
+    seqlens = D._i32(lengths)
+    sinks = torch.randn(H, device=D.DEVICE)
+    refs = D._references(q, kp, vp, cu_seqlens_q=cu_q, page_table=table, cache_seqlens=seqlens, causal=True,
+                         window_size=(100, 0), softcap=20.0, sinks=sinks)
+    out, lse, *_ = flash_attn_with_kvcache(q=q, k_cache=kp, v_cache=vp, page_table=table, cache_seqlens=seqlens,
+                                           cu_seqlens_q=cu_q, cu_seqlens_k_new=D._cu_seqlens(lengths),
+                                           max_seqlen_q=max(q_lens), softmax_scale=D_HEAD ** -0.5, causal=True,
+                                           window_size=(100, 0), softcap=20.0, k_descale=None, v_descale=None,
+                                           return_softmax_lse=True, sinks=sinks)
+    D._check(out, lse, refs, f"SGLang page_size={page_size} q_lens={q_lens} lengths={lengths}", kvcache=True)
