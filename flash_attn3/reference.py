@@ -136,7 +136,10 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
             q_rows = q_rows[:used_q[b]]
         r = kv_row[b] if kv_row is not None else b
         if page_table is not None:
-            pages = page_table[r].long()
+            # Only the pages that hold this sequence's keys: the table's entries past them may be garbage.
+            page_size = k.shape[1]
+            n_keys = used_k[b] if used_k is not None else page_table.shape[1] * page_size
+            pages = page_table[r, :(n_keys + page_size - 1) // page_size].long()
             k_row = k[pages].reshape(-1, num_heads_k, head_dim)
             v_row = v[pages].reshape(-1, num_heads_k, head_dim_v)
         elif cu_k is not None:

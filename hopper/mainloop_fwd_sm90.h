@@ -689,24 +689,28 @@ struct MainloopFwdSm90 {
 
   static constexpr int kRowsPerThread = 2;  // a 64-row WGMMA accumulator gives each thread 2 rows
 
-  // Ping-pong between consumer warpgroups (FA3's "warp scheduler barrier"): a warpgroup waits for its turn
-  // before issuing its GEMMs and passes the turn on right after issuing them, so one warpgroup's GEMMs run
-  // while the other one does its softmax. Each barrier completes when its owner (128 threads) syncs and
-  // the previous warpgroup (128 threads) arrives.
-  static constexpr bool kPingPong = kNumConsumerWarpGroups == 2;
+  // Turn-taking between consumer warpgroups (FA3's "warp scheduler barrier"), round robin: a warpgroup waits
+  // for its turn before issuing its GEMMs and passes the turn to the next one right after issuing them, so
+  // one warpgroup's GEMMs run while the others do their softmax (ping-pong with two, a ring with three).
+  // Each barrier completes when its owner (128 threads) syncs and the previous warpgroup (128) arrives.
+  static constexpr bool kPingPong = kNumConsumerWarpGroups >= 2;
+  static_assert(kNumConsumerWarpGroups <= 3, "one turn barrier per consumer warpgroup, three at most");
   __device__ static FwdBarrier turn_barrier(int warp_group) {
-    return warp_group == 0 ? FwdBarrier::WarpGroupTurn1 : FwdBarrier::WarpGroupTurn2;
+    return static_cast<FwdBarrier>(static_cast<int>(FwdBarrier::WarpGroupTurn1) + warp_group);
   }
   __device__ static void wait_turn(int warp_group) {
     if constexpr (kPingPong) { named_barrier_sync<2 * kWarpGroupThreads>(turn_barrier(warp_group)); }
   }
   __device__ static void pass_turn(int warp_group) {
-    if constexpr (kPingPong) { named_barrier_arrive<2 * kWarpGroupThreads>(turn_barrier(1 - warp_group)); }
+    if constexpr (kPingPong) {
+      int const next = warp_group + 1 == kNumConsumerWarpGroups ? 0 : warp_group + 1;
+      named_barrier_arrive<2 * kWarpGroupThreads>(turn_barrier(next));
+    }
   }
-  // The first warpgroup starts with the turn: the second one hands it over once, up front.
+  // The first warpgroup starts with the turn: the last one hands it over once, up front.
   __device__ static void init_turns(int warp_group) {
     if constexpr (kPingPong) {
-      if (warp_group == 1) { named_barrier_arrive<2 * kWarpGroupThreads>(turn_barrier(0)); }
+      if (warp_group == kNumConsumerWarpGroups - 1) { named_barrier_arrive<2 * kWarpGroupThreads>(turn_barrier(0)); }
     }
   }
 

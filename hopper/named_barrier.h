@@ -10,11 +10,12 @@ namespace flash3 {
 enum class FwdBarrier : int {
   // All consumer threads: the zeroed tail of the boundary V tile is visible before any warpgroup's PV GEMM.
   VTailZeroed = 0,
-  // Ping-pong between consumer warpgroups: warpgroup i may issue its GEMMs (one id per warpgroup).
+  // Turn-taking between consumer warpgroups: warpgroup i may issue its GEMMs (one id per warpgroup, up to 3).
   WarpGroupTurn1 = 1,
   WarpGroupTurn2 = 2,
+  WarpGroupTurn3 = 3,
   // Consumers (arrive) -> producer warp (sync): every Q K^T of the tile is done, smem Q may be overwritten.
-  QueryEmpty = 3,
+  QueryEmpty = 4,
 };
 
 template <int kNumThreads>

@@ -33,6 +33,7 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   if (gather && elem_bytes == 2 && head_dim > 192) { return {64, local ? 64 : 80, 2}; }
   TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split || gather);
   if (narrow && t.block_n > 128) { t.block_n = 128; }
+  if (local && t.block_m > 128) { t.block_m = 128; }  // the window's row bounds take registers
   if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = head_dim > 192 ? 64 : 96; }
   if (local && elem_bytes == 1 && head_dim > 128) { t.block_n = 64; }
   return t;
@@ -51,6 +52,8 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // non-causal 723 -> 739 TFLOPS, causal 625 -> 636; FA3 899 / 810 and 897 / 826 in those runs.
   if (elem_bytes == 1) {
     if (head_dim > 128) { return {128, 96, 2}; }
+    // d 64: 192 x 128, three consumer warpgroups (FA3: 192 x 160); 8-bit P leaves room in 160 registers.
+    if (head_dim <= 64 && !split) { return {192, 128, 2}; }
     // d 128 non-causal: FA3's tile, 128x224; 3 stages = 16 + 3 x 56 KB. Kept live after the mainloop, the
     // thread index had made it spill 4 bytes; re-read, it fits (2026-12-01, compile-checked). FA3 runs causal
     // at 224 too; ours spilled 16 bytes there (4 at 192), so causal keeps 128. Split-KV keeps 192.
@@ -76,6 +79,12 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // 208 KB. dv 192: 128x112 = 48 + 2 x (42 + 42) KB = 216 KB (128 would need 240 KB); split-KV and the
   // gather variant 96 (its causal kernel spilled 20 bytes at 112).
   if (head_dim > 128) { return {128, head_dim_v <= 128 ? 128 : (split ? 96 : 112), 2}; }
+  // hdim 64 (not split): 192 query rows, three consumer warpgroups taking turns (FA3's M, its fp8-fwd
+  // wheel: 192 x 128 causal, 192 x 192 non-causal with P V from shared memory). Small d makes the Q K^T GEMM
+  // short, so the softmax dominates; with three warpgroups two of them exponentiate while one issues. 160
+  // registers each (RegisterBudget<3>): S 64 + P 32 + O 32; 0 spills (2026-12-01, compile-checked, not run).
+  // d 96 at 192 x 128 spilled 292 bytes (O 48 more; FA3 keeps P in shared memory there), local d 64 8 bytes.
+  if (head_dim <= 64 && !split) { return {192, 128, 2}; }
   // hdim 128, causal: 128x128. Causal tiles have few key blocks near the diagonal, where a wide block wastes
   // masked work; 128 keeps the diagonal block square with the query tile.
   // hdim 96: 128x128, 2 stages = 24 + 96 KB.

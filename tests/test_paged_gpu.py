@@ -102,7 +102,10 @@ def test_paged_matches_dense(page_size, causal, dtype, num_splits, s_q, d, heads
         # from the dense kernel's wider ones (176 / 192 keys) where those exist: the sums are ordered
         # differently, so the two agree to rounding, not bitwise (both passed the reference check above).
         D._check(*dense, refs, f"{what} (dense)", kvcache=True)
-        torch.testing.assert_close(got[0].float(), dense[0].float(), atol=4e-3, rtol=2e-2,
+        # FP8: P is rounded to e4m3 per block, so other block widths (224 dense, 192 gathered at d 128) move
+        # outputs by e4m3's rounding (GPU run 2 of session 6: 0.017 at page 256), not bf16's.
+        atol, rtol = (5e-2, 5e-2) if dtype == FP8 else (4e-3, 2e-2)
+        torch.testing.assert_close(got[0].float(), dense[0].float(), atol=atol, rtol=rtol,
                                    msg=lambda m: f"{what}: paged vs dense cache: {m}")
         torch.testing.assert_close(got[1], dense[1], atol=1e-4, rtol=1e-5,
                                    msg=lambda m: f"{what}: paged vs dense LSE: {m}")

@@ -114,6 +114,8 @@ sass() {
 # printing its verdict, and the C example linked against libflash_attn3.so.
 standalone() {
   local rc=0 args
+  # Run alone (no build stage) on a fresh machine, the CUTLASS headers come from the carried wheel too.
+  python -m pip install -q --no-deps --no-index --find-links "$ROOT/.whl" nvidia-cutlass==4.2.0.0 >/dev/null 2>&1 || true
   {
     echo '$ bash build_standalone.sh -j 16'
     bash build_standalone.sh -j 16 || return 1
