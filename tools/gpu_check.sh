@@ -198,8 +198,15 @@ print(f"wheel: {os.path.basename(sys.argv[1])} ({os.path.getsize(sys.argv[1]) / 
       f"extension {[n for n in whl.namelist() if n.endswith('.so')]}")
 EOF
   # The interpreter that built the wheel (it has torch); its pip installs into the venv it runs in.
-  python -m venv --system-site-packages --without-pip "$work/venv" &&
+  # The image's torch lives in a virtual environment of its own, which --system-site-packages would not see:
+  # a .pth file in the clean venv names torch's site-packages (torch and pytest come from there; the venv's own
+  # site-packages, with the wheel and nothing else, is searched first).
+  local torch_site
+  torch_site="$(python -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+  python -m venv --without-pip "$work/venv" &&
+    echo "$torch_site" >"$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch_env.pth" &&
     "$work/venv/bin/python" -m pip install -q --no-deps --ignore-installed "$whl" || { rm -rf "$work"; return 1; }
+  "$work/venv/bin/python" -m pip list 2>/dev/null | grep -i flash_attn3
   cp -r tests benchmarks pytest.ini "$work/"
   (cd "$work" && venv/bin/python -c 'import torch, flash_attn3._C as c, flash_attn3._ops as o
 print("import:", c.__file__, "| torch", torch.__version__, "| extension", o.HAS_EXTENSION)')
