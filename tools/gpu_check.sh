@@ -207,9 +207,13 @@ EOF
     echo "$torch_site" >"$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch_env.pth" &&
     "$work/venv/bin/python" -m pip install -q --no-deps --ignore-installed "$whl" || { rm -rf "$work"; return 1; }
   "$work/venv/bin/python" -m pip list 2>/dev/null | grep -i flash_attn3
-  cp -r tests benchmarks pytest.ini "$work/"
-  (cd "$work" && venv/bin/python -c 'import torch, flash_attn3._C as c, flash_attn3._ops as o
-print("import:", c.__file__, "| torch", torch.__version__, "| extension", o.HAS_EXTENSION)')
+  # The tracked files except the package itself: some tests read sources as text (the schema in csrc/, the
+  # stable-ABI include rules, the bench tools); the package is importable only from the wheel.
+  git ls-files -z | grep -zv '^flash_attn3/' | xargs -0 cp --parents -t "$work" || { rm -rf "$work"; return 1; }
+  (cd "$work" && venv/bin/python -c 'import sys, torch, flash_attn3, flash_attn3._C as c, flash_attn3._ops as o
+print("import:", flash_attn3.__file__, c.__file__, "| torch", torch.__version__, "| extension", o.HAS_EXTENSION)
+sys.exit(0 if "/venv/" in flash_attn3.__file__ and o.HAS_EXTENSION else "flash_attn3 not imported from the wheel")') ||
+    { rm -rf "$work"; return 1; }
   # The whole suite, as the README types it, from the copy (no source tree on sys.path).
   echo "\$ (copy of tests/, wheel venv) python -m pytest -q tests"
   (cd "$work" && venv/bin/python -m pytest -q -p no:cacheprovider tests) 2>&1 | tee -a "$OUT/build.log" | tail -n 15
