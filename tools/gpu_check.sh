@@ -209,7 +209,9 @@ EOF
   "$work/venv/bin/python" -m pip list 2>/dev/null | grep -i flash_attn3
   # The tracked files except the package itself: some tests read sources as text (the schema in csrc/, the
   # stable-ABI include rules, the bench tools); the package is importable only from the wheel.
-  git ls-files -z | grep -zv '^flash_attn3/' | xargs -0 cp --parents -t "$work" || { rm -rf "$work"; return 1; }
+  tar --exclude=./flash_attn3 --exclude=./.git --exclude=./build --exclude=./build_standalone --exclude=./.whl \
+    --exclude=./gpu_out --exclude='*.egg-info' --exclude=./dist -cf - . | tar -xf - -C "$work" ||
+    { rm -rf "$work"; return 1; }
   (cd "$work" && venv/bin/python -c 'import sys, torch, flash_attn3, flash_attn3._C as c, flash_attn3._ops as o
 print("import:", flash_attn3.__file__, c.__file__, "| torch", torch.__version__, "| extension", o.HAS_EXTENSION)
 sys.exit(0 if "/venv/" in flash_attn3.__file__ and o.HAS_EXTENSION else "flash_attn3 not imported from the wheel")') ||
