@@ -4,6 +4,10 @@ The extension is csrc/flash_api.cpp (the only C++ that includes torch) linked wi
 hopper/: hopper/api.cu, hopper/combine.cu, hopper/append_kv.cu and the instantiations that tools/kernels.py selects under the environment switches.
 A record of what was compiled is written to flash_attn3/_build_config.py and imported at run time.
 
+flash_api.cpp uses only torch's stable ABI at the level of torch 2.10 (TORCH_TARGET) and Python's limited API,
+so the wheel (`pip wheel --no-build-isolation --no-deps . -w dist`, tagged cp310-abi3) installs into any
+Python >= 3.10 with any torch >= 2.10, whichever torch >= 2.10 built it.
+
 Environment:
   FLASH_ATTN3_SKIP_CUDA_BUILD=1  install the pure-Python parts only (CPU-only machines, CI)
   FLASH_ATTN3_DTYPES, FLASH_ATTN3_HDIMS  compile a subset of kernels (see tools/kernels.py)
@@ -28,6 +32,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 import kernels  # noqa: E402  (tools/kernels.py: the one list of compiled kernels)
 
 SKIP_CUDA = os.environ.get("FLASH_ATTN3_SKIP_CUDA_BUILD", "0") == "1"
+
+# The oldest torch the extension runs with: torch's stable headers hide every API newer than this
+# TORCH_TARGET_VERSION (using one is a compile error), and it is the first release whose stable ABI is versioned.
+TORCH_TARGET = (2, 10)
+# Python's limited API: the version torch's BuildExtension sets as Py_LIMITED_API for a py_limited_api
+# extension (0x030A0000), which the wheel's abi3 tag must match.
+ABI3_TAG = "cp310"
 
 def find_cutlass_include() -> Path:
     """CUTLASS_DIR, then third_party/cutlass, then the nvidia-cutlass wheel (found without importing it)."""
@@ -101,7 +112,53 @@ def write_build_config(built: bool, fwd_kernels) -> None:
     (ROOT / "flash_attn3" / "_build_config.py").write_text(kernels.build_record(built, fwd_kernels))
 
 
+def check_torch_version() -> None:
+    """The stable headers of TORCH_TARGET must be there: a build against an older torch cannot target it."""
+    import torch
+
+    found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if found < TORCH_TARGET:
+        raise SystemExit(
+            f"flash_attn3: the extension is built on torch's stable ABI of torch "
+            f"{TORCH_TARGET[0]}.{TORCH_TARGET[1]}, and this Python's torch is {torch.__version__}; install torch >= "
+            f"{TORCH_TARGET[0]}.{TORCH_TARGET[1]} to build (the wheel then runs with any torch from "
+            f"{TORCH_TARGET[0]}.{TORCH_TARGET[1]} on)."
+        )
+
+
+# Of the libraries CUDAExtension links, the ones the stable-ABI extension uses: libtorch_cpu defines the C shim
+# (aoti_torch_*, torch_*) and cudart the CUDA runtime the kernels call. c10, libtorch_cuda and friends export
+# only unstable C++ symbols, which nothing here references; libtorch_cuda's one shim function (the current
+# stream) is looked up at run time, so the extension also loads into a CPU-only torch. dl: dlsym, for that
+# look-up (in libc from glibc 2.34, a separate library before).
+STABLE_LIBRARIES = ("torch_cpu", "cudart")
+
+
+def use_toolkit_for_cpu_torch() -> None:
+    """Points torch's build helpers at the CUDA toolkit when torch itself has no CUDA.
+
+    A CPU-only torch leaves cpp_extension.CUDA_HOME unset, yet the stable-ABI extension needs nothing of torch's
+    CUDA build: only the toolkit (nvcc, the runtime) and torch's stable headers, the same in every build of a
+    torch version. So the wheel can be built on a CPU-only machine, with the toolkit build_standalone.sh finds
+    (CUDA_HOME, else the nvcc on PATH, else /usr/local/cuda*).
+    """
+    import torch
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is not None:
+        return
+    found = subprocess.run(["bash", str(ROOT / "build_standalone.sh"), "--print-cuda-home"], capture_output=True,
+                           text=True)
+    if found.returncode != 0 or not found.stdout.strip():
+        raise SystemExit(f"flash_attn3: torch has no CUDA and no CUDA toolkit was found: {found.stderr.strip()}")
+    cpp_extension.CUDA_HOME = found.stdout.strip()
+    print(f"flash_attn3: torch {torch.__version__} has no CUDA; building with the toolkit at "
+          f"{cpp_extension.CUDA_HOME}", file=sys.stderr)
+
+
 def extension_modules():
+    check_torch_version()
+    use_toolkit_for_cpu_torch()
     from torch.utils.cpp_extension import CUDAExtension
 
     choose_host_compiler()
@@ -127,20 +184,31 @@ def extension_modules():
         *defines,
     ]
     sources = ["csrc/flash_api.cpp", "hopper/api.cu", "hopper/combine.cu", "hopper/append_kv.cu"] + [str(k.source.relative_to(ROOT)) for k in selected]
-    write_build_config(True, selected)
-    return [
-        CUDAExtension(
-            name="flash_attn3._C",
-            sources=sources,
-            include_dirs=[str(ROOT / "hopper"), str(cutlass_inc)],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", *defines], "nvcc": nvcc_flags},
-        )
+    target = f"-DTORCH_TARGET_VERSION=0x{(TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48):016x}"
+    cxx_flags = [
+        "-O3",
+        "-std=c++17",
+        target,
+        # Only PyInit__C is exported: the inline code of torch's stable headers stays private to this library
+        # instead of binding to a same-named symbol of whichever torch is loaded.
+        "-fvisibility=hidden",
+        *defines,
     ]
+    write_build_config(True, selected)
+    ext = CUDAExtension(
+        name="flash_attn3._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "hopper"), str(cutlass_inc)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        py_limited_api=True,  # BuildExtension then defines Py_LIMITED_API; the module is named _C.abi3.so
+    )
+    ext.libraries = [lib for lib in ext.libraries if lib in STABLE_LIBRARIES] + ["dl"]
+    return [ext]
 
 
 if SKIP_CUDA:
     write_build_config(False, [])
-    ext_modules, cmdclass = [], {}
+    ext_modules, cmdclass, options = [], {}, {}
 else:
     try:
         from torch.utils.cpp_extension import BuildExtension
@@ -154,13 +222,15 @@ else:
 
     ext_modules = extension_modules()
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    options = {"bdist_wheel": {"py_limited_api": ABI3_TAG}}  # the wheel's tag: cp310-abi3
 
 setup(
     name="flash_attn3",
     version="0.1.0",
     description="FlashAttention-3-compatible SM90 (Hopper) attention forward kernels on CUTLASS/CuTe",
     packages=find_packages(include=["flash_attn3", "flash_attn3.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options=options,
 )

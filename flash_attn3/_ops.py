@@ -179,20 +179,46 @@ class FwdCall(FwdArgs):
         return args, out, lse
 
 
+# The extension is built on torch's stable ABI, through which C++ cannot raise NotImplementedError (torch turns
+# every C++ exception into RuntimeError). csrc/flash_api.cpp starts the message of a feature this build did not
+# compile with this tag (its kNotImplementedTag), and the op wrappers below re-raise such an error as
+# NotImplementedError (a RuntimeError subclass, so callers catching RuntimeError still do) without the tag.
+NOT_IMPLEMENTED_TAG = "NotImplementedError: "
+
+
+def _reraise(exc: RuntimeError):
+    """Re-raises an op's RuntimeError, as NotImplementedError when its message carries NOT_IMPLEMENTED_TAG."""
+    message = str(exc)
+    if message.startswith(NOT_IMPLEMENTED_TAG):
+        raise NotImplementedError(message[len(NOT_IMPLEMENTED_TAG):]) from None
+    raise exc
+
+
+# Each wrapper calls its op inside try: free on Python >= 3.11 when nothing is raised, and traced through by
+# torch.compile (fullgraph) like the bare call.
 def fwd(*schema_args) -> None:
     """Calls torch.ops.flash_attn3.fwd with arguments in schema order (FwdArgs.op_args)."""
-    torch.ops.flash_attn3.fwd(*schema_args)
+    try:
+        torch.ops.flash_attn3.fwd(*schema_args)
+    except RuntimeError as exc:
+        _reraise(exc)
 
 
 def combine(out_partial, lse_partial, out, lse) -> None:
     """torch.ops.flash_attn3.combine: writes out and lse (shapes checked by flash_attn_combine)."""
-    torch.ops.flash_attn3.combine(out_partial, lse_partial, out, lse)
+    try:
+        torch.ops.flash_attn3.combine(out_partial, lse_partial, out, lse)
+    except RuntimeError as exc:
+        _reraise(exc)
 
 
 def append_kv(*args) -> None:
     """torch.ops.flash_attn3.append_kv: writes new k/v into the cache, q rotated into q_out (if rotary), and the
     lengths after the append into seqused_out (schema order; flash_attn3.interface._append_kv checks them)."""
-    torch.ops.flash_attn3.append_kv(*args)
+    try:
+        torch.ops.flash_attn3.append_kv(*args)
+    except RuntimeError as exc:
+        _reraise(exc)
 
 
 # get_scheduler_metadata's tensor: METADATA_TAG, then the plan's 7 values (csrc/flash_api.cpp `plan`).
@@ -202,7 +228,10 @@ METADATA_LEN = 8
 
 def plan(*args) -> list:
     """torch.ops.flash_attn3.plan: [num_splits, pack_gqa, block_m, block_n, num_m_blocks, num_tiles, grid]."""
-    return list(torch.ops.flash_attn3.plan(*args))
+    try:
+        return list(torch.ops.flash_attn3.plan(*args))
+    except RuntimeError as exc:
+        _reraise(exc)
 
 
 def _fwd_fake(*schema_args):

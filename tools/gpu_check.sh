@@ -8,12 +8,14 @@
 # has no network, so pip is pointed at the carried wheels in .whl/ (PIP_NO_INDEX, PIP_FIND_LINKS): the
 # commands themselves stay as the README prints them.
 #
-# Logs go to $OUT, whose files come back (at most 8, so the set is fixed): build.log (with the SASS check)
-# standalone.log tests.log bench.log fwd_*.csv bench_fwd.png sanitize.log summary.txt. A failing stage does not
-# stop later ones (except that nothing runs without a build); the exit code is non-zero if any stage failed.
+# Logs go to $OUT, whose files come back (at most 8, so the set is fixed): build.log (with the SASS check and
+# the wheel stage) standalone.log tests.log bench.log fwd_*.csv bench_fwd.png sanitize.log summary.txt. A failing
+# stage does not stop later ones (except that nothing runs without a build); the exit code is non-zero if any
+# stage failed.
 #
-# Usage: bash tools/gpu_check.sh [STAGES...]   stages: build standalone tests bench sanitize, or all
-#        (= build standalone tests bench). build always runs first, except for standalone alone (no extension).
+# Usage: bash tools/gpu_check.sh [STAGES...]   stages: build standalone tests bench sanitize wheel, or all
+#        (= build standalone tests bench). build always runs first, except when only standalone and wheel are
+#        asked for (each builds what it tests).
 # Environment:
 #   FLASH_ATTN3_DTYPES / FLASH_ATTN3_HDIMS  build only some kernels (passed through to setup.py)
 #   GPU_TESTS="expr"    pytest -k expression;  PYTEST_ARGS="..." more pytest arguments
@@ -24,8 +26,8 @@ set -uo pipefail
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 || "${STAGES[*]}" == "all" ]] && STAGES=(build standalone tests bench)
 for s in "${STAGES[@]}"; do
-  case "$s" in build | standalone | tests | bench | sanitize) ;; *)
-    echo "usage: bash tools/gpu_check.sh [build|standalone|tests|bench|sanitize ...|all]" >&2
+  case "$s" in build | standalone | tests | bench | sanitize | wheel) ;; *)
+    echo "usage: bash tools/gpu_check.sh [build|standalone|tests|bench|sanitize|wheel ...|all]" >&2
     exit 2
     ;;
   esac
@@ -172,6 +174,79 @@ bench() {
   return "$rc"
 }
 
+# The stable-ABI wheel as a user gets it: `pip wheel` once (after the build stage, ninja finds its objects
+# up to date), installed with --no-deps into a fresh venv that sees the system torch (--system-site-packages:
+# the device has no network; --without-pip: that venv runs the system pip), and tested from a copy of tests/
+# outside the tree, so that nothing comes from the source copy. Prints the wheel's name, tag and size.
+wheel() {
+  [[ -d .whl ]] || { echo "no .whl/ folder: name \".whl\" in the run tool's carry" >&2; return 1; }
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$ROOT/.whl"
+  local work whl rc
+  work="$(mktemp -d)"
+  # shellcheck disable=SC2016
+  echo '$ python -m pip wheel --no-build-isolation --no-deps . -w dist'
+  { python -m pip install --no-deps nvidia-cutlass==4.2.0.0 &&
+    python -m pip wheel -v --no-build-isolation --no-deps . -w "$work/dist"; } >>"$OUT/build.log" 2>&1 ||
+    { tail -n 40 "$OUT/build.log"; rm -rf "$work"; return 1; }
+  whl="$(find "$work/dist" -name 'flash_attn3-*.whl' | head -n1)"
+  python - "$whl" <<'EOF'
+import os, sys, zipfile
+whl = zipfile.ZipFile(sys.argv[1])
+meta = whl.read(next(n for n in whl.namelist() if n.endswith(".dist-info/WHEEL"))).decode()
+tags = [line for line in meta.splitlines() if line.startswith("Tag:")]
+print(f"wheel: {os.path.basename(sys.argv[1])} ({os.path.getsize(sys.argv[1]) / 2**20:.1f} MiB), {', '.join(tags)}, "
+      f"extension {[n for n in whl.namelist() if n.endswith('.so')]}")
+EOF
+  # The interpreter that built the wheel (it has torch); its pip installs into the venv it runs in.
+  # The image's torch lives in a virtual environment of its own, which --system-site-packages would not see:
+  # a .pth file in the clean venv names torch's site-packages (torch and pytest come from there; the venv's own
+  # site-packages, with the wheel and nothing else, is searched first).
+  local torch_site
+  torch_site="$(python -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+  python -m venv --without-pip "$work/venv" &&
+    echo "$torch_site" >"$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch_env.pth" &&
+    "$work/venv/bin/python" -m pip install -q --no-deps --ignore-installed "$whl" || { rm -rf "$work"; return 1; }
+  "$work/venv/bin/python" -m pip list 2>/dev/null | grep -i flash_attn3
+  # The tracked files except the package itself: some tests read sources as text (the schema in csrc/, the
+  # stable-ABI include rules, the bench tools); the package is importable only from the wheel.
+  tar --exclude=./flash_attn3 --exclude=./.git --exclude=./build --exclude=./build_standalone --exclude=./.whl \
+    --exclude=./gpu_out --exclude='*.egg-info' --exclude=./dist -cf - . | tar -xf - -C "$work" ||
+    { rm -rf "$work"; return 1; }
+  (cd "$work" && venv/bin/python -c 'import sys, torch, flash_attn3, flash_attn3._C as c, flash_attn3._ops as o
+print("import:", flash_attn3.__file__, c.__file__, "| torch", torch.__version__, "| extension", o.HAS_EXTENSION)
+sys.exit(0 if "/venv/" in flash_attn3.__file__ and o.HAS_EXTENSION else "flash_attn3 not imported from the wheel")') ||
+    { rm -rf "$work"; return 1; }
+  # The whole suite, as the README types it, from the copy (no source tree on sys.path).
+  echo "\$ (copy of tests/, wheel venv) python -m pytest -q tests"
+  (cd "$work" && venv/bin/python -m pytest -q -p no:cacheprovider tests) 2>&1 | tee -a "$OUT/build.log" | tail -n 15
+  rc=${PIPESTATUS[0]}
+  install_fa3 >/dev/null || true
+  # Eager per-call latency of a tiny call (the stable ABI boxes every argument), beside FA3's wheel (also on
+  # the stable ABI) in the same process; and the headline rows, which must match the source build's.
+  (cd "$work" && venv/bin/python - <<'PYEOF'
+import sys, time, torch, flash_attn3
+sys.path.insert(0, "/tmp/fa3")
+q = torch.randn(1, 128, 8, 128, device="cuda", dtype=torch.bfloat16)
+fns = {"flash_attn3": lambda: flash_attn3.flash_attn_func(q, q, q)}
+try:
+    import fa3_fwd_interface as fa3
+    fns["fa3"] = lambda: fa3.flash_attn_func(q, q, q)
+except Exception as e:  # noqa: BLE001
+    print("latency: no FA3 wheel:", e)
+for name, fn in fns.items():
+    for _ in range(50): fn()
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    for _ in range(2000): fn()
+    torch.cuda.synchronize()
+    print(f"latency: {name} eager flash_attn_func b1 s128 h8 d128: {(time.perf_counter() - t0) / 2000 * 1e6:.1f} us/call")
+PYEOF
+  ) 2>&1 | tee -a "$OUT/build.log"
+  (cd "$work" && venv/bin/python benchmarks/bench_fwd.py --grid headline --iters 10 --csv "$work/h.csv") 2>&1 |
+    grep -E "^(head|#|case)" | sed 's/^/wheel bench: /' | tee -a "$OUT/build.log"
+  rm -rf "$work"
+  return "$rc"
+}
+
 # compute-sanitizer on a few small calls (odd lengths, varlen, GQA, causal, split-KV + PackGQA decode); PyTorch's caching allocator is
 # off so that memcheck sees every allocation's true bounds.
 sanitize() {
@@ -290,9 +365,12 @@ EOF
 }
 
 stage env env_info
-# The standalone stage alone needs no extension (build_standalone.sh builds its own library).
-if [[ "${STAGES[*]}" == standalone ]]; then
-  stage standalone standalone
+# standalone and wheel build what they test (build_standalone.sh its own library, wheel its wheel); the other
+# stages test the installed build.
+NEEDS_BUILD=0
+for s in "${STAGES[@]}"; do [[ "$s" == standalone || "$s" == wheel ]] || NEEDS_BUILD=1; done
+if [[ $NEEDS_BUILD -eq 0 ]]; then
+  for s in "${STAGES[@]}"; do stage "$s" "$s"; done
 elif stage build build; then
   stage sass sass
   for s in "${STAGES[@]}"; do
