@@ -78,10 +78,38 @@ def seed(request):
     return value
 
 
+# The messages of flash_attn3/_checks.py check_supported for a kernel or feature the build left out.
+_NOT_BUILT = ("has no compiled kernel for", "is not built into this flash_attn3 installation",
+              "kernel for that pair is built")
+
+
+def _subset_build() -> bool:
+    """Whether this install compiled fewer kernels than tools/kernels.py lists (a FLASH_ATTN3_DTYPES /
+    FLASH_ATTN3_HDIMS build): only there may a test meet a kernel that is not built."""
+    try:
+        from flash_attn3 import _build_config as rec
+
+        sys.path.insert(0, str(_ROOT / "tools"))
+        try:
+            import kernels
+        finally:
+            sys.path.pop(0)
+        return len(set(rec.FWD_KERNELS)) < len(kernels.all_kernels())
+    except Exception:  # noqa: BLE001 - no record or no tools/: assume a full build (failures stay failures)
+        return False
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    # In a subset build, a test whose call needs an unbuilt kernel skips with the library's reason instead of
+    # failing; in a full build the same error is a failure.
+    if (report.failed and call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError)
+            and any(m in str(call.excinfo.value) for m in _NOT_BUILT) and _subset_build()):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: subset build: {call.excinfo.value}")
+        return
     if report.failed:
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
