@@ -17,6 +17,8 @@
 
 #include <cute/tensor.hpp>
 
+#include "params.h"
+
 namespace flash3 {
 
 using namespace cute;
@@ -25,7 +27,7 @@ using namespace cute;
 // (-1, 0) and runs as kCausal): query i sees keys [i + sk - sq - left, i + sk - sq + right], and with a
 // chunk (attention_chunk) only those of its own chunk [c, c + chunk), c = floor((i + sk - sq) / chunk) * chunk.
 // Both bounds stay non-decreasing in i, which range() relies on.
-enum class MaskKind { kNone, kCausal, kLocal };
+// (MaskKind itself is declared in params.h.)
 
 struct BlockRange {
   int begin;
