@@ -2,7 +2,8 @@
 
 Usage: ncu --kernel-name regex:'fwd_kernel|flash_fwd' ... python benchmarks/profile_case.py CASE [ours|fa3]
 Cases (bf16 d128): prefill (b2 s8192 h16 non-causal), prefill_causal (b1 s16384 h16 causal), window256
-(b1 s16384 h16, window (256, 0)), decode (64 x 8192 h32/8 contiguous cache), page16 / page256 (the same cache
+(b1 s16384 h16, window (256, 0)), short / short_causal (b32 s512 h16: the rows with the largest gap to FA3,
+0.71 / 0.68 in session 7, per-tile fixed costs), causal4k (b4 s4096 h16 causal: 0.75), decode (64 x 8192 h32/8 contiguous cache), page16 / page256 (the same cache
 paged). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
 import sys
 
@@ -22,10 +23,11 @@ def rand(*shape):
     return torch.randn(*shape, device="cuda", dtype=bf16)
 
 
-if case in ("prefill", "prefill_causal", "window256"):
-    b, s, h = (2, 8192, 16) if case == "prefill" else (1, 16384, 16)
+SHAPES = {"prefill": (2, 8192, 16), "short": (32, 512, 16), "short_causal": (32, 512, 16), "causal4k": (4, 4096, 16)}
+if case in ("prefill", "prefill_causal", "window256", "short", "short_causal", "causal4k"):
+    b, s, h = SHAPES.get(case, (1, 16384, 16))
     q, k, v = rand(b, s, h, 128), rand(b, s, h, 128), rand(b, s, h, 128)
-    kw = dict(causal=case != "prefill")
+    kw = dict(causal=case not in ("prefill", "short"))
     if case == "window256":
         kw["window_size"] = (256, 0)
 
