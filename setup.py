@@ -183,7 +183,7 @@ def extension_modules():
         "-U__CUDA_NO_HALF2_OPERATORS__",
         *defines,
     ]
-    sources = ["csrc/flash_api.cpp", "hopper/api.cu", "hopper/combine.cu", "hopper/append_kv.cu"] + [str(src.relative_to(ROOT)) for k in selected for src in k.sources]
+    sources = ["csrc/flash_api.cpp", "hopper/api.cu", "hopper/combine.cu", "hopper/append_kv.cu"] + [str(k.source.relative_to(ROOT)) for k in selected]
     target = f"-DTORCH_TARGET_VERSION=0x{(TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48):016x}"
     cxx_flags = [
         "-O3",

@@ -1,7 +1,7 @@
 // Launch layer of the SM90 forward kernel: turns the torch-free FwdParams into the mainloop / epilogue
 // Arguments, builds the TMA descriptors, sizes the grid and shared memory, and launches on the caller's
-// stream. Instantiated once per kernel key (element type, head dims) and mask policy by
-// hopper/instantiations/*.cu; run_fwd_sm90 (instantiations/kernel_key.h) picks the mask at run time.
+// stream. Instantiated once per kernel key (element type, head dims) by hopper/instantiations/*.cu; both mask
+// policies are compiled into each instantiation and chosen here at run time.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -198,12 +198,18 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   return launch_combine(c, stream);
 }
 
-// One mask's kernels (instantiated per key and mask by hopper/instantiations/<key>_<mask>_sm90.cu; the mask
-// switch is run_fwd_sm90 in instantiations/kernel_key.h): the runtime -> compile-time switch of split-KV.
+// The runtime -> compile-time switches compiled into each instantiation: the mask and split-KV.
 template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask>
 cudaError_t run_fwd_sm90_mask(FwdParams const& p, cudaStream_t stream) {
   return p.schedule.num_splits > 1 ? launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, true>(p, stream)
                                    : launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, false>(p, stream);
+}
+
+template <class Element, int kHeadDim, int kHeadDimV>
+cudaError_t run_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
+  if (is_causal(p.mask)) { return run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kCausal>(p, stream); }
+  if (is_local(p.mask)) { return run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kLocal>(p, stream); }
+  return run_fwd_sm90_mask<Element, kHeadDim, kHeadDimV, MaskKind::kNone>(p, stream);
 }
 
 }  // namespace flash3

@@ -17,8 +17,6 @@
 
 #include <cute/tensor.hpp>
 
-#include "params.h"
-
 namespace flash3 {
 
 using namespace cute;
@@ -27,7 +25,7 @@ using namespace cute;
 // (-1, 0) and runs as kCausal): query i sees keys [i + sk - sq - left, i + sk - sq + right], and with a
 // chunk (attention_chunk) only those of its own chunk [c, c + chunk), c = floor((i + sk - sq) / chunk) * chunk.
 // Both bounds stay non-decreasing in i, which range() relies on.
-// (MaskKind itself is declared in params.h.)
+enum class MaskKind { kNone, kCausal, kLocal };
 
 struct BlockRange {
   int begin;

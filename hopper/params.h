@@ -182,10 +182,6 @@ using Operand = flash3_operand;
 using DType = flash3_dtype;
 using Status = flash3_status;
 
-// The compile-time mask policies of the kernels (hopper/mask.h gives each its rules; tools/kernels.py compiles
-// each into its own file). Here, beside the params, so that the light dispatch header can name them.
-enum class MaskKind { kNone, kCausal, kLocal };
-
 // A chunk makes any mask a local one (the kLocal kernels carry the chunk bounds), as in FA3.
 FLASH3_HOST_DEVICE inline bool is_causal(flash3_mask const& m) {
   return m.window_left < 0 && m.window_right == 0 && m.chunk <= 0;
