@@ -3,6 +3,8 @@
 # $OUT/profile.log: the summary sections for each CASE:BACKEND, and for ours the top stall locations in SASS
 # (tools/ncu_hotspots.py). Needs the extension installed (tools/gpu_check.sh build) and, for fa3, the carried
 # fa3-fwd wheel.   Usage: bash tools/profile.sh prefill:ours prefill:fa3 page16:ours ...
+# NCU_KERNELS (regex, default fwd_kernel|device_kernel) and NCU_COUNT (default 1) pick the profiled launches,
+# e.g. NCU_KERNELS="fwd_kernel|combine_kernel" NCU_COUNT=2 for decode1 (the split kernel and its combine).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
@@ -20,7 +22,7 @@ for spec in "$@"; do
   rep="/tmp/prof_${c}_${b}"
   {
     echo "################ $c ($b)"
-    ncu --kernel-name regex:'fwd_kernel|device_kernel' --launch-skip 3 --launch-count 1 \
+    ncu --kernel-name regex:"${NCU_KERNELS:-fwd_kernel|device_kernel}" --launch-skip 3 --launch-count "${NCU_COUNT:-1}" \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats \
       --section WarpStateStats --section SourceCounters --section LaunchStats --section Occupancy \
       -f -o "$rep" python benchmarks/profile_case.py "$c" "$b" 2>&1 | tail -n 3
