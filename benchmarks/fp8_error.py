@@ -24,8 +24,15 @@ P @ V in float32 divided by the row sum of the unrounded P, the output rounded t
 the inputs and P are rounded to bfloat16 instead. `auto` (the default) picks `kernel` when CUDA and the
 compiled extension are present, else `emulate`.
 
-Prints a markdown table (method, RMSE, ratio to the fp8 per-tensor RMSE); --csv PATH also writes the rows.
-The default size (b 1, s 2048, h 8, d 128) takes well under a minute on a CPU with the emulator.
+Long context (issue #14's FP8 accuracy question): --seqlen-q sets fewer queries than keys (--seqlen), so that 32k
+or 128k keys stay affordable for the float64 reference, and `--backend both` runs the kernel and the emulator on
+the same inputs. The emulator sums P V exactly in float32; the kernel accumulates it in its tensor cores across
+every key block, so an error of the kernel's that grows with the keys beyond the emulator's is the accumulation's
+(what "two-level accumulation", flushing the FP8 products into float32 every few blocks, would remove), e.g.
+`python benchmarks/fp8_error.py --backend both --seqlen-q 128 --seqlen 131072 --heads 8`.
+
+Prints a markdown table (backend, method, RMSE, ratio to the fp8 per-tensor RMSE); --csv PATH also writes the
+rows. The default size (b 1, s 2048, h 8, d 128) takes well under a minute on a CPU with the emulator.
 """
 from __future__ import annotations
 
@@ -48,21 +55,22 @@ from flash_attn3.quantize import FP8, dequantize_fp8, hadamard_rotation, quantiz
 
 P_SCALE = 256.0  # the kernel scales P by 2^8 before its cast to e4m3 (exact: a power of two)
 METHODS = ("bf16", "fp8 per-tensor", "fp8 per-(b,h)", "fp8 per-(b,h)+rot")
-CSV_FIELDS = ("date", "method", "backend", "rmse", "ratio_vs_per_tensor", "batch", "seqlen", "heads", "heads_k",
-              "head_dim", "outlier_frac", "outlier_std", "seed", "device", "torch")
+CSV_FIELDS = ("date", "method", "backend", "rmse", "ratio_vs_per_tensor", "rel_rmse", "batch", "seqlen_q", "seqlen", "heads",
+              "heads_k", "head_dim", "outlier_frac", "outlier_std", "seed", "device", "torch")
 
 
-def make_inputs(batch, seqlen, heads, heads_k, head_dim, outlier_frac, outlier_std, seed):
-    """float32 q (b, s, h, d), k and v (b, s, h_k, d): N(0, 1) with a fraction outlier_frac of the entries
-    replaced by N(0, outlier_std²) draws; generated on the CPU from `seed`, so every device sees the same."""
+def make_inputs(batch, seqlen, heads, heads_k, head_dim, outlier_frac, outlier_std, seed, seqlen_q=None):
+    """float32 q (b, s_q, h, d), k and v (b, s, h_k, d), s_q = seqlen_q or seqlen: N(0, 1) with a fraction
+    outlier_frac of the entries replaced by N(0, outlier_std²) draws; generated on the CPU from `seed`, so every
+    device sees the same."""
     gen = torch.Generator().manual_seed(seed)
 
-    def one(h):
-        x = torch.randn(batch, seqlen, h, head_dim, generator=gen)
+    def one(rows, h):
+        x = torch.randn(batch, rows, h, head_dim, generator=gen)
         outlier = torch.rand(x.shape, generator=gen) < outlier_frac
         return torch.where(outlier, torch.randn(x.shape, generator=gen) * outlier_std, x)
 
-    return one(heads), one(heads_k), one(heads_k)
+    return one(seqlen_q or seqlen, heads), one(seqlen, heads_k), one(seqlen, heads_k)
 
 
 def _expand_kv(x, heads):
@@ -146,35 +154,41 @@ def resolve_backend(backend):
 def measure(args):
     """One row per method: dicts with the CSV_FIELDS."""
     backend = resolve_backend(args.backend)
-    device = torch.device(args.device or ("cuda" if backend == "kernel" or torch.cuda.is_available() else "cpu"))
-    if backend == "kernel" and device.type != "cuda":
-        raise SystemExit("--backend kernel needs a CUDA device")
+    device = torch.device(args.device or ("cuda" if backend in ("kernel", "both") or torch.cuda.is_available()
+                                          else "cpu"))
+    if backend in ("kernel", "both") and device.type != "cuda":
+        raise SystemExit(f"--backend {backend} needs a CUDA device")
     heads_k = args.heads_k or args.heads
     if args.heads % heads_k:
         raise SystemExit(f"--heads ({args.heads}) must be a multiple of --heads-k ({heads_k})")
     q, k, v = (t.to(device) for t in make_inputs(args.batch, args.seqlen, args.heads, heads_k, args.head_dim,
-                                                  args.outlier_frac, args.outlier_std, args.seed))
+                                                  args.outlier_frac, args.outlier_std, args.seed, args.seqlen_q))
     softmax_scale = args.head_dim ** -0.5
     ref = attention_fp64(q, k, v, softmax_scale)
-    errors = {}
-    for method in METHODS:
-        try:
-            errors[method] = rmse(run_method(q, k, v, method, backend, softmax_scale, args.seed), ref)
-        except NotImplementedError as exc:  # e.g. a build without the fp8 kernels
-            raise SystemExit(f"{method}: {exc}") from exc
-    base = errors["fp8 per-tensor"]
-    common = {"date": datetime.date.today().isoformat(), "backend": backend, "batch": args.batch,
+    ref_rms = math.sqrt(torch.mean(ref ** 2).item())  # |O| shrinks as more keys are averaged: rel_rmse = rmse / it
+    common = {"date": datetime.date.today().isoformat(), "batch": args.batch, "seqlen_q": q.shape[1],
               "seqlen": args.seqlen, "heads": args.heads, "heads_k": heads_k, "head_dim": args.head_dim,
               "outlier_frac": args.outlier_frac, "outlier_std": args.outlier_std, "seed": args.seed,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__}
-    return [dict(common, method=m, rmse=e, ratio_vs_per_tensor=e / base if base > 0 else float("nan"))
-            for m, e in errors.items()]
+    rows = []
+    for be in (("kernel", "emulate") if backend == "both" else (backend,)):
+        errors = {}
+        for method in METHODS:
+            try:
+                errors[method] = rmse(run_method(q, k, v, method, be, softmax_scale, args.seed), ref)
+            except NotImplementedError as exc:  # e.g. a build without the fp8 kernels
+                raise SystemExit(f"{method}: {exc}") from exc
+        base = errors["fp8 per-tensor"]
+        rows += [dict(common, backend=be, method=m, rmse=e, ratio_vs_per_tensor=e / base if base > 0 else float("nan"),
+                      rel_rmse=e / ref_rms if ref_rms > 0 else float("nan")) for m, e in errors.items()]
+    return rows
 
 
 def markdown_table(rows):
-    lines = ["| method | RMSE | ratio vs fp8 per-tensor |", "|---|---:|---:|"]
-    lines += [f"| {r['method']} | {r['rmse']:.3e} | {r['ratio_vs_per_tensor']:.3f} |" for r in rows]
+    lines = ["| backend | method | RMSE | RMSE / rms(O) | ratio vs fp8 per-tensor |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['backend']} | {r['method']} | {r['rmse']:.3e} | {r['rel_rmse']:.3e} | "
+              f"{r['ratio_vs_per_tensor']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -190,10 +204,12 @@ def write_csv(path, rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("auto", "kernel", "emulate"), default="auto")
+    p.add_argument("--backend", choices=("auto", "kernel", "emulate", "both"), default="auto",
+                   help="both: the kernel and the emulator on the same inputs")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int, default=2048, help="keys (and queries, unless --seqlen-q)")
+    p.add_argument("--seqlen-q", type=int, default=None, help="queries (default: --seqlen)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--heads-k", type=int, default=None, help="kv heads (GQA); default: --heads")
     p.add_argument("--head-dim", type=int, default=128)
@@ -209,7 +225,8 @@ def main(argv=None):
     start = time.perf_counter()
     rows = measure(args)
     r = rows[0]
-    print(f"backend {r['backend']} on {r['device']}: b {r['batch']}, s {r['seqlen']}, h {r['heads']}/{r['heads_k']}, "
+    print(f"backend {args.backend} on {r['device']}: b {r['batch']}, s_q {r['seqlen_q']}, s_k {r['seqlen']}, "
+          f"h {r['heads']}/{r['heads_k']}, "
           f"d {r['head_dim']}, outliers {args.outlier_frac:g} of N(0, {args.outlier_std:g}^2), seed {args.seed} "
           f"({time.perf_counter() - start:.1f} s)\n")
     print(markdown_table(rows))

@@ -388,3 +388,15 @@ def test_fp8_error_script_smoke(tmp_path, seed):
     assert all(0 < r["rmse"] < 0.1 for r in rows)
     text = path.read_text().splitlines()
     assert text[0].split(",")[:4] == ["date", "method", "backend", "rmse"] and len(text) == 1 + len(rows)
+
+
+def test_fp8_error_fewer_queries_than_keys(seed):
+    """--seqlen-q below --seqlen (the long-context form): the reference and the emulator take q of s_q rows."""
+    fe = _load_script()
+    rows = fe.main(["--backend", "emulate", "--device", "cpu", "--seqlen-q", "16", "--seqlen", "1024", "--heads", "2",
+                    "--head-dim", "64", "--seed", str(seed)])
+    assert {r["seqlen_q"] for r in rows} == {16} and {r["seqlen"] for r in rows} == {1024}
+    by = {r["method"]: r for r in rows}
+    assert by["bf16"]["rel_rmse"] < 0.02 and 0 < by["fp8 per-tensor"]["rel_rmse"] < 0.2
+    q, k, _ = fe.make_inputs(1, 1024, 2, 2, 64, 0.0, 10.0, seed=seed, seqlen_q=16)
+    assert q.shape == (1, 16, 2, 64) and k.shape == (1, 1024, 2, 64)
