@@ -6,8 +6,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cstdlib>
-
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
@@ -22,18 +20,6 @@
 #include "workspace.h"
 
 namespace flash3 {
-
-// The K + V bytes a causal L2 section keeps cached (tile_scheduler.h): 12 MB, a quarter of H100's 50 MB L2
-// (room for Q, O and the other SMs' traffic). FLASH_ATTN3_L2_SECTION_MB overrides it, read once: a developer
-// knob for measuring the section size in one build (benchmarks/NOTES.md, session 7), not an API.
-inline int64_t l2_section_bytes() {
-  static int64_t const bytes = [] {
-    char const* env = std::getenv("FLASH_ATTN3_L2_SECTION_MB");
-    long const mb = env != nullptr ? std::strtol(env, nullptr, 10) : 0;
-    return mb > 0 && mb <= 1024 ? int64_t(mb) << 20 : int64_t(12) << 20;
-  }();
-  return bytes;
-}
 
 template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kNarrow = false,
           bool kGather = false>
@@ -138,14 +124,15 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
 
   int const num_m_blocks = int((int64_t(max_seqlen_q(p)) * pack + Config::kBlockM - 1) / Config::kBlockM);
   int const tile_heads = pack > 1 ? p.num_heads_k : p.num_heads;
-  // K + V of one unit (a split of one tile head's keys): what a causal L2 section keeps cached
-  // (l2_section_bytes). GQA heads sharing a kv head are adjacent, so this overcounts.
+  // K + V of one unit (a split of one tile head's keys): what a causal L2 section keeps cached. A quarter of
+  // H100's 50 MB L2 leaves room for Q, O and the other SMs' traffic. GQA heads sharing a kv head are
+  // adjacent, so this overcounts.
   int64_t const kv_bytes_per_unit =
       int64_t(max_seqlen_k(p)) * (p.head_dim + p.head_dim_v) * int64_t(sizeof(Element)) / num_splits;
   using Scheduler = typename Kernel::Scheduler;
   Scheduler scheduler{num_m_blocks, tile_heads, p.batch, num_splits, 1, p.tile_counter};
   scheduler.heads_per_section = Scheduler::units_per_l2_section(scheduler.num_units(), kv_bytes_per_unit,
-                                                                l2_section_bytes());
+                                                                int64_t(12) << 20);
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
                                         seqlen_args, scheduler, pack, p.mask};
