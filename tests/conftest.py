@@ -7,6 +7,7 @@ the autouse `seed` fixture draws a fresh seed per test and reports it with a fai
 """
 from __future__ import annotations
 
+import functools
 import random
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ _NOT_BUILT = ("has no compiled kernel for", "is not built into this flash_attn3 
               "kernel for that pair is built")
 
 
+@functools.lru_cache(maxsize=1)
 def _subset_build() -> bool:
     """Whether this install compiled fewer kernels than tools/kernels.py lists (a FLASH_ATTN3_DTYPES /
     FLASH_ATTN3_HDIMS build): only there may a test meet a kernel that is not built."""
