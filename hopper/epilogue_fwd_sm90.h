@@ -81,26 +81,41 @@ struct EpilogueFwdSm90 {
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));  // (rows, cols)
 
     static_assert(decltype(size<1>(rO_rc))::value % 2 == 0);
+    // Columns come in adjacent pairs (the first mode of the column layout): one 32- or 64-bit store each,
+    // at a compile-time offset from the thread's first column of the row.
+    auto store_pairs = [&](int m, T* row_at_first_col, auto all_columns) __attribute__((always_inline)) {
+      int const first_col = get<1>(tOcO_rc(m, 0));
+      CUTLASS_PRAGMA_UNROLL
+      for (int n = 0; n < size<1>(rO_rc); n += 2) {
+        int const offset = get<1>(tOcO_rc(m, n)) - first_col;
+        if (decltype(all_columns)::value || first_col + offset < p.head_dim_v) {
+          cutlass::AlignedArray<T, 2> pair;
+          pair[0] = rO_rc(m, n);
+          pair[1] = rO_rc(m, n + 1);
+          *reinterpret_cast<cutlass::AlignedArray<T, 2>*>(row_at_first_col + offset) = pair;
+        }
+      }
+    };
+    // The compiled head dim is the real one on nearly every call: then the stores go out unconditionally.
+    // With a test per column (a smaller real dim), the compiler sinks the row's 64-bit address arithmetic into
+    // every store's branch: ~20 instructions per store, ~5600 cycles of a 21000-cycle tile at b 32 s 512
+    // (tools/trace_tiles.py, H200, 2026-12-02).
+    bool const all_columns = p.head_dim_v == kHeadDim;
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<0>(rO_rc); ++m) {
       int const packed_row = tile.m_block * kBlockM + get<0>(tOcO_rc(m, 0));
       if (packed_row >= seqlen.seqlen_q * p.pack) { continue; }
-      int const row = packed_row / p.pack;
+      int const row = p.pack == 1 ? packed_row : packed_row / p.pack;
       int const head = tile.head * p.pack + (packed_row - row * p.pack);
       int64_t const q_row = int64_t(seqlen.offset_q) + row;
-      T* out_row = out + q_row * row_stride + int64_t(head) * head_stride;
-      // Columns come in adjacent pairs (the first mode of the column layout): one 32- or 64-bit store each.
-      CUTLASS_PRAGMA_UNROLL
-      for (int n = 0; n < size<1>(rO_rc); n += 2) {
-        int const col = get<1>(tOcO_rc(m, n));
-        if (col < p.head_dim_v) {
-          cutlass::AlignedArray<T, 2> pair;
-          pair[0] = rO_rc(m, n);
-          pair[1] = rO_rc(m, n + 1);
-          *reinterpret_cast<cutlass::AlignedArray<T, 2>*>(out_row + col) = pair;
-        }
+      int const first_col = get<1>(tOcO_rc(m, 0));
+      T* const row_at_first_col = out + q_row * row_stride + int64_t(head) * head_stride + first_col;
+      if (all_columns) {
+        store_pairs(m, row_at_first_col, cute::true_type{});
+      } else {
+        store_pairs(m, row_at_first_col, cute::false_type{});
       }
-      if (get<1>(tOcO_rc(m, 0)) == 0) { lse_out[int64_t(head) * lse_head_stride + q_row] = lse[m]; }
+      if (first_col == 0) { lse_out[int64_t(head) * lse_head_stride + q_row] = lse[m]; }
     }
   }
 

@@ -15,6 +15,7 @@
 #include "seqlen.h"
 #include "tile_config.h"
 #include "tile_scheduler.h"
+#include "trace.h"
 
 namespace flash3 {
 
@@ -222,12 +223,15 @@ struct FwdKernelSm90 {
         }
         __syncwarp();
         if (idx < 0) { break; }
+        FLASH3_TRACE_ROUND(int(round));
+        FLASH3_MARK_PRODUCER(kProducerTile);
         TileWork const& w = smem.next_work;
         if (w.has_rows() && !w.range.empty()) {
           mainloop.load(params.mainloop, smem.mainloop, smem.barrier_q, pipe_k, pipe_v, state, w.tile, w.seqlen,
                         w.range, /*wait_q_free=*/q_loaded);
           q_loaded = true;
         }
+        FLASH3_MARK_PRODUCER(kProducerDone);
         mailbox_arrive(&smem.next_empty);  // each lane, after its last read of the slot
       }
     } else {
@@ -244,6 +248,8 @@ struct FwdKernelSm90 {
         int const idx = smem.tile_index;
         mailbox_arrive(&smem.mailbox_empty);
         if (idx < 0) { break; }
+        FLASH3_TRACE_ROUND(int(round));
+        FLASH3_MARK_WG(kTileStart);
         TileWork const w = work_of(params, idx);
         if (!w.has_rows()) { continue; }
         if (w.range.empty()) {
@@ -256,9 +262,11 @@ struct FwdKernelSm90 {
         mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, q_phase, pipe_k, pipe_v, state, tOrO, lse,
                      w.mask, w.range, w.tile, thread_idx);
         q_phase ^= 1;
+        FLASH3_MARK_WG(kMmaDone);
         // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.
         TileWork const we = work_of(params, idx);
         Epilogue::store(params.epilogue, tOrO, lse, consumer_thread_index(), we.tile, we.seqlen);
+        FLASH3_MARK_WG(kStored);
       }
     }
   }

@@ -19,7 +19,47 @@
 #include "tile_config.h"
 #include "workspace.h"
 
+#ifdef FLASH3_TRACE
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "trace.h"
+#endif
+
 namespace flash3 {
+
+#ifdef FLASH3_TRACE
+// Diagnostic builds only (trace.h): when FLASH3_TRACE_FILE names a file, a cleared buffer for the kernel's
+// tile timeline (null otherwise).
+static inline unsigned long long* trace_begin(unsigned grid) {
+  unsigned long long* buf = nullptr;
+  if (std::getenv("FLASH3_TRACE_FILE") != nullptr) {
+    size_t const bytes = size_t(grid) * kTraceTiles * kTraceEvents * sizeof(unsigned long long);
+    if (cudaMalloc(&buf, bytes) == cudaSuccess) { cudaMemset(buf, 0, bytes); } else { buf = nullptr; }
+  }
+  cudaMemcpyToSymbol(g_trace_buf, &buf, sizeof(buf));
+  return buf;
+}
+// Appends one record: int32 {magic, grid, tiles, events, block_m, block_n}, then the uint64 stamps.
+static inline cudaError_t trace_end(unsigned long long* buf, unsigned grid, int block_m, int block_n,
+                                    cudaStream_t stream) {
+  if (buf == nullptr) { return cudaSuccess; }
+  cudaError_t err = cudaStreamSynchronize(stream);
+  size_t const count = size_t(grid) * kTraceTiles * kTraceEvents;
+  std::vector<unsigned long long> host(count);
+  if (err == cudaSuccess) { err = cudaMemcpy(host.data(), buf, count * sizeof(host[0]), cudaMemcpyDeviceToHost); }
+  cudaFree(buf);
+  if (err != cudaSuccess) { return err; }
+  if (FILE* f = std::fopen(std::getenv("FLASH3_TRACE_FILE"), "ab")) {
+    int32_t const head[6] = {0x46335452, int32_t(grid), kTraceTiles, kTraceEvents, block_m, block_n};
+    std::fwrite(head, sizeof(head), 1, f);
+    std::fwrite(host.data(), sizeof(host[0]), count, f);
+    std::fclose(f);
+  }
+  return cudaSuccess;
+}
+#endif
 
 template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kNarrow = false,
           bool kGather = false>
@@ -149,8 +189,14 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   auto kernel = &fwd_kernel_sm90_entry<Kernel>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   if (err != cudaSuccess) { return err; }
+#ifdef FLASH3_TRACE
+  unsigned long long* const trace_buf = trace_begin(grid.x);
+#endif
   kernel<<<grid, Kernel::kNumThreads, smem_size, stream>>>(kernel_params);
   err = cudaGetLastError();
+#ifdef FLASH3_TRACE
+  if (err == cudaSuccess) { err = trace_end(trace_buf, grid.x, Config::kBlockM, Config::kBlockN, stream); }
+#endif
   if (err != cudaSuccess || !kSplit) { return err; }
 
   // Split-KV: merge the partials into out and lse, over the rows the attention kernel wrote.

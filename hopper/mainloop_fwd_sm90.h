@@ -27,6 +27,7 @@
 #include "seqlen.h"
 #include "softmax.h"
 #include "tile_scheduler.h"
+#include "trace.h"
 
 namespace flash3 {
 
@@ -332,6 +333,7 @@ struct MainloopFwdSm90 {
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barrier_q, kTxBytesQ);
         copy(p.tma_q.with(barrier_q, 0), tQgQ, tQsQ);
       }
+      FLASH3_MARK_PRODUCER(kProducerQ);
     }
     typename Pipeline::State state_v = state;
     // The blocks in the order the consumer needs them: K of block n goes out before V of block n + 1. Not
@@ -816,12 +818,14 @@ struct MainloopFwdSm90 {
     using cute::true_type;
 
     cutlass::arch::ClusterTransactionBarrier::wait(&barrier_q, q_phase);
+    FLASH3_MARK_WG(kQReady);
     // A gathered Q (PackGQA) was written through the generic proxy; WGMMA reads through the async one.
     if (p.pack > 1) { cutlass::arch::fence_view_async_shared(); }
 
     // The first block is the boundary one: masked unless every row sees all of it.
     int n = range.end - 1;
     step(n, true_type{}, false_type{}, /*masked=*/n >= range.unmasked_end || n < range.unmasked_begin);
+    FLASH3_MARK_WG(kFirstDone);
     // Fix up the boundary block's V tail before any warpgroup multiplies by it. Outside the ping-pong turns,
     // so the two warpgroups can meet at the barrier inside zero_v_tail.
     if ((n + 1) * kBlockN > seqlen_k) {
@@ -838,6 +842,7 @@ struct MainloopFwdSm90 {
 
     // Every Q K^T of this tile has completed: the producer may load the next tile's Q.
     named_barrier_arrive<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty);
+    FLASH3_MARK_WG(kLoopDone);
     step(n, false_type{}, true_type{}, false_type{});  // the last block's P V
 
     float o_scale[kRowsPerThread];

@@ -36,6 +36,7 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   if (local && t.block_m > 128) { t.block_m = 128; }  // the window's row bounds take registers
   if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = head_dim > 192 ? 64 : 96; }
   if (local && elem_bytes == 1 && head_dim > 128) { t.block_n = 64; }
+  if (local && elem_bytes == 1 && head_dim == 128 && t.block_n > 128) { t.block_n = 128; }  // see tile_shape_wide
   return t;
 }
 
@@ -58,6 +59,10 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
     // thread index had made it spill 4 bytes; re-read, it fits (2026-12-01, compile-checked). FA3 runs causal
     // at 224 too; ours spilled 16 bytes there (4 at 192), so causal keeps 128. Split-KV keeps 192.
     if (head_dim == 128 && !split && !causal) { return {128, 224, 3}; }
+    // d 128 causal: 128 x 160, 3 stages = 16 + 3 x 40 KB. Measured against FA3 (H200, s 8k, 2026-12-01): 128
+    // keys 0.76-0.78 of FA3, 192 0.82 (4 bytes of spills), 224 0.83 (16 bytes); 160 is the widest with 0
+    // spills. A window keeps 128 (tile_shape_sm90).
+    if (head_dim == 128 && !split && causal) { return {128, 160, 3}; }
     return {128, !causal && head_dim >= 96 ? 192 : 128, head_dim == 128 ? 3 : 2};
   }
   // hdim 128, non-causal: 128x176, 2 stages = 32 + 176 KB = 208 KB. Wider key blocks cut the per-block fixed

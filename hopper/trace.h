@@ -1,0 +1,63 @@
+// Per-tile timeline of the forward kernel, for diagnosis only: compiled in with -DFLASH3_TRACE (never in a
+// product build; tools/trace_tiles.py reads what it writes). Without the macro every mark is empty, so the
+// kernels are the same as if this file did not exist.
+//
+// With it, the first thread of each traced role stamps clock64() at fixed points of every tile it works on
+// into a device buffer, [CTA][tile of that CTA][event]; the launch (launch_fwd_sm90.h) clears the buffer,
+// and after the kernel appends it to the file named by FLASH3_TRACE_FILE. clock64 counts one SM's cycles,
+// and a CTA never leaves its SM, so stamps of one CTA compare; stamps of different CTAs do not.
+#pragma once
+
+#include <cstdint>
+
+namespace flash3 {
+
+// Events of a tile. Consumer warpgroup w (0 or 1) uses slot w * kWgEvents + event; the producer warp the
+// kProducer* slots.
+enum TraceEvent : int {
+  kTileStart = 0,   // consumer: the tile index read from the mailbox
+  kQReady = 1,      // consumer: Q has landed (barrier_q)
+  kFirstDone = 2,   // consumer: the first block's S, softmax and P are done
+  kLoopDone = 3,    // consumer: every Q K^T of the tile done (QueryEmpty arrived)
+  kMmaDone = 4,     // consumer: the last P V and the final rescale done
+  kStored = 5,      // consumer: the epilogue's stores issued
+  kWgEvents = 6,
+  kProducerTile = 12,  // producer: the tile posted to the consumers
+  kProducerQ = 13,     // producer: Q issued (after QueryEmpty)
+  kProducerDone = 14,  // producer: every load of the tile issued
+  kTraceEvents = 16,
+};
+constexpr int kTraceTiles = 64;  // tiles per CTA that are recorded (the rest are not)
+constexpr int kTraceRoles = 3;   // consumer warpgroups 0 and 1, the producer warp
+
+#ifdef FLASH3_TRACE
+// One of each per translation unit: the launch that sets them lives in the same one as its kernels.
+static __device__ unsigned long long* g_trace_buf;
+
+__device__ __forceinline__ int& trace_round(int role) {
+  __shared__ int round[kTraceRoles];
+  return round[role];
+}
+// A volatile read, re-made at each mark, so that the pointer does not stay live in a register.
+__device__ __forceinline__ void trace_mark(int role, int event) {
+  unsigned long long* const buf = *const_cast<unsigned long long* volatile*>(&g_trace_buf);
+  int const tile = trace_round(role);
+  if (buf != nullptr && tile < kTraceTiles) {
+    buf[(int64_t(blockIdx.x) * kTraceTiles + tile) * kTraceEvents + event] = clock64();
+  }
+}
+// Consumer marks: the first thread of warpgroups 0 and 1 (a third one is not traced); producer marks: lane 0.
+__device__ __forceinline__ bool trace_leader() { return threadIdx.x % 128 == 0 && threadIdx.x < 3 * 128; }
+__device__ __forceinline__ int trace_role() { return threadIdx.x < 128 ? 2 : int(threadIdx.x / 128) - 1; }
+#define FLASH3_TRACE_ROUND(r) (::flash3::trace_leader() ? void(::flash3::trace_round(::flash3::trace_role()) = (r)) : void())
+#define FLASH3_MARK_WG(offset) \
+  (::flash3::trace_leader() && threadIdx.x >= 128 \
+       ? ::flash3::trace_mark(::flash3::trace_role(), ::flash3::trace_role() * ::flash3::kWgEvents + (offset)) : void())
+#define FLASH3_MARK_PRODUCER(event) (threadIdx.x == 0 ? ::flash3::trace_mark(2, (event)) : void())
+#else
+#define FLASH3_TRACE_ROUND(r) ((void)0)
+#define FLASH3_MARK_WG(offset) ((void)0)
+#define FLASH3_MARK_PRODUCER(event) ((void)0)
+#endif
+
+}  // namespace flash3

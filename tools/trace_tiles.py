@@ -1,0 +1,124 @@
+"""Per-tile timelines of the forward kernel, on a diagnostic build.
+
+Needs the extension built with -DFLASH3_TRACE (hopper/trace.h), e.g. on the device:
+    NVCC_APPEND_FLAGS=-DFLASH3_TRACE FLASH_ATTN3_DTYPES=bf16 FLASH_ATTN3_HDIMS=128 pip install --no-build-isolation .
+    cd /tmp && python /path/to/tools/trace_tiles.py
+For each case it prints the median time of the call (CUDA events, L2 flushed; no trace
+recorded then) and, from one traced call, the median cycles per tile of each phase of the consumer
+warpgroups and the producer (one SM's clock; phases as trace.h names them):
+    q_wait     tile start -> Q landed            first     Q landed -> first block's softmax done
+    loop       -> every Q K^T done               last_pv   -> last P V and rescale done
+    store      -> epilogue stores issued         gap       -> next tile's start
+    tile       tile start -> next tile start     p_q       producer: tile posted -> Q issued
+    q_lat      producer's Q issue -> consumer's Q landed
+A diagnostic, never a benchmark: the product's numbers come from benchmarks/bench_fwd.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import tempfile
+
+import numpy as np
+import torch
+
+CASES = {  # name: (batch, seqlen, heads, head dim, causal)
+    "short": (32, 512, 16, 128, False),
+    "short_causal": (32, 512, 16, 128, True),
+    "causal4k": (4, 4096, 16, 128, True),
+    "prefill": (2, 8192, 16, 128, False),
+}
+WG_EVENTS = 6
+START, QREADY, FIRST, LOOP, MMA, STORED = range(6)
+P_TILE, P_Q, P_DONE = 12, 13, 14
+
+
+def read_records(path):
+    recs = []
+    with open(path, "rb") as f:
+        data = f.read()
+    off = 0
+    while off < len(data):
+        magic, grid, tiles, events, bm, bn = struct.unpack_from("<6i", data, off)
+        assert magic == 0x46335452, "not a trace record"
+        off += 24
+        n = grid * tiles * events
+        stamps = np.frombuffer(data, dtype=np.uint64, count=n, offset=off).reshape(grid, tiles, events)
+        off += n * 8
+        recs.append((bm, bn, stamps.astype(np.int64)))
+    return recs
+
+
+def phases(stamps):
+    """Median cycles per phase over every traced tile that has all its stamps."""
+    out = {k: [] for k in ("q_wait", "first", "loop", "last_pv", "store", "gap", "tile", "p_q", "q_lat")}
+    grid, tiles, _ = stamps.shape
+    for cta in range(grid):
+        for wg in (0, 1):
+            ev = stamps[cta, :, wg * WG_EVENTS:(wg + 1) * WG_EVENTS]
+            for t in range(tiles):
+                e = ev[t]
+                if (e == 0).any():
+                    continue
+                out["q_wait"].append(e[QREADY] - e[START])
+                out["first"].append(e[FIRST] - e[QREADY])
+                out["loop"].append(e[LOOP] - e[FIRST])
+                out["last_pv"].append(e[MMA] - e[LOOP])
+                out["store"].append(e[STORED] - e[MMA])
+                if t + 1 < tiles and ev[t + 1][START] != 0:
+                    out["gap"].append(ev[t + 1][START] - e[STORED])
+                    out["tile"].append(ev[t + 1][START] - e[START])
+                p = stamps[cta, t]
+                if p[P_TILE] and p[P_Q]:
+                    out["p_q"].append(p[P_Q] - p[P_TILE])
+                    if wg == 0:
+                        out["q_lat"].append(e[QREADY] - p[P_Q])
+    return {k: (statistics.median(v) if v else float("nan")) for k, v in out.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    import flash_attn3
+
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    print(f"# {torch.cuda.get_device_name()} | trace of the forward kernel (cycles of one SM's clock)")
+    cols = ("q_wait", "first", "loop", "last_pv", "store", "gap", "tile", "p_q", "q_lat")
+    print(f"{'case':14} {'us':>8} {'TFLOPS':>7} | tile {'bm x bn':8} " + " ".join(f"{c:>7}" for c in cols))
+    for name in args.cases.split(","):
+        b, s, h, d, causal = CASES[name]
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * b * h * s * s * d / (2 if causal else 1)
+        os.environ.pop("FLASH3_TRACE_FILE", None)
+        for _ in range(3):
+            flash_attn3.flash_attn_func(q, k, v, causal=causal)
+        times = []
+        for _ in range(args.iters):
+            flush.zero_()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            flash_attn3.flash_attn_func(q, k, v, causal=causal)
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e3)
+        us = statistics.median(times)
+        with tempfile.NamedTemporaryFile(suffix=".trace", delete=False) as f:
+            path = f.name
+        os.environ["FLASH3_TRACE_FILE"] = path
+        flash_attn3.flash_attn_func(q, k, v, causal=causal)
+        torch.cuda.synchronize()
+        os.environ.pop("FLASH3_TRACE_FILE")
+        recs = read_records(path)
+        os.unlink(path)
+        bm, bn, stamps = recs[-1]
+        ph = phases(stamps)
+        print(f"{name:14} {us:8.1f} {flops / us / 1e6:7.1f} | {bm:4d} x {bn:<4d}   "
+              + " ".join(f"{ph[c]:7.0f}" for c in cols), flush=True)
+
+
+if __name__ == "__main__":
+    main()
