@@ -72,6 +72,10 @@ class Case:
     varlen: bool = False
     kvcache: bool = False  # through flash_attn_with_kvcache: k, v are the cache, cache_seqlens = seqlen_k
     page_size: int = 0  # kvcache rows: > 0 = the cache in pages of this size through a shuffled page table
+    # With page_size: "random" pages (a shuffled table, as serving caches end up) or "sequential" ones (page j
+    # of sequence i at i * pages + j): the same kernel and work, so a gap between the two is the memory
+    # system's (address translation, DRAM locality), not the kernel's.
+    page_order: str = "random"
     append: bool = False  # kvcache rows: the last token is appended in the call (k=, v=) with rotary on q and k
     window: tuple = (-1, -1)  # sliding window (left, right); with causal the right side is 0
     softcap: float = 0.0
@@ -95,6 +99,7 @@ class Case:
         return (f"{self.group[:4]} {self.dtype} b{self.batch} s{seq} h{heads} d{dims}"
                 f"{' causal' if self.causal else ''}{' varlen' if self.varlen else ''}"
                 f"{' kvcache' if self.kvcache else ''}{f' page{self.page_size}' if self.page_size else ''}"
+                f"{' seqpages' if self.page_size and self.page_order == 'sequential' else ''}"
                 f"{' append+rotary' if self.append else ''}"
                 f"{f' window{self.window[0]}' if self.window != (-1, -1) else ''}"
                 f"{f' softcap{self.softcap:g}' if self.softcap else ''}{f' chunk{self.chunk}' if self.chunk else ''}")
@@ -171,6 +176,8 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
         ]
         # Paged KV (vLLM's page size 16, a TMA-sized 256, SGLang's 1): compare with the contiguous 64 x 8192 row.
         cases += [Case("decode", "bf16", 64, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=ps) for ps in (16, 256)]
+        cases += [Case("decode", "bf16", 64, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=16,
+                       page_order="sequential")]
         cases += [Case("decode", "bf16", 1, 1, 8192, 32, 8, 128, True, kvcache=True, page_size=16)]
         # KV append of the step's token with rotary (GPT-NeoX, full head dim): compare with the rows above.
         cases += [Case("decode", "bf16", b, 1, 8192, 32, 8, 128, True, kvcache=True, append=True) for b in (1, 64)]
@@ -219,7 +226,9 @@ def make_backends(torch):
                 # [j * page_size, (j + 1) * page_size) of sequence i, so the result equals the contiguous call.
                 ps = case.page_size
                 num_pages = case.batch * case.seqlen_k // ps
-                table = torch.randperm(num_pages, device=q.device).to(torch.int32).view(case.batch, -1)
+                order = (torch.arange(num_pages, device=q.device) if case.page_order == "sequential"
+                         else torch.randperm(num_pages, device=q.device))
+                table = order.to(torch.int32).view(case.batch, -1)
                 kp, vp = (torch.empty(num_pages, ps, *t.shape[2:], dtype=t.dtype, device=t.device) for t in (k, v))
                 for dst, src in ((kp, k), (vp, v)):
                     dst[table.flatten().long()] = src.reshape(num_pages, ps, *src.shape[2:])

@@ -58,11 +58,13 @@ def test_decode_grid_and_bandwidth():
     assert all(c.kvcache and c.causal and c.group in bench.GRAPH_GROUPS for c in decode)
     assert len({c.label for c in decode}) == len(decode)
     steps = [c for c in decode if c.reports_gbps]
-    assert len(steps) == 11 and all(c.seqlen_q == 1 for c in steps)
+    assert len(steps) == 12 and all(c.seqlen_q == 1 for c in steps)
     assert sorted(c.batch for c in steps if c.append) == [1, 64]
     paged = [c for c in steps if c.page_size]
-    assert sorted((c.batch, c.page_size) for c in paged) == [(1, 16), (64, 16), (64, 256)]
-    assert all(c.label.endswith(f"page{c.page_size}") for c in paged)
+    assert sorted((c.batch, c.page_size, c.page_order) for c in paged) == [
+        (1, 16, "random"), (64, 16, "random"), (64, 16, "sequential"), (64, 256, "random")]
+    assert all(c.label.endswith(f"page{c.page_size}") for c in paged if c.page_order == "random")
+    assert all(c.label.endswith(f"page{c.page_size} seqpages") for c in paged if c.page_order == "sequential")
     (chunk,) = [c for c in decode if not c.reports_gbps]
     # Bottom-right causal count: the 512 new queries see 7680..8191 keys, on average (7680 + 8192) / 2.
     assert chunk.flops() == pytest.approx(2 * 4 * 32 * 512 * (7680 + 8192) / 2 * 256)
