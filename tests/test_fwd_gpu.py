@@ -363,6 +363,28 @@ def test_dense_seqused_k_nan_safe(dtype, causal):
     _assert_lse_close(lse, refs[1], what=what)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("causal", CAUSAL, ids=_name)
+@pytest.mark.parametrize("d", [64, 128, 256], ids=lambda d: f"d{d}")
+def test_dense_rows_past_the_view_nan_safe(dtype, causal, d):
+    """k / v views of the first s_k rows of NaN-filled buffers with more rows: what lies past the view (inside
+    the allocation, in every batch entry's stride) must not reach the result. s_k is a multiple of no key block
+    (64 ... 224), so every tile's boundary block reaches past the view; the kernel may rely on TMA zero-filling
+    rows outside the tensor, never on what memory holds there."""
+    b, s_q, s_k, h, h_k, pad = 2, 113, 1001, 4, 2, 40
+    q, k0, v0 = _dense_qkv("contig", b, s_q, s_k, h, h_k, d, dtype)
+    refs = _references(q, k0, v0, causal=causal)
+    k_buf, v_buf = (torch.full((b, s_k + pad, h_k, d), math.nan, device=DEVICE, dtype=dtype) for _ in range(2))
+    k, v = k_buf[:, :s_k], v_buf[:, :s_k]
+    k.copy_(k0)
+    v.copy_(v0)
+    assert torch.isnan(k_buf[:, s_k:]).all() and k.stride(0) == (s_k + pad) * h_k * d
+    out, lse = varlen_fwd(q, k, v, causal=causal, out=_nan_like_out(q, d, "contig"))
+    what = f"dense views d={d} s_k={s_k} of buffers with {pad} NaN rows more"
+    _assert_out_close(out, refs[0], refs[2], what=what)
+    _assert_lse_close(lse, refs[1], what=what)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Every element written, including the LSE, through the raw op (the public functions allocate their LSE with
 # torch.empty, which may hold a previous run's correct values)
