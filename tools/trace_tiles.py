@@ -33,7 +33,7 @@ CASES = {  # name: (batch, seqlen, heads, head dim, causal)
 }
 WG_EVENTS = 8  # trace.h kWgEvents
 START, QREADY, FIRST, VTAIL, LOOP, MMA, STORED = range(7)
-P_TILE, P_Q, P_DONE = 16, 17, 18
+P_TILE, P_Q = 16, 17  # trace.h kProducerTile, kProducerQ (kProducerDone is not read)
 
 
 def read_records(path):
@@ -73,10 +73,9 @@ def phases(stamps):
                     out["gap"].append(ev[t + 1][START] - e[STORED])
                     out["tile"].append(ev[t + 1][START] - e[START])
                 p = stamps[cta, t]
-                if p[P_TILE] and p[P_Q]:
+                if wg == 0 and p[P_TILE] and p[P_Q]:  # the producer's phases, once per tile
                     out["p_q"].append(p[P_Q] - p[P_TILE])
-                    if wg == 0:
-                        out["q_lat"].append(e[QREADY] - p[P_Q])
+                    out["q_lat"].append(e[QREADY] - p[P_Q])
     return {k: (statistics.median(v) if v else float("nan")) for k, v in out.items()}
 
 
