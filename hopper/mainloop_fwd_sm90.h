@@ -832,7 +832,6 @@ struct MainloopFwdSm90 {
       pipe_v.consumer_wait(state_v);
       zero_v_tail(smem, state_v.index, seqlen_k - n * kBlockN, thread_idx);
     }
-    FLASH3_MARK_WG(kVTailDone);
     for (--n; n >= range.unmasked_end; --n) { step(n, true_type{}, true_type{}, true_type{}); }
     for (; n >= range.unmasked_begin; --n) { step(n, true_type{}, true_type{}, false_type{}); }
     // The masked-low phase exists only for masks with a lower edge; for the others the compiler cannot prove

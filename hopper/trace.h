@@ -18,15 +18,14 @@ enum TraceEvent : int {
   kTileStart = 0,   // consumer: the tile index read from the mailbox
   kQReady = 1,      // consumer: Q has landed (barrier_q)
   kFirstDone = 2,   // consumer: the first block's S, softmax and P are done
-  kVTailDone = 3,   // consumer: the boundary block's V tail zeroed (its V waited for), or nothing to zero
-  kLoopDone = 4,    // consumer: every Q K^T of the tile done (QueryEmpty arrived)
-  kMmaDone = 5,     // consumer: the last P V and the final rescale done
-  kStored = 6,      // consumer: the epilogue's stores issued
-  kWgEvents = 8,
-  kProducerTile = 16,  // producer: the tile posted to the consumers
-  kProducerQ = 17,     // producer: Q issued (after QueryEmpty)
-  kProducerDone = 18,  // producer: every load of the tile issued
-  kTraceEvents = 24,
+  kLoopDone = 3,    // consumer: every Q K^T of the tile done (QueryEmpty arrived)
+  kMmaDone = 4,     // consumer: the last P V and the final rescale done
+  kStored = 5,      // consumer: the epilogue's stores issued
+  kWgEvents = 6,
+  kProducerTile = 12,  // producer: the tile posted to the consumers
+  kProducerQ = 13,     // producer: Q issued (after QueryEmpty)
+  kProducerDone = 14,  // producer: every load of the tile issued
+  kTraceEvents = 16,
 };
 constexpr int kTraceTiles = 64;  // tiles per CTA that are recorded (the rest are not)
 constexpr int kTraceRoles = 3;   // consumer warpgroups 0 and 1, the producer warp

@@ -94,14 +94,14 @@ def test_trace_tiles_reads_records_and_phases(tmp_path):
     spec = importlib.util.spec_from_file_location("trace_tiles", ROOT / "tools" / "trace_tiles.py")
     tt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tt)
-    grid, tiles, events = 2, 64, 24
+    grid, tiles, events = 2, 64, 16
     stamps = np.zeros((grid, tiles, events), dtype=np.uint64)
-    # CTA 0, tiles 0 and 1, both warpgroups: phases of 10, 20, 30, 40, 50, 60 cycles, the next tile 100 later.
+    # CTA 0, tiles 0 and 1, both warpgroups: phases of 10, 20, 30, 40, 50 cycles, the next tile 1000 later.
     for t in (0, 1):
         for wg in (0, 1):
             base = 1000 + 1000 * t + wg
-            marks = np.cumsum([0, 10, 20, 30, 40, 50, 60]) + base
-            stamps[0, t, wg * tt.WG_EVENTS:wg * tt.WG_EVENTS + 7] = marks
+            marks = np.cumsum([0, 10, 20, 30, 40, 50]) + base
+            stamps[0, t, wg * tt.WG_EVENTS:wg * tt.WG_EVENTS + 6] = marks
         stamps[0, t, tt.P_TILE] = 1000 * t + 500
         stamps[0, t, tt.P_Q] = 1000 * t + 700
     path = tmp_path / "t.trace"
@@ -111,6 +111,6 @@ def test_trace_tiles_reads_records_and_phases(tmp_path):
     (bm, bn, read), = tt.read_records(path)
     assert (bm, bn) == (128, 176) and (read == stamps.astype(np.int64)).all()
     ph = tt.phases(read)
-    assert [ph[k] for k in ("q_wait", "first", "v_tail", "loop", "last_pv", "store")] == [10, 20, 30, 40, 50, 60]
-    assert ph["tile"] == 1000 and ph["gap"] == 1000 - 210 and ph["p_q"] == 200
+    assert [ph[k] for k in ("q_wait", "first", "loop", "last_pv", "store")] == [10, 20, 30, 40, 50]
+    assert ph["tile"] == 1000 and ph["gap"] == 1000 - 150 and ph["p_q"] == 200
     assert ph["q_lat"] == 1000 + 10 - 700  # tile 0's Q landed at 1010, issued at 700

@@ -7,7 +7,6 @@ For each case it prints the median time of the call (CUDA events, L2 flushed; no
 recorded then) and, from one traced call, the median cycles per tile of each phase of the consumer
 warpgroups and the producer (one SM's clock; phases as trace.h names them):
     q_wait     tile start -> Q landed            first     Q landed -> first block's softmax done
-    v_tail     -> the boundary block's V waited for and its tail zeroed (0 when it is whole)
     loop       -> every Q K^T done               last_pv   -> last P V and rescale done
     store      -> epilogue stores issued         gap       -> next tile's start
     tile       tile start -> next tile start     p_q       producer: tile posted -> Q issued
@@ -31,9 +30,9 @@ CASES = {  # name: (batch, seqlen, heads, head dim, causal)
     "causal4k": (4, 4096, 16, 128, True),
     "prefill": (2, 8192, 16, 128, False),
 }
-WG_EVENTS = 8  # trace.h kWgEvents
-START, QREADY, FIRST, VTAIL, LOOP, MMA, STORED = range(7)
-P_TILE, P_Q = 16, 17  # trace.h kProducerTile, kProducerQ (kProducerDone is not read)
+WG_EVENTS = 6
+START, QREADY, FIRST, LOOP, MMA, STORED = range(6)
+P_TILE, P_Q = 12, 13  # trace.h kProducerTile, kProducerQ (kProducerDone is not read)
 
 
 def read_records(path):
@@ -54,19 +53,18 @@ def read_records(path):
 
 def phases(stamps):
     """Median cycles per phase over every traced tile that has all its stamps."""
-    out = {k: [] for k in ("q_wait", "first", "v_tail", "loop", "last_pv", "store", "gap", "tile", "p_q", "q_lat")}
+    out = {k: [] for k in ("q_wait", "first", "loop", "last_pv", "store", "gap", "tile", "p_q", "q_lat")}
     grid, tiles, _ = stamps.shape
     for cta in range(grid):
         for wg in (0, 1):
-            ev = stamps[cta, :, wg * WG_EVENTS:wg * WG_EVENTS + STORED + 1]
+            ev = stamps[cta, :, wg * WG_EVENTS:(wg + 1) * WG_EVENTS]
             for t in range(tiles):
                 e = ev[t]
                 if (e == 0).any():
                     continue
                 out["q_wait"].append(e[QREADY] - e[START])
                 out["first"].append(e[FIRST] - e[QREADY])
-                out["v_tail"].append(e[VTAIL] - e[FIRST])
-                out["loop"].append(e[LOOP] - e[VTAIL])
+                out["loop"].append(e[LOOP] - e[FIRST])
                 out["last_pv"].append(e[MMA] - e[LOOP])
                 out["store"].append(e[STORED] - e[MMA])
                 if t + 1 < tiles and ev[t + 1][START] != 0:
@@ -88,7 +86,7 @@ def main():
 
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     print(f"# {torch.cuda.get_device_name()} | trace of the forward kernel (cycles of one SM's clock)")
-    cols = ("q_wait", "first", "v_tail", "loop", "last_pv", "store", "gap", "tile", "p_q", "q_lat")
+    cols = ("q_wait", "first", "loop", "last_pv", "store", "gap", "tile", "p_q", "q_lat")
     print(f"{'case':14} {'us':>8} {'TFLOPS':>7} | tile {'bm x bn':8} " + " ".join(f"{c:>7}" for c in cols))
     for name in args.cases.split(","):
         b, s, h, d, causal = CASES[name]
