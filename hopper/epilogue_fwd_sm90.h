@@ -34,6 +34,9 @@ struct EpilogueFwdSm90 {
     int64_t lse_head_stride;
     int head_dim_v;
     int pack;
+    // Every row of out starts 16-byte aligned (the pointer, and the row, head and batch strides in multiples of
+    // 8 elements): rows may then go out as 16-byte stores (write_rows).
+    bool out_aligned16;
     float* o_accum;  // (split, batch entry, row, head, dim), layout SplitAccumLayout
     float* lse_accum;
     SplitAccumLayout accum;
@@ -55,6 +58,23 @@ struct EpilogueFwdSm90 {
       write_rows<Element>(p, tOrO, lse, thread_idx, tile, seqlen, p.out + int64_t(seqlen.batch_q) * p.out_batch_stride,
                           p.out_row_stride, p.out_head_stride,
                           p.lse + int64_t(seqlen.batch_q) * p.lse_batch_stride, p.lse_head_stride);
+    }
+  }
+
+  // A 4 x 4 transpose of 32-bit words across the four lanes of a quad (lane q holds w[c] of chunk c and
+  // gets word q of every chunk, i.e. w[p] = lane p's w[q]): two exchange stages, lanes 2 apart, then 1.
+  __device__ static void quad_transpose(uint32_t (&w)[4], int q) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 2; k >= 1; k /= 2) {
+      bool const upper = (q & k) != 0;
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        if (c & k) { continue; }
+        // The lane keeps the word whose chunk bit k matches its own and swaps the other with lane q ^ k.
+        uint32_t const sent = upper ? w[c] : w[c | k];
+        uint32_t const got = __shfl_xor_sync(0xffffffff, sent, k);
+        if (upper) { w[c] = got; } else { w[c | k] = got; }
+      }
     }
   }
 
@@ -101,6 +121,47 @@ struct EpilogueFwdSm90 {
     // every store's branch: ~20 instructions per store, ~5600 cycles of a 21000-cycle tile at b 32 s 512
     // (tools/trace_tiles.py, H200, 2026-12-02).
     bool const all_columns = p.head_dim_v == kHeadDim;
+    // 16-bit output, full rows, aligned: 16-byte stores. The accumulator gives the four lanes of a quad the
+    // same row, lane q the column pairs 2q + 8j; after a transpose of each group of four pairs (j = 4g..4g+3)
+    // lane q holds the eight adjacent columns 32g + 8q.., one 16-byte store, a whole 32-byte sector per two
+    // lanes (4-byte stores write half sectors: Nsight Compute counted 50% of the kernel's sectors excessive).
+    constexpr int kPairs = decltype(size<1>(rO_rc))::value / 2;
+    if constexpr (!std::is_same_v<T, float> && sizeof(T) == 2 && kPairs % 4 == 0) {
+      if (all_columns && p.out_aligned16) {
+        constexpr int kRows = decltype(size<0>(rO_rc))::value;
+        uint32_t words[kRows][kPairs / 4][4];
+        int const q = get<1>(tOcO_rc(0, 0)) / 2;  // the lane's place in its quad
+        CUTLASS_PRAGMA_UNROLL
+        for (int m = 0; m < kRows; ++m) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kPairs; ++j) {
+            cutlass::AlignedArray<T, 2> pair;
+            pair[0] = rO_rc(m, 2 * j);
+            pair[1] = rO_rc(m, 2 * j + 1);
+            words[m][j / 4][j % 4] = reinterpret_cast<uint32_t const&>(pair);
+          }
+          // Every lane, whether its row is inside the sequence or not: the shuffles take the whole warp.
+          CUTLASS_PRAGMA_UNROLL
+          for (int g = 0; g < kPairs / 4; ++g) { quad_transpose(words[m][g], q); }
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int m = 0; m < kRows; ++m) {
+          int const packed_row = tile.m_block * kBlockM + get<0>(tOcO_rc(m, 0));
+          if (packed_row >= seqlen.seqlen_q * p.pack) { continue; }
+          int const row = p.pack == 1 ? packed_row : packed_row / p.pack;
+          int const head = tile.head * p.pack + (packed_row - row * p.pack);
+          int64_t const q_row = int64_t(seqlen.offset_q) + row;
+          T* const row_at_chunk = out + q_row * row_stride + int64_t(head) * head_stride + 8 * q;
+          CUTLASS_PRAGMA_UNROLL
+          for (int g = 0; g < kPairs / 4; ++g) {
+            uint4 const v = make_uint4(words[m][g][0], words[m][g][1], words[m][g][2], words[m][g][3]);
+            *reinterpret_cast<uint4*>(row_at_chunk + 32 * g) = v;
+          }
+          if (q == 0) { lse_out[int64_t(head) * lse_head_stride + q_row] = lse[m]; }
+        }
+        return;
+      }
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<0>(rO_rc); ++m) {
       int const packed_row = tile.m_block * kBlockM + get<0>(tOcO_rc(m, 0));

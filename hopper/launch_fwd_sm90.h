@@ -157,6 +157,10 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   epilogue_args.lse_batch_stride = p.lse.batch_stride;
   epilogue_args.lse_head_stride = p.lse.head_stride;
   epilogue_args.head_dim_v = p.head_dim_v;
+  // api.cu's operand rules already ask this of out (check_tma_operand); kept as the epilogue's own guard. A
+  // packed (varlen) out has no batch stride.
+  epilogue_args.out_aligned16 = reinterpret_cast<uintptr_t>(p.out.ptr) % 16 == 0 && p.out.row_stride % 8 == 0 &&
+                                p.out.head_stride % 8 == 0 && (varlen_q || p.out.batch_stride % 8 == 0);
   epilogue_args.pack = pack;
   epilogue_args.o_accum = reinterpret_cast<float*>(workspace + ws.o_accum_offset);
   epilogue_args.lse_accum = reinterpret_cast<float*>(workspace + ws.lse_accum_offset);
@@ -170,10 +174,12 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   int64_t const kv_bytes_per_unit =
       int64_t(max_seqlen_k(p)) * (p.head_dim + p.head_dim_v) * int64_t(sizeof(Element)) / num_splits;
   using Scheduler = typename Kernel::Scheduler;
-  Scheduler scheduler{num_m_blocks, tile_heads, p.batch, num_splits, 1, p.tile_counter};
+  // The divisors ({}) are set by set_divisors once every count is final.
+  Scheduler scheduler{num_m_blocks, tile_heads, p.batch, num_splits, 1, p.tile_counter, {}, {}, {}, {}, {}};
   scheduler.heads_per_section = Scheduler::units_per_l2_section(scheduler.num_units(), kv_bytes_per_unit,
                                                                 int64_t(12) << 20);
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
+  scheduler.set_divisors();  // every count is >= 1 here
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
                                         seqlen_args, scheduler, pack, p.mask};
 

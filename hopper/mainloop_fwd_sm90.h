@@ -828,7 +828,11 @@ struct MainloopFwdSm90 {
     FLASH3_MARK_WG(kFirstDone);
     // Fix up the boundary block's V tail before any warpgroup multiplies by it. Outside the ping-pong turns,
     // so the two warpgroups can meet at the barrier inside zero_v_tail.
-    if ((n + 1) * kBlockN > seqlen_k) {
+    // 16-bit V by TMA from a sequence that ends where its tensor's rows end (dense, full length): the rows
+    // past it are outside the tensor, which TMA fills with zeros, so there is nothing to zero, and the first
+    // steps need not wait for this V block. Paged caches and FP8's transposed copy always zero.
+    bool const tail_outside = !kFp8 && !p.paged() && seqlen_k >= get<0>(p.shape_v);
+    if ((n + 1) * kBlockN > seqlen_k && !tail_outside) {
       pipe_v.consumer_wait(state_v);
       zero_v_tail(smem, state_v.index, seqlen_k - n * kBlockN, thread_idx);
     }

@@ -97,10 +97,13 @@ struct MaskPolicy {
     }
   }
 
+  // Packed row -> query; without packing (nearly every call) no division.
+  __device__ int query_of(int packed_row) const { return pack == 1 ? packed_row : packed_row / pack; }
+
   // Key blocks of this tile (see the header comment). A tile whose rows see no key has an empty range.
   __device__ BlockRange range() const {
-    int const first_row = m_block * kBlockM / pack;
-    int const last_row = (min(m_block * kBlockM + kBlockM, seqlen_q * pack) - 1) / pack;
+    int const first_row = query_of(m_block * kBlockM);
+    int const last_row = query_of(min(m_block * kBlockM + kBlockM, seqlen_q * pack) - 1);
     // key_start / key_limit never decrease with the row, so the tile's extremes give its bounds.
     // Without a key start both lower bounds are the constant 0, which keeps them out of registers.
     int const begin = kHasKeyStart ? max(key_start(first_row), 0) / kBlockN : 0;
@@ -124,7 +127,7 @@ struct MaskPolicy {
     RowBounds<kRows> b;
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < kRows; ++m) {
-      int const row = (m_block * kBlockM + get<0>(tScS_rc(m, 0))) / pack;
+      int const row = query_of(m_block * kBlockM + get<0>(tScS_rc(m, 0)));
       b.start[m] = key_start(row);
       b.limit[m] = key_limit(row);
     }

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include <cute/arch/cluster_sm90.hpp>  // elect_one_sync
+#include <cutlass/fast_math.h>          // FastDivmod
 
 namespace flash3 {
 
@@ -39,27 +40,45 @@ struct PersistentScheduler {
   // Zeroed int32 in global memory, or null. When set, tiles after each CTA's first are claimed from this
   // counter, so an SM that drew light tiles takes more of them.
   int* tile_counter;
+  // The divisions of tile(), precomputed on the host (set_divisors): each role derives every tile's
+  // coordinates, and a division by a run-time value is ~15 dependent instructions.
+  cutlass::FastDivmod m_blocks_div, splits_div, heads_div, section_tiles_div, section_units_div;
+
+  // After every count above (heads_per_section included) is final.
+  void set_divisors() {
+    m_blocks_div = cutlass::FastDivmod(num_m_blocks);
+    splits_div = cutlass::FastDivmod(num_splits);
+    heads_div = cutlass::FastDivmod(num_heads);
+    section_tiles_div = cutlass::FastDivmod(heads_per_section * num_m_blocks);
+    section_units_div = cutlass::FastDivmod(heads_per_section);
+  }
 
   __host__ __device__ int64_t num_units() const { return int64_t(num_splits) * num_heads * batch; }
   __host__ __device__ int64_t num_tiles() const { return num_units() * num_m_blocks; }
 
-  __device__ TileCoord tile(int idx) const {
+  __host__ __device__ TileCoord tile(int idx) const {
     int unit, m;
     if constexpr (kHeaviestFirst) {
-      int const section_tiles = heads_per_section * num_m_blocks;
-      int const section = idx / section_tiles;
-      int const within = idx - section * section_tiles;
+      int within;
+      int const section = section_tiles_div.divmod(within, idx);
       // int arithmetic: the host checked that every tile index fits an int32 (api.cu).
       int const units_here = min(heads_per_section, num_splits * num_heads * batch - section * heads_per_section);
-      int const m_rank = within / units_here;
+      int m_rank, unit_in_section;
+      if (units_here == heads_per_section) {
+        m_rank = section_units_div.divmod(unit_in_section, within);
+      } else {  // the last section, when the units do not fill it
+        m_rank = within / units_here;
+        unit_in_section = within - m_rank * units_here;
+      }
       m = num_m_blocks - 1 - m_rank;
-      unit = section * heads_per_section + (within - m_rank * units_here);
+      unit = section * heads_per_section + unit_in_section;
     } else {
-      unit = idx / num_m_blocks;
-      m = idx - unit * num_m_blocks;
+      unit = m_blocks_div.divmod(m, idx);
     }
-    int const hb = unit / num_splits;
-    return {m, hb % num_heads, hb / num_heads, unit - hb * num_splits};
+    int split, head;
+    int const hb = splits_div.divmod(split, unit);
+    int const b = heads_div.divmod(head, hb);
+    return {m, head, b, split};
   }
 
   // The tile this CTA's producer warp takes after `current` (the whole claimer warp calls it, one tile ahead

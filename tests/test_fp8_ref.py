@@ -46,7 +46,9 @@ def test_same_attention_as_the_reference(causal, varlen):
     assert plain.dtype == rounded.dtype == torch.bfloat16 and plain.shape == ref.shape
     err_plain = (plain.float() - ref).abs()
     err_rounded = (rounded.float() - ref).abs()
-    assert err_plain.max() < 0.1  # bfloat16 scores of up to ~16 (descales up to 2) are off by up to ~0.06
+    # bfloat16 scores of up to ~16 (descales up to 2) are off by up to ~0.06, which exp() scales: over 1200
+    # seeds the largest error was 0.10 (median 0.024) and a device run met 0.137; a different problem is O(1)
+    assert err_plain.max() < 0.25
     assert err_plain.mean() < err_rounded.mean() < 0.05
     assert err_rounded.max() < 0.3
     # Rows that see no key (empty k sequences; causal rows before the diagonal) are exactly 0 in both.
