@@ -36,6 +36,7 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   if (local && t.block_m > 128) { t.block_m = 128; }  // the window's row bounds take registers
   if (local && elem_bytes == 2 && head_dim > 96) { t.block_n = head_dim > 192 ? 64 : 96; }
   if (local && elem_bytes == 1 && head_dim > 128) { t.block_n = 64; }
+  if (local && elem_bytes == 2 && head_dim <= 64 && head_dim_v > 128) { t.block_n = 64; }  // see tile_shape_wide
   if (local && elem_bytes == 1 && head_dim == 128 && t.block_n > 128) { t.block_n = 128; }  // see tile_shape_wide
   return t;
 }
@@ -84,6 +85,10 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // 208 KB. dv 192: 128x112 = 48 + 2 x (42 + 42) KB = 216 KB (128 would need 240 KB); split-KV and the
   // gather variant 96 (its causal kernel spilled 20 bytes at 112).
   if (head_dim > 128) { return {128, head_dim_v <= 128 ? 128 : (split ? 96 : 112), 2}; }
+  // d 64 with dv 256 (FA3's pair for d <= 64): O alone is 128 registers per thread, so 128 rows in two
+  // warpgroups and 96 keys: 16 + 2 x (12 + 48) KB = 136 KB; S 48 and P 24 registers beside O. 128 keys spilled
+  // 248-264 bytes (2026-12-01). Split-KV (its float32 epilogue) and windows (kHasKeyStart): 64 keys.
+  if (head_dim <= 64 && head_dim_v > 128) { return {128, split ? 64 : 96, 2}; }
   // hdim 64 (not split): 192 query rows, three consumer warpgroups taking turns (FA3's M, its fp8-fwd
   // wheel: 192 x 128 causal, 192 x 192 non-causal with P V from shared memory). Small d makes the Q K^T GEMM
   // short, so the softmax dominates; with three warpgroups two of them exponentiate while one issues. 160

@@ -67,12 +67,14 @@ class FwdKernel:
 AXES = tuple(f.name for f in fields(FwdKernel))
 
 # The kernels that exist. 16-bit (fp16, bf16): head dims 64, 96, 128, 192 and 256 with dv = d, and d 192 with
-# dv 128 (DeepSeek-V3's MLA prefill: q/k = 128 nope + 64 rope, v = 128); FP8 e4m3 (BF16 out) at 64, 96, 128
+# dv 128 (DeepSeek-V3's MLA prefill: q/k = 128 nope + 64 rope, v = 128) and d 64 with dv 256 (FA3's pair
+# for d <= 64); FP8 e4m3 (BF16 out) at 64, 96, 128
 # and 256 (FP8 WGMMA's K is 32, so every compiled head dim is a multiple of 32). A real head dim runs on the
 # smallest compiled one that holds it (hopper/api.cu find_kernel); a (d, dv) key with dv != d serves
 # only calls whose dv differs from d.
 KERNELS = (tuple(FwdKernel(dt, hd, hd) for dt in ("fp16", "bf16") for hd in (64, 96, 128, 192, 256)) +
            tuple(FwdKernel(dt, 192, 128) for dt in ("fp16", "bf16")) +
+           tuple(FwdKernel(dt, 64, 256) for dt in ("fp16", "bf16")) +
            tuple(FwdKernel("fp8", hd, hd) for hd in (64, 96, 128, 256)))
 
 # Features beyond the kernel keys, and whether the kernels implement them. A feature that is False is refused
