@@ -85,13 +85,25 @@ struct MainloopFwdSm90 {
   using SmemLayoutQ = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>(),
       Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(
-      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>(),
-      Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // K-major swizzle atoms (8 rows by one atom's width) of K and of 16-bit V (whose rows are laid out as K's).
+  using SmemAtomKV =
+      decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
+  using SmemAtomV =
+      decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDimV>>());
+  // A stage of (keys, cols): atoms down the keys, then across the column chunks (CUTLASS's order), except in
+  // the gather variant, whose atoms go across the chunks first: the rows of a 16-row page (any multiple of 8)
+  // are then one contiguous region of the stage, which a single TMA box fills (PageBox), where the other
+  // order needs one box per chunk (two at d 128: pages of 16 ran at 0.55 of a contiguous cache, limited by
+  // the boxes' count, 2026-12-02). Both orders are canonical WGMMA layouts (8-row groups a constant
+  // chunks x atom bytes apart; for V, MN-major, the chunks one atom apart).
+  template <class Atom, int kCols>
+  using StageLayout =
+      std::conditional_t<kGather_,
+                         decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kCols>, Int<kStages>>{}, Step<_2, _1, _3>{})),
+                         decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kCols>, Int<kStages>>{}))>;
+  using SmemLayoutKV = StageLayout<SmemAtomKV, kHeadDim>;
   // 16-bit V as loaded: (keys, dv, stage), laid out as K is (the same layout when dv == d).
-  using SmemLayoutV = decltype(tile_to_shape(
-      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDimV>>(),
-      Shape<Int<kBlockN>, Int<kHeadDimV>, Int<kStages>>{}));
+  using SmemLayoutV = StageLayout<SmemAtomV, kHeadDimV>;
   // V as the B operand of P V: (dv, keys, stage). 16-bit: the same bytes as SmemLayoutV (V as loaded);
   // FP8: its own K-major layout, filled by TMA from the transposed copy.
   using SmemLayoutVtFp8 = decltype(tile_to_shape(
@@ -103,18 +115,25 @@ struct MainloopFwdSm90 {
   using SmemLayoutVt = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutVt16>;
   // What the V TMA writes: (keys, dv, stage) for 16-bit, (dv, keys, stage) for FP8.
   using SmemLayoutVLoad = std::conditional_t<kFp8, SmemLayoutVtFp8, SmemLayoutV>;
-  // Gather variant, pages of a multiple of 16 rows (vLLM's 16, SGLang's 64): K (and 16-bit V) in TMA boxes
-  // of 16 rows by one swizzle atom's width, each landing where those rows and columns sit in a stage. A box
-  // starts at a multiple of 16 rows (2 KB at d 128) and of an atom column (kBlockN rows apart), so the
-  // hardware's address-based swizzle matches the stage layout's.
-  using SmemAtomKV =
-      decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
-  static constexpr int kBoxRows = 16;
-  static constexpr int kBoxCols = decltype(size<1>(SmemAtomKV{}))::value;
-  static constexpr int kBoxesPerRow = kHeadDim / kBoxCols;
-  static_assert(kBlockN % kBoxRows == 0 && kHeadDim % kBoxCols == 0 && kBlockN / kBoxRows <= 32);
-  using SmemLayoutBox = decltype(tile_to_shape(SmemAtomKV{}, Shape<Int<kBoxRows>, Int<kBoxCols>>{}));
-  static constexpr uint32_t kTxBytesBox = kBoxRows * kBoxCols * sizeof(Element);
+  // The stage layouts the dense TMA descriptors (tma_k, tma_v) are built for: CUTLASS's order. The gather
+  // variant never loads K or 16-bit V through them (its K / V come in page boxes or by cp.async), so only
+  // their types need to exist there.
+  using SmemLayoutKVDense = decltype(tile_to_shape(SmemAtomKV{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutVLoadDense = std::conditional_t<
+      kFp8, SmemLayoutVtFp8, decltype(tile_to_shape(SmemAtomV{}, Shape<Int<kBlockN>, Int<kHeadDimV>, Int<kStages>>{}))>;
+  // Gather variant, pages of a multiple of 16 rows (vLLM's 16, SGLang's 64) or of the key block: K (and
+  // 16-bit V) in TMA boxes of Params::box_rows rows by the whole head dim, each landing in the contiguous
+  // region of a stage that its rows occupy (see StageLayout and encode_page_box).
+  static constexpr int kBoxCols = decltype(size<1>(SmemAtomKV{}))::value;  // one atom's width
+  static constexpr int kChunks = kHeadDim / kBoxCols;
+  static_assert(kBlockN % 16 == 0 && kHeadDim % kBoxCols == 0 && kBlockN / 16 <= 32);
+  static_assert(!kGather_ || kChunks <= 256, "a TMA box dimension holds at most 256");
+  // A TMA descriptor in the kernel's parameters (CUtensorMap carries the alignment the hardware requires).
+  struct PageBox {
+    cute::TmaDescriptor desc;
+  };
+  struct NoBox {};
+  using PageBoxField = std::conditional_t<kGather_, PageBox, NoBox>;
 
   // Paged K/V: where the rows of the key block being gathered live, as the addresses of their first element
   // in the K and V caches (this head); nullptr = no row (past the sequence, or a page outside the cache).
@@ -142,18 +161,13 @@ struct MainloopFwdSm90 {
                                           StrideQKV{}));
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
                                       select<0, 2>(TileShapeQK{}), _1{}));
-  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKVDense{}),
                                        select<1, 2>(TileShapeQK{}), _1{}));
   // The tile of V one stage holds, in the order of SmemLayoutVLoad: (N, dv) or, FP8, (dv, N).
   using TileShapeVLoad =
       std::conditional_t<kFp8, Shape<Int<kHeadDimV>, Int<kBlockN>>, Shape<Int<kBlockN>, Int<kHeadDimV>>>;
-  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{},
-                                      _1{}));
-  using TmaBox = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutBox{},
-                                        Shape<Int<kBoxRows>, Int<kBoxCols>>{}, _1{}));
-  struct NoBox {};
-  // Only the gather variant carries (and encodes on the host) the box descriptors.
-  using TmaBoxField = std::conditional_t<kGather, TmaBox, NoBox>;
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutVLoadDense{}),
+                                      TileShapeVLoad{}, _1{}));
 
   struct Arguments {
     Element const* q;
@@ -204,18 +218,25 @@ struct MainloopFwdSm90 {
     int64_t page_table_stride;
     cutlass::FastDivmod page_size;
     int num_pages;
-    // Pages that hold whole key blocks (page_size % kBlockN == 0, no left padding) are loaded by TMA, one box
-    // per block at (row block in the page, page); other page sizes are gathered with cp.async.
+    // Other kernels than the gather variant are launched for pages that hold whole key blocks (page_size %
+    // kBlockN == 0, no left padding): their producer warp loads them by TMA, one box per block at (row block
+    // in the page, page).
     bool paged_tma;
-    // Gather variant, pages of a multiple of 16 rows otherwise (no left padding): 16-row TMA boxes from the
-    // KV warp (load_paged), one page lookup per box; the other page sizes are gathered with cp.async.
+    // Gather variant, pages of a multiple of 16 rows (no left padding, the compiled head dim): PageBox boxes of
+    // box_rows rows (16 x the greatest common divisor of the page's and the key block's 16-row counts) from
+    // the KV warp (load_boxes), one page lookup per box and lane; other pages are gathered with cp.async.
     bool paged_box;
-    TmaBoxField tma_k_box;  // (page_size, d, head, page) views of K and, 16-bit, V
-    TmaBoxField tma_v_box;
+    int box_rows;
+    // Index of (page, head) in the box descriptors' last dimension: page * box_heads + head (the page stride
+    // in head strides), for K and for V.
+    int box_heads_k;
+    int box_heads_v;
+    PageBoxField box_k;
+    PageBoxField box_v;
     __device__ bool paged() const { return page_table != nullptr; }
-    __device__ bool gathers() const { return kGather && page_table != nullptr && !paged_tma && !paged_box; }
-    // Whether the kernel's KV warp loads K/V (cp.async rows or TMA boxes).
-    __device__ bool kv_warp() const { return kGather && page_table != nullptr && !paged_tma; }
+    __device__ bool gathers() const { return kGather && page_table != nullptr && !paged_box; }
+    // Whether the kernel's KV warp loads K/V (cp.async rows or TMA boxes): every paged call of the gather variant.
+    __device__ bool kv_warp() const { return kGather && page_table != nullptr; }
 
     __device__ int head_k(int tile_head) const { return tile_head / tile_heads_per_kv; }
   };
@@ -225,8 +246,8 @@ struct MainloopFwdSm90 {
     Tensor mK = make_tensor(make_gmem_ptr(a.k), a.shape_kv, a.stride_k);
     Tensor mV = make_tensor(make_gmem_ptr(a.v_read), a.shape_v, a.stride_v);
     Params p{make_tma_copy(SM90_TMA_LOAD{}, mQ, SmemLayoutQ{}, select<0, 2>(TileShapeQK{}), _1{}),
-             make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(SmemLayoutKV{}), select<1, 2>(TileShapeQK{}), _1{}),
-             make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{}, _1{}),
+             make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(SmemLayoutKVDense{}), select<1, 2>(TileShapeQK{}), _1{}),
+             make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(SmemLayoutVLoadDense{}), TileShapeVLoad{}, _1{}),
              a.shape_q,
              a.shape_kv,
              a.shape_v,
@@ -244,25 +265,66 @@ struct MainloopFwdSm90 {
              a.paged.page_table_stride,
              cutlass::FastDivmod(a.paged.page_table ? a.paged.page_size : 1),
              a.paged.num_pages,
-             a.paged.page_table != nullptr && a.paged.page_size % kBlockN == 0 && a.paged.leftpad == nullptr,
+             !kGather && a.paged.page_table != nullptr && a.paged.page_size % kBlockN == 0 &&
+                 a.paged.leftpad == nullptr,
              false,
+             0,
+             0,
+             0,
              {},
              {}};
     if constexpr (kGather) {
-      p.paged_box = a.paged.page_table != nullptr && !p.paged_tma && a.paged.page_size % kBoxRows == 0 &&
-                    a.paged.leftpad == nullptr;
-      // Encoded only for the calls that use them (the cp.async path, other page sizes, does not): each
-      // encoding is a host-side driver call. The V box reads the caller's V (16-bit); FP8's V is the dense
-      // transposed copy, so its box is unused.
-      if (p.paged_box) {
-        Tensor mVbox =
-            make_tensor(make_gmem_ptr(kFp8 ? a.k : a.v_paged), a.shape_kv, kFp8 ? a.stride_k : a.stride_v_paged);
-        auto const box = Shape<Int<kBoxRows>, Int<kBoxCols>>{};
-        p.tma_k_box = make_tma_copy(SM90_TMA_LOAD{}, mK, SmemLayoutBox{}, box, _1{});
-        p.tma_v_box = make_tma_copy(SM90_TMA_LOAD{}, mVbox, SmemLayoutBox{}, box, _1{});
+      int const ps = a.paged.page_size;
+      // Encoded only for the calls that use them (the cp.async path does not): each encoding is a host-side
+      // driver call. A real head dim below the compiled one (80 on 96) takes the cp.async path, which
+      // zero-fills the columns past it; a box would read the next head's. FP8's V is the dense transposed
+      // copy (the producer warp's TMA), so only K gets a box there.
+      if (a.paged.page_table != nullptr && a.paged.leftpad == nullptr && ps % 16 == 0 &&
+          get<1>(a.shape_kv) == kHeadDim) {
+        int g = ps / 16, h = kBlockN / 16;  // box rows: 16 x gcd, so that boxes tile both a page and a block
+        while (h != 0) { int const t = g % h; g = h; h = t; }
+        p.box_rows = 16 * g;
+        p.paged_box = encode_page_box(p.box_k.desc, p.box_heads_k, a.k, a.stride_k, a.paged.num_pages, ps, p.box_rows) &&
+                      (kFp8 || encode_page_box(p.box_v.desc, p.box_heads_v, a.v_paged, a.stride_v_paged,
+                                               a.paged.num_pages, ps, p.box_rows));
       }
     }
     return p;
+  }
+
+  // A page box descriptor (gather variant): the cache as (atom columns, 8 rows, column chunks, 8-row groups of the
+  // page, page * box_heads + head), boxes of (all, all, all, box_rows / 8, 1), in the stage's swizzle. Its
+  // dimensions, in that order, are the order of the stage's bytes (StageLayout), so one box is box_rows whole
+  // rows. (page, head) is one dimension (the page stride a multiple of the head stride) because a descriptor
+  // has five. A page index outside the cache gets a negative coordinate there, which TMA fills with zeros.
+  // False (the caller then gathers with cp.async) when the strides do not allow it.
+  static bool encode_page_box(cute::TmaDescriptor& desc, int& box_heads, Element const* base, StrideQKV const& stride,
+                              int num_pages, int page_size, int box_rows) {
+    constexpr uint64_t kElem = sizeof(Element);
+    int64_t const row = get<0>(stride), head = get<2>(stride), page = get<3>(stride);
+    if (head <= 0 || page <= 0 || page % head != 0 || reinterpret_cast<uintptr_t>(base) % 16 != 0) { return false; }
+    int64_t const heads_per_page = page / head;
+    uint64_t const units = uint64_t(num_pages) * uint64_t(heads_per_page);
+    if (heads_per_page > INT32_MAX || units > uint64_t(INT32_MAX)) { return false; }
+    cuuint64_t dims[5] = {cuuint64_t(kBoxCols), 8, cuuint64_t(kChunks), cuuint64_t(page_size / 8), units};
+    cuuint64_t strides[4] = {cuuint64_t(row) * kElem, kBoxCols * kElem, 8 * cuuint64_t(row) * kElem,
+                             cuuint64_t(head) * kElem};
+    for (cuuint64_t const st : strides) {
+      if (st % 16 != 0 || st >= (cuuint64_t(1) << 40)) { return false; }
+    }
+    cuuint32_t box[5] = {cuuint32_t(kBoxCols), 8, cuuint32_t(kChunks), cuuint32_t(box_rows / 8), 1};
+    cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+    constexpr int kAtomBytes = kBoxCols * int(kElem);
+    constexpr CUtensorMapSwizzle kSwizzle = kAtomBytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                            : kAtomBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                            : kAtomBytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                               : CU_TENSOR_MAP_SWIZZLE_NONE;
+    CUresult const r = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+        &desc, TMA::to_CUtensorMapDataType<Element>(), 5, const_cast<Element*>(base), dims, strides, box,
+        element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, kSwizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    box_heads = int(heads_per_page);
+    return r == CUDA_SUCCESS;
   }
 
   __device__ static void prefetch_descriptors(Params const& p) {
@@ -271,8 +333,8 @@ struct MainloopFwdSm90 {
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     if constexpr (kGather) {
       if (p.paged_box) {
-        cute::prefetch_tma_descriptor(p.tma_k_box.get_tma_descriptor());
-        cute::prefetch_tma_descriptor(p.tma_v_box.get_tma_descriptor());
+        cute::prefetch_tma_descriptor(&p.box_k.desc);
+        if constexpr (!kFp8) { cute::prefetch_tma_descriptor(&p.box_v.desc); }
       }
     }
   }
@@ -284,7 +346,8 @@ struct MainloopFwdSm90 {
   // query (fp8_vt.h), not per cache row.
   __device__ auto v_tma_views(Params const& p, SharedStorage& smem, TileCoord const& tile, SeqlenInfo const& seqlen,
                               int head_k) const {
-    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVLoad{});  // (N, d, PIPE) | FP8 (d, N, PIPE)
+    // The dense descriptor's stage layout (the gather variant loads no 16-bit V through these views).
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutVLoadDense{});  // (N, d, PIPE) | FP8 (d, N, PIPE)
     auto v_start = [&] {
       if constexpr (kFp8) {
         return make_coord(_0{}, int(VtLayout::first_column(p.v_packed, tile.batch, seqlen.offset_k)));
@@ -308,7 +371,8 @@ struct MainloopFwdSm90 {
                        Pipeline const& pipe_v, typename Pipeline::State& state, TileCoord const& tile,
                        SeqlenInfo const& seqlen, BlockRange const& range, bool wait_q_free) const {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), SmemLayoutQ{});    // (M, d)
-    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});   // (N, d, PIPE)
+    // The dense descriptor's stage layout: the gather variant loads no K through this warp.
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKVDense{});  // (N, d, PIPE)
 
     int const head_k = p.head_k(tile.head);
     Tensor mQ = domain_offset(make_coord(seqlen.offset_q, _0{}),
@@ -455,22 +519,21 @@ struct MainloopFwdSm90 {
     }
   }
 
-  // Params::paged_box: each key block as kBlockN / 16 boxes of 16 rows per swizzle-atom column; box j holds
-  // the block's rows [16 j, 16 j + 16), which lie in one page (the page size is a multiple of 16). Lane j owns
-  // box j: it reads the box's page one block ahead (the page-table read's latency then hides behind the wait
-  // for a free stage) and, once the elected lane has armed the stage's barriers, issues the box's copies
-  // itself, so the boxes of a block go out in parallel rather than one lane's serial loop. A copy may land
-  // before the barrier's expect-tx (the tx-count may go negative); the phase cannot complete before the
-  // elected lane's arrival. Boxes past the sequence are not loaded (the transaction count says how many
-  // are); keys past it in the last box are masked and their V rows zeroed (zero_v_tail), and a page index
-  // outside the cache is outside the descriptor's bounds, which TMA fills with zeros, as for paged_tma.
+  // Params::paged_box: each key block as kBlockN / box_rows PageBox boxes (box_rows rows by the whole head
+  // dim, one page's rows, one contiguous region of the stage); box j holds the block's rows [j box_rows,
+  // (j + 1) box_rows). Lane j owns box j: it reads the box's page one block ahead (the page-table read's
+  // latency then hides behind the wait for a free stage) and, once the elected lane has armed the stage's
+  // barriers, issues the box's copies itself, so the boxes of a block go out in parallel rather than one
+  // lane's serial loop. A copy may land before the barrier's expect-tx (the tx-count may go negative); the
+  // phase cannot complete before the elected lane's arrival. Boxes past the sequence are not loaded (the
+  // transaction count says how many are); keys past it in the last box are masked and their V rows zeroed
+  // (zero_v_tail), and a page index outside the cache gets a negative coordinate, which TMA fills with zeros.
   __device__ void load_boxes(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
                              typename Pipeline::State& state, TileCoord const& tile, SeqlenInfo const& seqlen,
                              BlockRange const& range) const {
     if constexpr (kGather) {
       Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), SmemLayoutKV{});  // (N, d, PIPE)
       Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), SmemLayoutKV{});  // 16-bit V: K's layout
-      constexpr int kRows = kBoxRows, kMaxBoxes = kBlockN / kBoxRows;  // by value (ceil_div takes references)
       // The lane index by a volatile read the compiler cannot hoist into a long-lived register (that and the
       // addresses derived from it spilled in 13 kernels of the serial version, 2026-12-01).
       auto lane_id = [] {
@@ -478,30 +541,32 @@ struct MainloopFwdSm90 {
         asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(lane));
         return lane;
       };
-      // This lane's box of block `blk`: its page (0 if the box is past the sequence) and 16-row block.
-      auto lookup = [&](int blk, int& page, int& row_block) {
+      // This lane's box of block `blk`: its page (-1 if the box is past the sequence or the page outside the
+      // cache) and its first row's 8-row group in the page.
+      auto lookup = [&](int blk, int& page, int& row_group) {
         int const lane = lane_id();
-        int const local = blk * kBlockN + lane * kRows;  // offset_k = 0: no left padding on this path
-        page = 0;
-        row_block = 0;
-        if (lane < kMaxBoxes && local < reread(seqlen.seqlen_k)) {
+        int const local = blk * kBlockN + lane * p.box_rows;  // offset_k = 0: no left padding on this path
+        page = -1;
+        row_group = 0;
+        if (lane * p.box_rows < kBlockN && local < reread(seqlen.seqlen_k)) {
           int32_t const* const table = p.page_table + int64_t(reread(seqlen.batch_k)) * p.page_table_stride;
           int slot, row;
-          p.page_size(slot, row, reread(seqlen.offset_k) + local);
-          page = __ldg(table + slot);
-          row_block = row / kRows;
+          p.page_size(slot, row, local);
+          int const entry = __ldg(table + slot);
+          page = entry >= 0 && entry < p.num_pages ? entry : -1;
+          row_group = row / 8;
         }
       };
       int n = reread(range.end) - 1;
-      int next_page, next_row_block;
-      lookup(n, next_page, next_row_block);
+      int next_page, next_row_group;
+      lookup(n, next_page, next_row_group);
 #pragma unroll 1
       for (; n >= reread(range.begin); --n) {
-        int const page = next_page, row_block = next_row_block;
-        if (n > reread(range.begin)) { lookup(n - 1, next_page, next_row_block); }
-        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + kRows - 1) / kRows, kMaxBoxes);
+        int const page = next_page, row_group = next_row_group;
+        if (n > reread(range.begin)) { lookup(n - 1, next_page, next_row_group); }
+        int const boxes = min((reread(seqlen.seqlen_k) - n * kBlockN + p.box_rows - 1) / p.box_rows, kBlockN / p.box_rows);
         if (cute::elect_one_sync()) {
-          uint32_t const tx = uint32_t(boxes) * kBoxesPerRow * kTxBytesBox;
+          uint32_t const tx = uint32_t(boxes) * uint32_t(p.box_rows) * (kHeadDim * sizeof(Element));
           pipe_k.producer_acquire(state, tx);
           if constexpr (!kFp8) { pipe_v.producer_acquire(state, tx); }  // FP8's V: the producer warp's TMA
         }
@@ -509,20 +574,15 @@ struct MainloopFwdSm90 {
         int const j = lane_id();
         if (j < boxes) {
           int const head_k = p.head_k(reread(tile.head));
-          Tensor mKp = p.tma_k_box.get_tma_tensor(p.shape_kv)(_, _, head_k, page);  // (page_size, d)
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kBoxesPerRow; ++c) {
-            Tensor g = local_tile(mKp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(row_block, c));
-            Tensor sk = make_tensor(make_smem_ptr(&sK(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
-            copy(p.tma_k_box.with(*pipe_k.full_barrier(state), 0), p.tma_k_box.get_slice(_0{}).partition_S(g),
-                 p.tma_k_box.get_slice(_0{}).partition_D(sk));
-            if constexpr (!kFp8) {
-              Tensor mVp = p.tma_v_box.get_tma_tensor(p.shape_kv)(_, _, head_k, page);
-              Tensor gv = local_tile(mVp, Shape<Int<kBoxRows>, Int<kBoxCols>>{}, make_coord(row_block, c));
-              Tensor sv = make_tensor(make_smem_ptr(&sV(j * kBoxRows, c * kBoxCols, state.index)), SmemLayoutBox{});
-              copy(p.tma_v_box.with(*pipe_v.full_barrier(state), 0), p.tma_v_box.get_slice(_0{}).partition_S(gv),
-                   p.tma_v_box.get_slice(_0{}).partition_D(sv));
-            }
+          // (page, head) as one coordinate; a page outside the cache (-1) stays negative: zero-filled.
+          int const unit_k = page < 0 ? -1 : page * p.box_heads_k + head_k;
+          constexpr uint64_t kHint = uint64_t(TMA::CacheHintSm90::EVICT_NORMAL);
+          SM90_TMA_LOAD_5D::copy(&p.box_k.desc, pipe_k.full_barrier(state), kHint, &sK(j * p.box_rows, 0, state.index),
+                                 0, 0, 0, row_group, unit_k);
+          if constexpr (!kFp8) {
+            int const unit_v = page < 0 ? -1 : page * p.box_heads_v + head_k;
+            SM90_TMA_LOAD_5D::copy(&p.box_v.desc, pipe_v.full_barrier(state), kHint,
+                                   &sV(j * p.box_rows, 0, state.index), 0, 0, 0, row_group, unit_v);
           }
         }
         state.advance();
