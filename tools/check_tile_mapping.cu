@@ -1,4 +1,4 @@
-// After benchmarks/experiments/fast_divmod.patch: checks the scheduler's tile mapping against plain division (host).
+// The scheduler's tile mapping (FastDivmod, hopper/tile_scheduler.h) against plain division, on the host (tests/test_host_checks.py).
 #include <cstdio>
 #include <cstdlib>
 #include <algorithm>
