@@ -1,9 +1,10 @@
 """Paged-KV load paths side by side (issue #9): one decode call (bf16 d 128 h 32/8, one query token, causal,
 batch x cache) on a contiguous cache and on paged caches whose page size picks each of the kernel's three
-load paths: whole key blocks per page (one TMA box per block: 128, 256), pages of a multiple of 16 rows
-(16-row TMA boxes issued by the KV warp: 16, 32, 64) and any other page size (the KV warp's cp.async gather:
-1, 8, 24; also page 16 with a zero `cache_leftpad`, which takes the gather path for the same pages the box
-path reads). Timed by CUDA-graph replay over enough cache copies to exceed 2x L2 (as decode_splits.py);
+load paths: whole key blocks per page (the decode kernel's 128-key blocks: the producer warp's one TMA box
+per block: 128, 256), pages of a multiple of 16 rows (the gather variant's page boxes, 16 x gcd(page / 16,
+block / 16) rows by the whole head dim, issued by the KV warp: 16, 32, 64) and any other page size (the KV
+warp's cp.async gather: 1, 8, 24; also page 16 with a zero `cache_leftpad`, which takes the gather path for
+the same pages the box path reads). Timed by CUDA-graph replay over enough cache copies to exceed 2x L2 (as decode_splits.py);
 pages are a random permutation of the pool. Each paged output is compared with the contiguous call's.
 
     python benchmarks/paged_paths.py [--batch 64] [--cache 8192] [--pages 16,16lp,1,8,24,32,64,128,256]
@@ -48,7 +49,7 @@ def main() -> int:
     for spec in args.pages.split(","):
         leftpad = spec.endswith("lp")
         ps = int(spec.rstrip("lp"))
-        path = "gather" if leftpad or ps % 16 else ("tma" if ps % 128 == 0 else "box16")
+        path = "gather" if leftpad or ps % 16 else ("tma" if ps % 128 == 0 else "pagebox")
         pages_per_seq = (s_k + ps - 1) // ps
         kp, vp, tables = [], [], []
         for i in range(n_sets):

@@ -10,18 +10,11 @@
 # side (default AB_TESTS). AB_SIDES="A B" (default) or "B" alone (the patched tree only). Never for a product
 # build: the patches are applied to the device's copy only.
 set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 1
-OUT="${OUT:-$ROOT/gpu_out}"
-mkdir -p "$OUT"
-export PIP_NO_INDEX=1 PIP_FIND_LINKS="$ROOT/.whl" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+t0=$SECONDS
+# shellcheck source=tools/device_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 export FLASH_ATTN3_DTYPES="${FLASH_ATTN3_DTYPES:-bf16}" FLASH_ATTN3_HDIMS="${FLASH_ATTN3_HDIMS:-128}" MAX_JOBS=16
 LOG="$OUT/ab.log"
-t0=$SECONDS
-python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 >/dev/null 2>&1
-python -m pip install -q --no-deps --no-index --target /tmp/fa3 .whl/fa3_fwd-*.whl >/dev/null 2>&1 &&
-  echo "from fa3_fwd_config import CONFIG" >/tmp/fa3/flash_attn_config.py
-export PYTHONPATH="/tmp/fa3${PYTHONPATH:+:$PYTHONPATH}"
 
 side() {
   local name="$1" s0=$SECONDS

@@ -4,19 +4,12 @@
 # phases of the traced cases, and benchmarks the d 128 paper and headline rows next to FA3 in that build.
 # Usage (device): OUT=... bash tools/exp_trace.sh
 set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 1
-OUT="${OUT:-$ROOT/gpu_out}"
-mkdir -p "$OUT"
-export PIP_NO_INDEX=1 PIP_FIND_LINKS="$ROOT/.whl" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 t0=$SECONDS
-python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 >/dev/null 2>&1
+# shellcheck source=tools/device_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 NVCC_APPEND_FLAGS=-DFLASH3_TRACE FLASH_ATTN3_DTYPES="${FLASH_ATTN3_DTYPES:-bf16,fp8}" FLASH_ATTN3_HDIMS=128 MAX_JOBS=16 \
   python -m pip install -v --no-build-isolation . >"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - t0)) s"
-python -m pip install -q --no-deps --no-index --target /tmp/fa3 .whl/fa3_fwd-*.whl >/dev/null 2>&1 &&
-  echo "from fa3_fwd_config import CONFIG" >/tmp/fa3/flash_attn_config.py
-export PYTHONPATH="/tmp/fa3${PYTHONPATH:+:$PYTHONPATH}"
 (cd /tmp && python "$ROOT/tools/trace_tiles.py") 2>&1 | grep -v Warning | tee "$OUT/trace.log"
 python benchmarks/bench_fwd.py --grid paper,headline --hdim 128 --backends flash_attn3,fa3 --iters 10 \
   --csv "$OUT/trace_build_bench.csv" 2>&1 | grep -E "^(case|#)|TF" | tee "$OUT/bench.log"
