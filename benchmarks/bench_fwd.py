@@ -167,6 +167,11 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
                   Case("features", "bf16", 2, 8192, 8192, 16, 16, 192, False, head_dim_v=128),
                   Case("features", "bf16", 2, 8192, 8192, 16, 16, 192, True, head_dim_v=128),
                   Case("features", "bf16", 1, 32768, 32768, 32, 8, 128, True, chunk=8192)]
+    if grid == "diag":  # diagnostics, not in "all"
+        # Causal with s_q << s_k (bottom-right aligned): every tile sees 97-128 key blocks with one masked, so
+        # the tiles cost nearly the same and the schedule hardly matters; ours / FA3 here is the causal
+        # block loop's own ratio, to set beside the square rows' (where tile lengths vary 1..s/128).
+        cases += [Case("diag", "bf16", 2, 4096, 16384, 16, 16, 128, causal) for causal in (True, False)]
     if grid in ("decode", "all"):
         cases += [Case("decode", "bf16", b, 1, s, 32, 8, 128, True, kvcache=True)
                   for b, s in ((1, 8192), (8, 8192), (64, 8192), (128, 2048), (16, 32768))]
@@ -446,7 +451,7 @@ def bench_case(torch, case: Case, backends: dict, iters: int, l2_bytes: int):
     ref = outputs.get("cudnn", outputs.get("fa2"))
     if ref is not None:
         ref, diff_ref = ref.transpose(1, 2), "sdpa"  # back to (b, s, h, d)
-    elif (case.dtype == "fp8" or case.kvcache) and outputs.get("fa3") is not None:
+    elif (case.dtype == "fp8" or case.kvcache or case.group == "diag") and outputs.get("fa3") is not None:
         ref, diff_ref = outputs["fa3"], "fa3"  # FA3's layout is ours: (b, s, h, d) or packed (b·s, h, d)
     if ours is not None and ref is not None:
         diff = (ours.float().reshape(ref.shape) - ref.float()).abs().max().item()
@@ -512,7 +517,9 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default="all",
-                    help="paper, headline, production, decode, features or all; several joined by commas")
+                    help="paper, headline, production, decode, features or all; several joined by commas; "
+                         "diag (not in all: causal with s_q < s_k, for flash_attn3 and fa3 only, as SDPA's causal "
+                         "is top-left there)")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), default="bf16",
                     help="dtype of the paper grid (fp8: float8_e4m3fn inputs, bfloat16 output)")
     ap.add_argument("--hdim", help="comma-separated head dims to keep, e.g. 64,128 (default: all)")
@@ -536,7 +543,7 @@ def main() -> int:
         print("bench_fwd: a CUDA GPU is required", file=sys.stderr)
         return 1
     grids = [g.strip() for g in args.grid.split(",") if g.strip()]
-    unknown = set(grids) - {"paper", "headline", "production", "decode", "features", "all"}
+    unknown = set(grids) - {"paper", "headline", "production", "decode", "features", "diag", "all"}
     if unknown:
         ap.error(f"--grid: unknown grid(s) {sorted(unknown)}")
     cases = [c for g in grids for c in build_cases(g, args.dtype, args.quick)]

@@ -6,7 +6,7 @@
 # CSVs and a per-row B/A table come back in $OUT (ab.log, A.csv, B.csv).
 # Usage (device): AB_PATCHES="benchmarks/experiments/x.patch ..." AB_BENCH="--grid paper --hdim 128" \
 #                 AB_TESTS="tests" OUT=... bash tools/exp_ab.sh
-# AB_AFTER_A: a command run on side A's build before B is built. AB_TESTS_A / AB_TESTS_B: the tests of one
+# AB_AFTER_A: a command run on side A's build before B is built; AB_AFTER_B: one run on side B's build. AB_TESTS_A / AB_TESTS_B: the tests of one
 # side (default AB_TESTS). AB_SIDES="A B" (default) or "B" alone (the patched tree only). Never for a product
 # build: the patches are applied to the device's copy only.
 set -uo pipefail
@@ -38,7 +38,8 @@ side() {
       for p in ${AB_PATCHES:-}; do git apply "$p" && echo "applied $p" || { echo "could not apply $p"; exit 1; }; done
     fi
     side "$s"
-    [[ "$s" == A && -n "${AB_AFTER_A:-}" ]] && bash -c "$AB_AFTER_A"
+    after_var="AB_AFTER_$s"
+    [[ -n "${!after_var:-}" ]] && bash -c "${!after_var}"
   done
   if [[ -f "$OUT/A.csv" && -f "$OUT/B.csv" ]]; then
     python - "$OUT/A.csv" "$OUT/B.csv" <<'EOF'
