@@ -4,7 +4,9 @@ Usage: ncu --kernel-name regex:'fwd_kernel|flash_fwd' ... python benchmarks/prof
 Cases (bf16 d128): prefill (b2 s8192 h16 non-causal), prefill_causal (b1 s16384 h16 causal), window256
 (b1 s16384 h16, window (256, 0)), short / short_causal (b32 s512 h16: the rows with the largest gap to FA3,
 0.71 / 0.68 in session 7, per-tile fixed costs), causal4k (b4 s4096 h16 causal: 0.75), decode1 (1 x 8192: split kernel + combine, 24 us against cuDNN's 16.6), decode (64 x 8192 h32/8 contiguous cache), page16 / page256 (the same cache
-paged, pages in random order), page16seq (pages of 16 in order: the memory system's share of page16's gap). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
+paged, pages in random order), page16seq (pages of 16 in order: the memory system's share of page16's gap),
+diag_causal / diag (b2 h16, 4096 queries against 16384 keys, bottom-right causal or none: tiles of near-equal
+length, so the block loop itself against FA3's, bench_fwd.py's diag grid). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
 import sys
 
 import torch
@@ -33,6 +35,11 @@ if case in ("prefill", "prefill_causal", "window256", "short", "short_causal", "
 
     def call():
         return lib.flash_attn_func(q, k, v, **kw)
+elif case in ("diag", "diag_causal"):
+    q, k, v = rand(2, 4096, 16, 128), rand(2, 16384, 16, 128), rand(2, 16384, 16, 128)
+
+    def call():
+        return lib.flash_attn_func(q, k, v, causal=case == "diag_causal")
 elif case in ("decode", "decode1", "page16", "page256", "page16seq"):
     b, s, h, hk = (1 if case == "decode1" else 64), 8192, 32, 8
     q = rand(b, 1, h, 128)

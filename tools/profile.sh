@@ -25,9 +25,10 @@ for spec in "$@"; do
     ncu --kernel-name regex:"${NCU_KERNELS:-fwd_kernel|device_kernel}" --launch-skip 3 --launch-count "${NCU_COUNT:-1}" \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats \
       --section WarpStateStats --section SourceCounters --section LaunchStats --section Occupancy \
+      --section InstructionStats --section MemoryWorkloadAnalysis \
       -f -o "$rep" python benchmarks/profile_case.py "$c" "$b" 2>&1 | tail -n 3
-    ncu -i "$rep.ncu-rep" --page details 2>&1 | grep -v "^    ---" | cut -c1-160 | head -n 150
-    if [[ "$b" == ours ]]; then
+    ncu -i "$rep.ncu-rep" --page details 2>&1 | grep -v "^    ---" | cut -c1-160 | head -n 260
+    if [[ "$b" == ours || -n "${NCU_HOTSPOTS_ALL:-}" ]]; then
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.csv" 2>&1
       python tools/ncu_hotspots.py "$rep.csv" 40 2>&1 | head -n 60
     fi
