@@ -397,6 +397,7 @@ def test_fp8_error_fewer_queries_than_keys(seed):
                     "--head-dim", "64", "--seed", str(seed)])
     assert {r["seqlen_q"] for r in rows} == {16} and {r["seqlen"] for r in rows} == {1024}
     by = {r["method"]: r for r in rows}
-    assert by["bf16"]["rel_rmse"] < 0.02 and 0 < by["fp8 per-tensor"]["rel_rmse"] < 0.2
+    # 300 seeds (CPU, 2026-12-02): fp8 per-tensor median 0.093, p99 0.193, max 0.210; a device run drew 0.215.
+    assert by["bf16"]["rel_rmse"] < 0.02 and 0 < by["fp8 per-tensor"]["rel_rmse"] < 0.3
     q, k, _ = fe.make_inputs(1, 1024, 2, 2, 64, 0.0, 10.0, seed=seed, seqlen_q=16)
     assert q.shape == (1, 16, 2, 64) and k.shape == (1, 1024, 2, 64)
