@@ -73,6 +73,22 @@ def test_decode_grid_and_bandwidth():
     assert big.gbps(1.0) == pytest.approx((2 << 30) / 1e6)
 
 
+def test_diag_grid():
+    """The diag rows: not in "all", causal and full at s_q < s_k, FLOPs counted per visible key."""
+    bench = _load_bench()
+    diag = bench.build_cases("diag", "bf16", False)
+    assert not [c for c in bench.build_cases("all", "bf16", False) if c.group == "diag"]
+    assert sorted(c.causal for c in diag) == [False, True]
+    assert all((c.batch, c.seqlen_q, c.seqlen_k, c.heads, c.head_dim) == (2, 4096, 16384, 16, 128) for c in diag)
+    (causal,) = [c for c in diag if c.causal]
+    # Bottom-right: query i (0-based) sees 16384 - 4096 + i + 1 keys; FA3's count uses the mean of the first
+    # and last rows' key ranges, within 0.01% of the exact sum here.
+    exact = sum(16384 - 4096 + i + 1 for i in range(4096))
+    assert causal.flops() == pytest.approx(2 * 2 * 16 * exact * 256, rel=1e-4)
+    (full,) = [c for c in diag if not c.causal]
+    assert full.flops() == pytest.approx(2 * 2 * 16 * 4096 * 16384 * 256)
+
+
 def test_csv_gbps_column(tmp_path):
     bench = _load_bench()
     rows = [dict(r, gbps="") for r in _rows()]
