@@ -1,7 +1,9 @@
 """Host-side checks of device arithmetic that needs no GPU, compiled and run here (skipped without the compiler):
 the scheduler's multiply-shift tile mapping against plain division over random grids (tools/check_tile_mapping.cu,
 hopper/tile_scheduler.h), and the epilogue's quad transpose for 16-byte O stores simulated on four lanes
-(tools/check_quad_transpose.cpp, the two shfl.xor stages of hopper/epilogue_fwd_sm90.h)."""
+(tools/check_quad_transpose.cpp, the two shfl.xor stages of hopper/epilogue_fwd_sm90.h), and that the consumers'
+shared-memory operand views depend on the warpgroup only (tools/check_wg_slice.cu: the premise of building the
+WGMMA descriptors from the warpgroup index)."""
 from __future__ import annotations
 
 import os
@@ -54,3 +56,19 @@ def test_quad_transpose_gives_each_lane_its_columns(tmp_path):
                    timeout=120)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "transpose ok" in out.stdout, out.stdout + out.stderr
+
+
+def test_operand_views_depend_on_the_warpgroup_only(tmp_path):
+    nvcc, cutlass = _nvcc(), _cutlass()
+    if nvcc is None or cutlass is None:
+        pytest.skip("needs nvcc and the CUTLASS headers")
+    exe = tmp_path / "check_wg_slice"
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
+                    "-diag-suppress", "3357", "-I", str(ROOT / "hopper"), "-I", cutlass,
+                    str(ROOT / "tools" / "check_wg_slice.cu"), "-o", str(exe)], check=True, timeout=600)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "OK" and len(lines) == 9
+    assert all(" 0 differ " in ln and ln.endswith("distinct: yes") for ln in lines[:-1])
+
