@@ -6,9 +6,9 @@
 # CSVs and a per-row B/A table come back in $OUT (ab.log, A.csv, B.csv).
 # Usage (device): AB_PATCHES="benchmarks/experiments/x.patch ..." AB_BENCH="--grid paper --hdim 128" \
 #                 AB_TESTS="tests" OUT=... bash tools/exp_ab.sh
-# AB_AFTER_A: a command run on side A's build before B is built; AB_AFTER_B: one run on side B's build. AB_TESTS_A / AB_TESTS_B: the tests of one
-# side (default AB_TESTS). AB_SIDES="A B" (default) or "B" alone (the patched tree only). Never for a product
-# build: the patches are applied to the device's copy only.
+# AB_AFTER_A: a command run on side A's build before B is built; AB_AFTER_B: one run on side B's build.
+# AB_TESTS_A / AB_TESTS_B: the tests of one side (default AB_TESTS). AB_SIDES="A B" (default) or "B" alone (the
+# patched tree only). Never for a product build: the patches are applied to the device's copy only.
 set -uo pipefail
 t0=$SECONDS
 # shellcheck source=tools/device_env.sh

@@ -5,6 +5,7 @@
 # fa3-fwd wheel.   Usage: bash tools/profile.sh prefill:ours prefill:fa3 page16:ours ...
 # NCU_KERNELS (regex, default fwd_kernel|device_kernel) and NCU_COUNT (default 1) pick the profiled launches,
 # e.g. NCU_KERNELS="fwd_kernel|combine_kernel" NCU_COUNT=2 for decode1 (the split kernel and its combine).
+# NCU_HOTSPOTS_ALL=1: the SASS stall hot spots for every backend (FA3's too), not only ours.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
