@@ -801,10 +801,17 @@ struct MainloopFwdSm90 {
     TiledMmaQK mma_qk;
     TiledMmaPV mma_pv;
     auto thr_qk = mma_qk.get_slice(thread_idx);
-    auto thr_pv = mma_pv.get_slice(thread_idx);
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) smem descriptors
-    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, PIPE)
-    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
+    // The shared-memory descriptors depend only on the warpgroup (its 64-row slice of Q), so they are built
+    // from the warpgroup index broadcast by a shuffle, which the compiler knows to be warp-uniform: the
+    // descriptors then live in uniform registers, as WGMMA takes them. Sliced by the thread index, the Q
+    // descriptors sat in 16 ordinary registers and every Q K^T WGMMA waited on two R2UR moves (FA3 slices by
+    // a shuffled warpgroup index; its d 128 causal loop issues the 8 WGMMAs back to back, 2026-12-02).
+    int const wg_uniform = __shfl_sync(0xffffffff, thread_idx / kWarpGroupThreads, 0);
+    auto thr_qk_desc = mma_qk.get_slice(wg_uniform * kWarpGroupThreads);
+    auto thr_pv_desc = mma_pv.get_slice(wg_uniform * kWarpGroupThreads);
+    Tensor tSrQ = thr_qk_desc.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) smem descriptors
+    Tensor tSrK = thr_qk_desc.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tOrV = thr_pv_desc.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
     Tensor cS = make_identity_tensor(select<0, 1>(TileShapeQK{}));  // (M, N) -> (row, col) in the tile
     Tensor tScS = thr_qk.partition_C(cS);                          // (MMA, MMA_M, MMA_N)
     Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols)
@@ -836,12 +843,22 @@ struct MainloopFwdSm90 {
     auto step = [&](int n, auto scores, auto pv, auto masked) __attribute__((always_inline)) {
       constexpr bool kScores = decltype(scores)::value, kPV = decltype(pv)::value;
       Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileShapeQK{}));  // (MMA, MMA_M, MMA_N)
-      if constexpr (kScores) { pipe_k.consumer_wait(state_k); }
-      if constexpr (kPV) { pipe_v.consumer_wait(state_v); }
-      // Gathered (paged) K/V were written through the generic proxy; WGMMA reads through the async one.
+      // V(n + 1) is the producer's later load of the pair (K(n) goes out first), so a block with both GEMMs
+      // waits for it only after issuing Q K^T (as FA3 does): a late V then delays the P V issue, not the
+      // Q K^T one. Gathered (paged) K/V were written through the generic proxy; WGMMA reads through the async
+      // one, hence the fence after each wait.
+      if constexpr (kScores) {
+        pipe_k.consumer_wait(state_k);
+      } else if constexpr (kPV) {
+        pipe_v.consumer_wait(state_v);
+      }
       if (p.gathers()) { cutlass::arch::fence_view_async_shared(); }
       wait_turn(warp_group);
       if constexpr (kScores) { gemm_async</*kOverwrite=*/true>(mma_qk, tSrQ, tSrK(_, _, _, state_k.index), tSrS); }
+      if constexpr (kScores && kPV) {
+        pipe_v.consumer_wait(state_v);
+        if (p.gathers()) { cutlass::arch::fence_view_async_shared(); }
+      }
       if constexpr (kPV) { gemm_async</*kOverwrite=*/false>(mma_pv, tOrP, tOrV(_, _, _, state_v.index), tOrO); }
       pass_turn(warp_group);
       float o_scale[kRowsPerThread];
