@@ -27,16 +27,27 @@ def _per_batch(x, batch: int, name: str) -> list[int] | None:
 
 
 def visible_keys(seqlen_q: int, seqlen_k: int, window_left: int, window_right: int, device=None,
-                 attention_chunk: int = 0) -> torch.Tensor:
+                 attention_chunk: int = 0, cp_world_size: int = 1, cp_rank: int = 0,
+                 cp_seqlen_k: int | None = None) -> torch.Tensor:
     """Bool (seqlen_q, seqlen_k) mask: query i sees key j iff
     i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right (bottom-right
     aligned); a negative window side is unbounded. attention_chunk > 0 (FA3's chunked attention) further
     keeps only the keys of the query's chunk: c <= j < c + attention_chunk with
     c = floor((i + seqlen_k - seqlen_q) / attention_chunk) * attention_chunk (floor: rows before the first
-    key, when seqlen_q > seqlen_k, fall in a chunk of negative positions and see nothing)."""
+    key, when seqlen_q > seqlen_k, fall in a chunk of negative positions and see nothing).
+
+    Context parallelism (cp_world_size > 1, the vLLM fork's decode context parallelism): the sequence has
+    cp_seqlen_k keys in all, dealt round-robin over the ranks, and these seqlen_k are rank cp_rank's: local
+    key j is global key j * cp_world_size + cp_rank. The rule above then holds for the global positions,
+    aligned on cp_seqlen_k (i + cp_seqlen_k - seqlen_q is query i's position)."""
     i = torch.arange(seqlen_q, device=device).unsqueeze(1)
     j = torch.arange(seqlen_k, device=device).unsqueeze(0)
     diag = i + seqlen_k - seqlen_q
+    if cp_world_size > 1:
+        if cp_seqlen_k is None:
+            raise ValueError("cp_seqlen_k: required when cp_world_size > 1")
+        j = j * cp_world_size + cp_rank
+        diag = i + cp_seqlen_k - seqlen_q
     mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     if window_left >= 0:
         mask &= j >= diag - window_left
@@ -52,7 +63,7 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
                   max_seqlen_q=None, max_seqlen_k=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
                   softmax_scale=None, page_table=None, cache_seqlens=None, cache_batch_idx=None, leftpad_k=None,
                   k_new=None, v_new=None, cu_seqlens_k_new=None, q_descale=None, k_descale=None, v_descale=None,
-                  upcast=True, reorder_ops=False, sinks=None):
+                  upcast=True, reorder_ops=False, sinks=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None):
     """Reference attention forward; returns (out, softmax_lse).
 
     Semantics, per batch entry b:
@@ -71,6 +82,10 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
         softcap, before masking.
       * mask: bottom-right aligned window and attention_chunk (see visible_keys); causal = window (left, 0).
         A row with no visible key gets out = 0 and lse = -inf.
+      * context parallelism (vLLM fork's cp_world_size / cp_rank / cp_tot_seqused_k, an int or an int32 (b,)
+        tensor): the keys are rank cp_rank's share of cp_tot_seqused_k[b] keys dealt round-robin, local key j
+        being global key j * cp_world_size + cp_rank; the mask is the global one (visible_keys). Merging the
+        ranks' (out, lse) with combine_ref gives attention over all the keys. cp_world_size 1: ignored.
       * fp8 (float8_e4m3fn) inputs are upcast and multiplied by q/k/v_descale (float32 (b, h_k); the q heads
         of kv head g share q_descale[b, g]).
     max_seqlen_q/max_seqlen_k are accepted for signature parity and unused (lengths are read from the data).
@@ -105,6 +120,12 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
     left, right = window_size
     if causal:
         right = 0
+
+    if cp_world_size < 1 or not 0 <= cp_rank < cp_world_size:
+        raise ValueError(f"cp_rank {cp_rank} must be in [0, cp_world_size = {cp_world_size})")
+    cp_total = _per_batch(cp_tot_seqused_k, batch, "cp_tot_seqused_k") if cp_world_size > 1 else None
+    if cp_world_size > 1 and cp_total is None:
+        raise ValueError("cp_tot_seqused_k: required when cp_world_size > 1")
 
     cu_q = _per_batch(cu_seqlens_q, batch + 1, "cu_seqlens_q") if varlen_q else None
     cu_k = _per_batch(cu_seqlens_k, batch + 1, "cu_seqlens_k")
@@ -168,7 +189,9 @@ def attention_ref(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=No
             scores = torch.einsum("qhd,khd->hqk", qf * scale, kf)
         if softcap > 0:
             scores = torch.tanh(scores / softcap) * softcap
-        visible = visible_keys(sq, sk, left, right, device=q.device, attention_chunk=attention_chunk)
+        visible = visible_keys(sq, sk, left, right, device=q.device, attention_chunk=attention_chunk,
+                               cp_world_size=cp_world_size, cp_rank=cp_rank,
+                               cp_seqlen_k=cp_total[b] if cp_total is not None else None)
         scores = scores.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # (h, sq); -inf for rows with no visible key
         probs = torch.where(visible, torch.exp(scores - row_lse.unsqueeze(-1)), torch.zeros((), dtype=cdt,

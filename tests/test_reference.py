@@ -563,3 +563,53 @@ def test_attention_chunk_splits_a_causal_sequence_into_independent_ones():
         o, l = attention_ref(q[:, s:e], k[:, s:e], v[:, s:e], causal=True)
         torch.testing.assert_close(out[:, s:e], o)
         torch.testing.assert_close(lse[:, :, s:e], l)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("sq", [1, 3, 9])
+def test_context_parallel_ranks_merge_to_full_causal(world, sq):
+    """Context parallelism (vLLM fork's cp_* arguments): deal each sequence's keys round-robin over `world`
+    ranks (global key g to rank g % world, local index g // world), run every rank's share with cp_rank /
+    cp_tot_seqused_k, and merge the ranks' (out, lse) with combine_ref: that is causal attention over all the
+    keys. Lengths per sequence differ, one shorter than the world (ranks with no key) and one shorter than sq
+    (rows that see nothing on every rank)."""
+    b, h, hk, d = 3, 4, 2, 8
+    totals = [random.randint(world + sq, 40), random.randint(1, world - 1), random.randint(1, sq) if sq > 1 else 1]
+    t_max = max(totals)
+    q = torch.randn(b, sq, h, d, dtype=torch.float64)
+    k = torch.randn(b, t_max, hk, d, dtype=torch.float64)
+    v = torch.randn(b, t_max, hk, d, dtype=torch.float64)
+    total_t = torch.tensor(totals, dtype=torch.int32)
+    outs, lses = [], []
+    for rank in range(world):
+        local_len = torch.tensor([max(0, -(-(t - rank) // world)) for t in totals], dtype=torch.int32)
+        o, l = attention_ref(q, k[:, rank::world], v[:, rank::world], seqused_k=local_len, causal=True,
+                             cp_world_size=world, cp_rank=rank, cp_tot_seqused_k=total_t)
+        outs.append(o)
+        lses.append(l.transpose(1, 2))
+    out, lse = combine_ref(torch.stack(outs), torch.stack(lses))
+    want_out, want_lse = attention_ref(q, k, v, seqused_k=total_t, causal=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse.transpose(1, 2))
+
+
+@pytest.mark.parametrize("sq,sk,total", [(1, 5, 17), (4, 3, 9), (6, 2, 7), (3, 4, 12)])
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2), (4, 1)])
+def test_visible_keys_context_parallel_is_the_definition(sq, sk, total, world, rank):
+    """Causal with context parallelism: query i sees local key j iff j * world + rank <= i + total - sq."""
+    got = visible_keys(sq, sk, -1, 0, cp_world_size=world, cp_rank=rank, cp_seqlen_k=total)
+    for i in range(sq):
+        for j in range(sk):
+            assert bool(got[i, j]) == (j * world + rank <= i + total - sq), (i, j)
+
+
+def test_context_parallel_world_one_ignores_the_total():
+    q, k, v = rand(2, 3, 2, 8), rand(2, 6, 2, 8), rand(2, 6, 2, 8)
+    a = attention_ref(q, k, v, causal=True)
+    b_ = attention_ref(q, k, v, causal=True, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=99)
+    torch.testing.assert_close(a[0], b_[0])
+    torch.testing.assert_close(a[1], b_[1])
+    with pytest.raises(ValueError, match="cp_rank"):
+        attention_ref(q, k, v, causal=True, cp_world_size=2, cp_rank=2, cp_tot_seqused_k=12)
+    with pytest.raises(ValueError, match="cp_tot_seqused_k"):
+        attention_ref(q, k, v, causal=True, cp_world_size=2, cp_rank=1)
