@@ -35,7 +35,7 @@ constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, i
   // Decode (split-KV and the gather variant), 16-bit d <= 128 with 128-key blocks: 3 stages (d 128: 32 + 3 x 64
   // KB = 224 KB). A decode CTA's speed is the bytes it has in flight over the memory latency, and with pages of
   // 16 a block is 16 boxes of 4 KB whose completion takes longer than the 4 boxes of 16 KB of a contiguous cache
-  // (0.67 of its GB/s at 2 stages, 2026-12-02): a third stage puts 50% more bytes in flight.
+  // (0.67 of its GB/s at 2 stages; 0.89 at 3, H200 2026-12-02, NOTES session 11): 50% more bytes in flight.
   if ((split || gather) && elem_bytes == 2 && head_dim <= 128 && head_dim_v <= 128 && t.block_n == 128 &&
       t.block_m == 128 && t.stages == 2) {
     t.stages = 3;
