@@ -452,7 +452,8 @@ void fwd(TensorRef const& q, TensorRef const& k, TensorRef const& v, TensorRef c
          OptTensor const& page_table, OptTensor const& kv_batch_idx, OptTensor const& leftpad_k,
          OptTensor const& q_descale, OptTensor const& k_descale, OptTensor const& v_descale, double softmax_scale,
          int64_t window_size_left, int64_t window_size_right, int64_t attention_chunk, double softcap,
-         OptTensor const& sinks, int64_t num_splits, int64_t pack_gqa, int64_t sm_margin) {
+         OptTensor const& sinks, int64_t cp_world_size, int64_t cp_rank, OptTensor const& cp_tot_seqused_k,
+         int64_t num_splits, int64_t pack_gqa, int64_t sm_margin) {
   // ---- devices and dtypes ----
   FLASH3_CHECK(q.is_cuda(), "flash_attn3 fwd: q must be a CUDA tensor, got device ", q.device());
   check_same_device(k, "k", q);
@@ -536,6 +537,13 @@ void fwd(TensorRef const& q, TensorRef const& k, TensorRef const& v, TensorRef c
   check_metadata(cu_seqlens_k, "cu_seqlens_k", batch + 1, "batch + 1", q);
   check_metadata(seqused_q, "seqused_q", batch, "batch", q);
   check_metadata(seqused_k, "seqused_k", batch, "batch", q);
+  // Context parallelism (params.h flash3_context_parallel); api.cu checks the rank and the mask.
+  FLASH3_CHECK(cp_world_size >= 1 && cp_world_size <= (int64_t(1) << 30) && cp_rank >= 0 && cp_rank < cp_world_size,
+               "flash_attn3 fwd: cp_world_size must be >= 1 and cp_rank in [0, cp_world_size), got cp_world_size ",
+               cp_world_size, ", cp_rank ", cp_rank);
+  FLASH3_CHECK(cp_world_size == 1 || cp_tot_seqused_k.has_value(),
+               "flash_attn3 fwd: cp_tot_seqused_k is required when cp_world_size > 1");
+  if (cp_world_size > 1) { check_metadata(cp_tot_seqused_k, "cp_tot_seqused_k", batch, "batch", q); }
 
   int64_t const total_q = varlen_q ? q.size(0) : q.size(0) * q.size(1);
   int64_t const total_k = varlen_k ? k.size(0) : k.size(0) * k.size(1);
@@ -645,6 +653,9 @@ void fwd(TensorRef const& q, TensorRef const& k, TensorRef const& v, TensorRef c
                  ") sink logits, got ", sinks->scalar_type(), " of shape ", sinks->sizes());
     params.sinks = sinks->data_ptr<float>();
   }
+  params.cp.world_size = static_cast<int32_t>(cp_world_size);
+  params.cp.rank = static_cast<int32_t>(cp_rank);
+  params.cp.total_seqlen_k = cp_world_size > 1 ? cp_tot_seqused_k->data_ptr<int32_t>() : nullptr;
   params.num_sms = dev.num_sms - static_cast<int>(sm_margin);
   params.fp8.q = descale(q_descale, "q_descale", batch, num_heads_k, is_fp8, q);
   params.fp8.k = descale(k_descale, "k_descale", batch, num_heads_k, is_fp8, q);
@@ -994,7 +1005,7 @@ STABLE_TORCH_LIBRARY(flash_attn3, m) {
       "Tensor? page_table, Tensor? kv_batch_idx, Tensor? leftpad_k, "
       "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, "
       "float softmax_scale, int window_size_left, int window_size_right, int attention_chunk, float softcap, "
-      "Tensor? sinks, "
+      "Tensor? sinks, int cp_world_size, int cp_rank, Tensor? cp_tot_seqused_k, "
       "int num_splits, int pack_gqa, int sm_margin) -> ()");
   m.def("combine(Tensor out_partial, Tensor lse_partial, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(

@@ -205,7 +205,8 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
               max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
               q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
               window_size=(-1, -1), attention_chunk=0, softcap=0.0, sinks=None, num_splits=1, pack_gqa=None,
-              sm_margin=0, cache_seqlens_int=None, names=None, extra_tensors=None) -> FwdCall:
+              sm_margin=0, cache_seqlens_int=None, names=None, extra_tensors=None, cp_world_size=1, cp_rank=0,
+              cp_tot_seqused_k=None) -> FwdCall:
     """Validates one forward call (schema-level arguments) and returns it as the op call to make.
 
     `names` renames arguments in messages (e.g. {"k": "k_cache", "seqused_k": "cache_seqlens"});
@@ -409,6 +410,28 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         if sinks.device != q.device:
             raise ValueError(f"{n_sinks}: must be on q's device {q.device}, got {sinks.device}")
         sinks = sinks.to(torch.float32).contiguous()
+    # Context parallelism (vLLM fork's decode context parallelism, hopper/params.h flash3_context_parallel):
+    # this call holds rank cp_rank's round-robin share of each sequence's cp_tot_seqused_k[b] keys; only the
+    # causal mask depends on it, on every causal kernel (no build feature). World size 1: the rest is ignored.
+    check_int("cp_world_size", cp_world_size, 1, 1 << 30)
+    check_int("cp_rank", cp_rank, 0)
+    check_tensor("cp_tot_seqused_k", cp_tot_seqused_k, optional=True)
+    if cp_world_size > 1:
+        if cp_rank >= cp_world_size:
+            raise ValueError(f"cp_rank: must be in [0, cp_world_size = {cp_world_size}), got {cp_rank}")
+        if cp_tot_seqused_k is None:
+            raise ValueError("cp_tot_seqused_k: required when cp_world_size > 1 (int32 (batch,) key counts of "
+                             "the whole sequences, over all ranks)")
+        check_index_vector("cp_tot_seqused_k", cp_tot_seqused_k, batch, "batch")
+        if cp_tot_seqused_k.device != q.device:
+            raise ValueError(f"cp_tot_seqused_k: must be on q's device {q.device}, got {cp_tot_seqused_k.device}")
+        # The raw window: normalize_window drops a left side >= the local keys, which still cuts the global ones.
+        raw_left = int(window_size[0]) if isinstance(window_size, (tuple, list)) and len(window_size) == 2 and _is_int(window_size[0]) else -1
+        if "local" in features or raw_left >= 0:
+            raise not_implemented("cp_world_size > 1 with window_size or attention_chunk (context parallelism "
+                                  "runs with causal or no mask)")
+    else:
+        cp_rank, cp_tot_seqused_k = 0, None
     if num_splits > 1:
         features.add("split_kv")
     if paged:
@@ -426,8 +449,8 @@ def check_fwd(q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, sequse
         page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=float(softmax_scale),
         window_size_left=window_left, window_size_right=window_right, attention_chunk=int(attention_chunk),
-        softcap=float(softcap), sinks=sinks,
-        num_splits=num_splits, pack_gqa=-1 if pack_gqa is None else int(pack_gqa), sm_margin=sm_margin,
+        softcap=float(softcap), sinks=sinks, cp_world_size=int(cp_world_size), cp_rank=int(cp_rank),
+        cp_tot_seqused_k=cp_tot_seqused_k, num_splits=num_splits, pack_gqa=-1 if pack_gqa is None else int(pack_gqa), sm_margin=sm_margin,
         batch=batch, out_dtype=out_dtype, out_shape=out_shape, lse_shape=lse_shape, features=frozenset(features),
         names=dict(names or {}))
 

@@ -141,6 +141,9 @@ class FwdArgs:
     attention_chunk: int  # 0 = off; > 0: each query sees only keys of its own chunk (Llama 4)
     softcap: float  # 0 = off
     sinks: torch.Tensor | None  # float32 (num_heads,) sink logits
+    cp_world_size: int  # context parallelism (vLLM fork): 1 = off
+    cp_rank: int
+    cp_tot_seqused_k: torch.Tensor | None  # int32 (batch,) global key counts; required with cp_world_size > 1
     num_splits: int
     pack_gqa: int  # -1 auto, 0 off, 1 on
     sm_margin: int

@@ -52,7 +52,7 @@ def _reject_unimplemented(qv):
         raise _checks.not_implemented("qv (the extra query of MLA-style absorbed decoding)")
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, sinks=None):  # noqa: E501
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False, sinks=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None):  # noqa: E501
     """Attention over dense batches: softmax(q kᵀ · softmax_scale) v, per head.
 
     Args:
@@ -77,6 +77,14 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
         deterministic: accepted for compatibility; affects only a backward pass, which does not exist here.
         sm_margin: SMs to leave free for concurrent kernels (e.g. communication).
         return_attn_probs: also return softmax_lse (FA3 returns the LSE, never the probability matrix).
+        sinks: float32 (num_heads,) attention-sink logits that join each row's softmax denominator (gpt-oss).
+        cp_world_size, cp_rank, cp_tot_seqused_k: context parallelism over the keys (vLLM's FA3 fork): k / v
+            hold rank cp_rank's round-robin share of each sequence's keys, local key j being global key
+            j * cp_world_size + cp_rank of cp_tot_seqused_k[b] (int32 (batch,), required when cp_world_size > 1);
+            the causal mask is the global one (query i at global position i + cp_tot_seqused_k[b] - seqlen_q
+            sees the keys at or before it). Merge the ranks' (out, softmax_lse) with flash_attn_combine's rule.
+            Causal or no mask only (a window or chunk raises NotImplementedError); sinks, if given, join every
+            rank's denominator, so pass them on one rank. cp_world_size 1 (default): off.
 
     Returns:
         out (batch, seqlen_q, num_heads, head_dim_v) in q's dtype (bfloat16 for fp8 inputs), or
@@ -87,7 +95,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descal
     call = _checks.check_fwd(
         q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
-        sm_margin=sm_margin, extra_tensors={"qv": qv})
+        sm_margin=sm_margin, extra_tensors={"qv": qv}, cp_world_size=cp_world_size, cp_rank=cp_rank,
+        cp_tot_seqused_k=cp_tot_seqused_k)
     _reject_unimplemented(qv)
     out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs else out
@@ -159,8 +168,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     k / v are (num_pages, page_size, num_heads_k, head_dim), with seqused_k and cu_seqlens_k None, as
     flash_attn_with_kvcache's page_table), `fa_version` (accepted, ignored), `q_v` (qv's other name).
     `s_aux` / `sinks` (vLLM's / SGLang's name): float32 (num_heads,) attention-sink logits that join each row's
-    softmax denominator (gpt-oss). Not implemented yet (NotImplementedError): context parallelism
-    (`cp_world_size` > 1, `cp_tot_seqused_k`).
+    softmax denominator (gpt-oss). `cp_world_size`, `cp_rank`, `cp_tot_seqused_k`: context parallelism, as
+    in flash_attn_func (the fork's decode context parallelism; cp_tot_seqused_k int32 (batch,)).
 
     Returns:
         out (total_q, num_heads, head_dim_v), or (out, softmax_lse) with softmax_lse float32
@@ -178,24 +187,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         raise ValueError("s_aux, sinks: the same argument under two names (vLLM's and SGLang's); give one")
     sink_name = "s_aux" if s_aux is not None else "sinks"
     sinks = s_aux if s_aux is not None else sinks
-    _checks.check_int("cp_world_size", cp_world_size, 1)
-    _checks.check_int("cp_rank", cp_rank, 0)
-    if cp_world_size > 1 or cp_tot_seqused_k is not None:
-        raise _checks.not_implemented("cp_world_size / cp_rank / cp_tot_seqused_k (context-parallel attention)")
     names = {"sinks": sink_name, **({"page_table": "block_table"} if block_table is not None else {})}
     call = _checks.check_fwd(
         q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=block_table,
         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
-        sm_margin=sm_margin, names=names, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata})
+        sm_margin=sm_margin, names=names, extra_tensors={"qv": qv, "scheduler_metadata": scheduler_metadata},
+        cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k)
     _check_scheduler_metadata(scheduler_metadata, call)
     _reject_unimplemented(qv)
     out, softmax_lse = _run_fwd(call)
     return (out, softmax_lse) if return_attn_probs or return_softmax_lse else out
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False, sinks=None):  # noqa: E501
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False, sinks=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None):  # noqa: E501
     """Attention of new queries against a KV cache (inference decode / prefill with a cache).
 
     Args:
@@ -228,6 +234,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
             call's own plan (from its shapes and num_splits / pack_gqa) is what runs, so metadata made with a
             different max_seqlen_k (vLLM passes the batch's longest) is harmless.
         num_splits: 0 (or any value <= 0) = heuristic (default), 1 = no split-KV, > 1 (up to 256) forced.
+        cp_world_size, cp_rank, cp_tot_seqused_k: context parallelism (flash_attn_func): the cache holds this
+            rank's share of the keys. Not with new k, v (NotImplementedError): append on the rank that owns the
+            new positions first, then attend.
         Other arguments: as in flash_attn_func.
 
     Returns:
@@ -245,6 +254,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
                          return_softmax_lse=return_softmax_lse)
     if (k is None) != (v is None):
         raise ValueError("k, v: the new keys and values must be given together")
+    if k is not None and _checks._is_int(cp_world_size) and cp_world_size > 1:
+        raise _checks.not_implemented("k, v (KV append) with cp_world_size > 1 (context parallelism)")
     if k is not None and cache_seqlens is None:
         raise ValueError("cache_seqlens: required when new k, v are given (it is where they are appended)")
     # cu_seqlens_k_new without new k, v describes nothing and is ignored, as FA3 ignores it: SGLang passes
@@ -272,7 +283,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
         page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad, q_descale=q_descale,
         k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
-        sm_margin=sm_margin, cache_seqlens_int=cache_seqlens_int, names=names, extra_tensors=extra)
+        sm_margin=sm_margin, cache_seqlens_int=cache_seqlens_int, names=names, extra_tensors=extra,
+        cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k)
     _reject_unimplemented(qv)
     _check_scheduler_metadata(scheduler_metadata, call)
     if cache_seqlens_int is not None:
@@ -357,7 +369,7 @@ def _append_kv(call, k_new, v_new, cu_seqlens_k_new, rotary_cos, rotary_sin, rot
                                features=call.features | {"append_kv"})
 
 
-def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, seqused_q=None, seqused_k=None, out=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, num_splits=1, pack_gqa=None, sm_margin=0):  # noqa: E501
+def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, seqused_q=None, seqused_k=None, out=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, page_table=None, kv_batch_idx=None, leftpad_k=None, q_descale=None, k_descale=None, v_descale=None, num_splits=1, pack_gqa=None, sm_margin=0, sinks=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None):  # noqa: E501
     """Thin mirror of the C++ op `flash_attn3::fwd`, for callers that manage buffers themselves.
 
     Accepts every layout of the op (dense or packed q; dense, packed or paged k/v), validates like the
@@ -370,8 +382,8 @@ def varlen_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table,
         kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k, q_descale=q_descale, k_descale=k_descale,
         v_descale=v_descale, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        attention_chunk=attention_chunk, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
-        sm_margin=sm_margin))
+        attention_chunk=attention_chunk, softcap=softcap, sinks=sinks, num_splits=num_splits, pack_gqa=pack_gqa,
+        sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k))
 
 
 def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):

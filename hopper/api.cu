@@ -131,6 +131,22 @@ Status validate(FwdParams const& p) {
   if (p.mask.chunk < 0) {
     return fail(FLASH3_INVALID_ARGUMENT, "mask: chunk (attention_chunk) must be >= 0 (0 = off), got " + str(p.mask.chunk));
   }
+  if (p.cp.world_size < 1 || p.cp.rank < 0 || p.cp.rank >= p.cp.world_size) {
+    return fail(FLASH3_INVALID_ARGUMENT, "cp: world_size must be >= 1 and rank in [0, world_size), got world_size " +
+                                             str(p.cp.world_size) + ", rank " + str(p.cp.rank));
+  }
+  if (p.cp.world_size > 1) {
+    if (p.cp.total_seqlen_k == nullptr) {
+      return fail(FLASH3_INVALID_ARGUMENT, "cp.total_seqlen_k: required when cp.world_size > 1 (cp_tot_seqused_k)");
+    }
+    if (reinterpret_cast<uintptr_t>(p.cp.total_seqlen_k) % alignof(int32_t) != 0) {
+      return fail(FLASH3_INVALID_ARGUMENT, "cp.total_seqlen_k: must be a 4-byte aligned int32 pointer");
+    }
+    if (is_local(p.mask)) {
+      return fail(FLASH3_INVALID_ARGUMENT, "cp.world_size > 1: context parallelism is not supported with a window or "
+                                           "an attention chunk (causal or no mask only)");
+    }
+  }
   if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) {
     return fail(FLASH3_INVALID_ARGUMENT, "head_dim: must be a multiple of 8 in [8, 256], got " + str(p.head_dim));
   }

@@ -76,6 +76,7 @@ struct FwdKernelSm90 {
     Scheduler scheduler;
     int pack;  // PackGQA: q heads packed into a tile's rows (1 = none)
     flash3_mask window;  // the local mask's window and chunk (kLocal)
+    flash3_context_parallel cp;  // the causal mask's key positions (params.h), world_size 1 without
   };
 
   // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
@@ -89,8 +90,11 @@ struct FwdKernelSm90 {
   __device__ static TileWork work_of(Params const& params, int idx) {
     TileCoord const tile = params.scheduler.tile(idx);
     SeqlenInfo const seqlen(params.seqlen, tile.batch);
+    // Context parallelism: the causal diagonal is on the global key count; only the causal mask reads it.
+    int const cp_seqlen_k = params.cp.world_size > 1 ? params.cp.total_seqlen_k[tile.batch] : seqlen.seqlen_k;
     Mask const mask{seqlen.seqlen_q, seqlen.seqlen_k, tile.m_block, params.pack, params.window.window_left,
-                    params.window.window_right, params.window.chunk};
+                    params.window.window_right, params.window.chunk, params.cp.world_size, params.cp.rank,
+                    cp_seqlen_k};
     BlockRange range = mask.range();
     if (params.scheduler.num_splits > 1) { range = range.split(tile.split, params.scheduler.num_splits); }
     return {tile, seqlen, mask, range};

@@ -181,7 +181,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   if (scheduler.num_tiles() <= 0) { return cudaSuccess; }
   scheduler.set_divisors();  // every count is >= 1 here
   typename Kernel::Params kernel_params{Mainloop::to_params(mainloop_args), Epilogue::to_params(epilogue_args),
-                                        seqlen_args, scheduler, pack, p.mask};
+                                        seqlen_args, scheduler, pack, p.mask, p.cp};
 
   int num_sms = p.num_sms;
   if (num_sms <= 0) {  // callers without a device query of their own (the standalone runner)

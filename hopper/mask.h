@@ -66,6 +66,11 @@ struct MaskPolicy {
   int window_left;   // kLocal only: -1 = unbounded
   int window_right;  // kLocal only: -1 = unbounded
   int chunk;         // kLocal only: 0 = no chunks
+  // kCausal only, context parallelism (params.h flash3_context_parallel): this call's key j is global key
+  // j * cp_world + cp_rank of cp_seqlen_k; cp_world 1 = off (then cp_seqlen_k == seqlen_k).
+  int cp_world;
+  int cp_rank;
+  int cp_seqlen_k;
 
   // kLocal with a chunk: the first key of query row `row`'s chunk, floor division (the aligned position is
   // negative for rows before the first key when sq > sk). Once per row and tile (row_bounds, range).
@@ -88,7 +93,11 @@ struct MaskPolicy {
   // Exclusive bound on the keys visible to query row `row`.
   __device__ int key_limit(int row) const {
     if constexpr (kKind == MaskKind::kCausal) {
-      return min(seqlen_k, row + 1 + seqlen_k - seqlen_q);
+      if (cp_world == 1) { return min(seqlen_k, row + 1 + seqlen_k - seqlen_q); }
+      // Keys j with j * cp_world + cp_rank <= last, the query's global position: (last - rank) / world + 1
+      // of them (none when last < rank). Once per row and tile (row_bounds, range), so the division is cheap.
+      int const last = row + cp_seqlen_k - seqlen_q;
+      return last < cp_rank ? 0 : min(seqlen_k, (last - cp_rank) / cp_world + 1);
     } else if constexpr (kKind == MaskKind::kLocal) {
       int const limit = window_right >= 0 ? min(seqlen_k, row + 1 + seqlen_k - seqlen_q + window_right) : seqlen_k;
       return chunk > 0 ? min(limit, chunk_start(row) + chunk) : limit;

@@ -94,6 +94,23 @@ typedef struct flash3_mask {
   int32_t chunk FLASH3_DEFAULT(0);
 } flash3_mask;
 
+/* Context parallelism over the keys (decode context parallelism; the cp_world_size / cp_rank /
+ * cp_tot_seqused_k arguments of vLLM's FA3 fork): each sequence's keys are dealt round-robin over
+ * world_size ranks and this call holds rank `rank`'s share, so its key j is global key j * world_size + rank
+ * of total_seqlen_k[b] keys in all. Only the causal mask depends on it: query i of a sequence of sq queries
+ * (global position i + total - sq, bottom-right aligned on all the keys) sees local key j iff
+ * j * world_size + rank <= i + total - sq. Rows that see none of this rank's keys end with O = 0,
+ * LSE = -inf; the caller merges the ranks' (out, lse) (flash_attn_combine's rule). Sinks, if given, join
+ * every rank's denominator: pass them on one rank only. world_size 1 = off (rank 0, total_seqlen_k unread);
+ * not with a window or a chunk.
+ *  total_seqlen_k: int32 (batch) device array of the sequences' global key counts; required with
+ *    world_size > 1. */
+typedef struct flash3_context_parallel {
+  int32_t world_size FLASH3_DEFAULT(1);
+  int32_t rank FLASH3_DEFAULT(0);
+  int32_t const* total_seqlen_k FLASH3_DEFAULT(nullptr);
+} flash3_context_parallel;
+
 /* FP8 dequantisation scales, float32 (batch, num_heads_k) with any element strides (0 broadcasts one value);
  * NULL = 1. The q heads of a kv group share their q_descale. The kernel folds q_descale * k_descale into the
  * softmax scale and v_descale into the output's normalisation. */
@@ -163,6 +180,9 @@ typedef struct flash3_fwd_params {
    * pass an explicit workspace for graph capture and for the lowest latency. */
   void* workspace FLASH3_DEFAULT(nullptr);
   int64_t workspace_bytes FLASH3_DEFAULT(0);
+
+  /* Last, so that the fields above keep the offsets they had before context parallelism was added. */
+  flash3_context_parallel cp;
 } flash3_fwd_params;
 
 #ifdef __cplusplus

@@ -13,9 +13,10 @@ import torch
 
 from flash_attn3._ops import FWD_ARG_NAMES, FwdArgs
 
-# FA3's defaults of the scalar options: full attention, no chunks, no softcap, one split, pack_gqa heuristic, no SM margin.
-SCALAR_DEFAULTS = dict(window_size_left=-1, window_size_right=-1, attention_chunk=0, softcap=0.0, num_splits=1,
-                       pack_gqa=-1, sm_margin=0)
+# FA3's defaults of the scalar options: full attention, no chunks, no softcap, no context parallelism, one split,
+# pack_gqa heuristic, no SM margin.
+SCALAR_DEFAULTS = dict(window_size_left=-1, window_size_right=-1, attention_chunk=0, softcap=0.0, cp_world_size=1,
+                       cp_rank=0, num_splits=1, pack_gqa=-1, sm_margin=0)
 
 
 def op_args(q, k, v, fill=math.nan, **named) -> list:

@@ -5,8 +5,8 @@ block_table of page size 16 or 1, seqused_k, out=, scheduler_metadata from get_s
 list, softcap, fa_version, num_splits=0, s_aux sinks; FP8 with per-tensor scales expanded to (B, Hkv)), the
 same call captured in a CUDA graph and replayed with new lengths, and SGLang's flash_attn_with_kvcache call
 (packed q with cu_seqlens_q, page_table, cache_seqlens, cu_seqlens_k_new=cu_seqlens_k, window tuple, softcap,
-return_softmax_lse, sinks). Not replayed (not built yet): the MLA calls (q_v / qv, d 192 with dv 128) and
-context-parallel decode.
+return_softmax_lse, sinks), and vLLM's context-parallel decode (cp_world_size / cp_rank / cp_tot_seqused_k).
+Not replayed (not built yet): the MLA decode call (q_v / qv).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ if _SKIP_REASON is not None:
 import test_decode_gpu as D  # noqa: E402
 import test_paged_gpu as P  # noqa: E402
 
-from flash_attn3 import (_ops, flash_attn_varlen_func, flash_attn_with_kvcache,  # noqa: E402
+from flash_attn3 import (_ops, flash_attn_combine, flash_attn_varlen_func, flash_attn_with_kvcache,  # noqa: E402
                          get_scheduler_metadata)
 
 BF16, FP8 = D.BF16, D.FP8
@@ -165,3 +165,50 @@ def test_sglang_kvcache_call(page_size):
                                            window_size=(100, 0), softcap=20.0, k_descale=None, v_descale=None,
                                            return_softmax_lse=True, sinks=sinks)
     D._check(out, lse, refs, f"SGLang page_size={page_size} q_lens={q_lens} lengths={lengths}", kvcache=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("page_size", [16, None])
+@pytest.mark.parametrize("num_splits", [1, 0, 3])
+def test_vllm_context_parallel_decode_call(world, page_size, num_splits):
+    """vLLM's decode context parallelism (its fork's cp_world_size / cp_rank / cp_tot_seqused_k): global key
+    g of a sequence lives on rank g % world at local index g // world. Every rank's call (decode rows and a
+    17-query chunk, GQA, paged or contiguous, split or not) against the reference with the same cp arguments;
+    then the ranks' (out, lse) merged by flash_attn_combine against causal attention over whole sequences, a
+    check that does not rely on the reference's reading of the cp arguments."""
+    _require(BF16)
+    q_lens = [1, 1, 3, 1, 17]
+    b, cap = len(q_lens), 900
+    totals = [max(ql, t) for ql, t in zip(q_lens, D._cache_lengths(b, cap))]
+    totals[1] = 0  # a sequence with no key at all: every rank gives O = 0, LSE = -inf
+    k, v = D._rand(BF16, b, cap, H_K, D_HEAD), D._rand(BF16, b, cap, H_K, D_HEAD)
+    cu_q = D._cu_seqlens(q_lens)
+    q = D._rand(BF16, sum(q_lens), H, D_HEAD)
+    total_t = D._i32(totals)
+    outs, lses, pts, ref_lses = [], [], [], []
+    for rank in range(world):
+        local = D._i32([max(0, -(-(t - rank) // world)) for t in totals])
+        k_r, v_r = k[:, rank::world].contiguous(), v[:, rank::world].contiguous()
+        cp = dict(cp_world_size=world, cp_rank=rank, cp_tot_seqused_k=total_t)
+        refs = D._references(q, k_r, v_r, cu_seqlens_q=cu_q, cache_seqlens=local, causal=True, **cp)
+        if page_size is None:
+            kk, vv, table = k_r, v_r, None
+        else:
+            (kk, vv), table = P._to_pages((k_r, v_r), local.tolist(), page_size, "nan")
+        out, lse = flash_attn_varlen_func(q=q, k=kk, v=vv, cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens),
+                                          seqused_k=local, max_seqlen_k=k_r.shape[1], block_table=table,
+                                          causal=True, num_splits=num_splits, return_softmax_lse=True, **cp)[:2]
+        D._check(out, lse, refs, f"cp rank {rank}/{world} page_size={page_size} splits={num_splits} "
+                 f"totals={totals}", kvcache=True)
+        outs.append(out.float())
+        lses.append(lse.transpose(0, 1))
+        pts.append(refs.pt.float())
+        ref_lses.append(refs.lse.transpose(0, 1))
+    merged, merged_lse = flash_attn_combine(torch.stack(outs), torch.stack(lses))  # (total_q, h, d), (total_q, h)
+    full_out, full_lse = D.attention_ref(q, k, v, cu_seqlens_q=cu_q, cache_seqlens=total_t, causal=True)
+    # FA3's rule on the merged result: the same merge of PyTorch's low-precision rank results is the baseline.
+    merged_pt, _ = D.combine_ref(torch.stack(pts), torch.stack(ref_lses))
+    err = (merged - full_out).abs().max().item()
+    pt_err = (merged_pt - full_out).abs().max().item()
+    assert err <= 2 * pt_err + D.OUT_FLOOR, f"merged ranks: max error {err:.3e} > 2 x {pt_err:.3e} (totals={totals})"
+    torch.testing.assert_close(merged_lse.transpose(0, 1), full_lse, atol=D.LSE_ATOL, rtol=0)

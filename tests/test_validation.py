@@ -838,6 +838,23 @@ def _vllm_paged(b=3, h=4, hk=2, d=64, page=16, pages=12):
                 max_seqlen_k=64, block_table=table)
 
 
+def test_context_parallel_arguments_reach_the_op(kernel_stub):
+    """vLLM's decode-context-parallel call: cp_world_size / cp_rank / cp_tot_seqused_k reach the op as given;
+    with cp_world_size 1 the rank is 0 and a total is not passed on (it would be ignored)."""
+    total = i32(9, 33, 127)
+    flash_attn_varlen_func(**_vllm_paged(), causal=True, cp_world_size=4, cp_rank=3, cp_tot_seqused_k=total)
+    flash_attn_varlen_func(**_vllm_paged(), causal=True, cp_world_size=1, cp_tot_seqused_k=total)
+    q, k = torch.randn(2, 1, 4, 64).half(), torch.randn(2, 8, 2, 64).half()
+    flash_attn_with_kvcache(q, k, k.clone(), cache_seqlens=i32(3, 8), causal=True, cp_world_size=2, cp_rank=1,
+                            cp_tot_seqused_k=i32(7, 16))
+    flash_attn_func(q, k, k.clone(), causal=True, cp_world_size=2, cp_rank=0, cp_tot_seqused_k=i32(16, 16))
+    cp, off, kvcache, dense = kernel_stub
+    assert (cp["cp_world_size"], cp["cp_rank"]) == (4, 3) and cp["cp_tot_seqused_k"] is total
+    assert (off["cp_world_size"], off["cp_rank"], off["cp_tot_seqused_k"]) == (1, 0, None)
+    assert (kvcache["cp_world_size"], kvcache["cp_rank"]) == (2, 1) and kvcache["cp_tot_seqused_k"].tolist() == [7, 16]
+    assert (dense["cp_world_size"], dense["cp_rank"]) == (2, 0)
+
+
 def test_vllm_varlen_call_surface(kernel_stub):
     """The keywords vLLM's FA3 fork passes to flash_attn_varlen_func reach the op as the paged call."""
     args = _vllm_paged()
@@ -856,8 +873,21 @@ def test_vllm_varlen_call_surface(kernel_stub):
     ("s_aux_shape", dict(s_aux=torch.zeros(3)), ValueError, r"s_aux: must be a float32, bfloat16 or float16 tensor of shape \(num_heads,\)"),
     ("sinks_dtype", dict(sinks=torch.zeros(4, dtype=torch.float64)), ValueError,
      r"sinks: must be a float32, bfloat16 or float16 tensor"),
-    ("cp", dict(cp_world_size=2, cp_rank=1), NotImplementedError, r"context-parallel"),
+    ("cp_without_total", dict(cp_world_size=2, cp_rank=1), ValueError, r"cp_tot_seqused_k: required"),
     ("cp_rank_negative", dict(cp_rank=-1), ValueError, r"cp_rank"),
+    ("cp_rank_past_world", dict(cp_world_size=2, cp_rank=2, cp_tot_seqused_k=i32(9, 33, 127)), ValueError,
+     r"cp_rank: must be in \[0, cp_world_size = 2\)"),
+    ("cp_world_zero", dict(cp_world_size=0), ValueError, r"cp_world_size: must be >= 1"),
+    ("cp_total_int64", dict(cp_world_size=2, cp_rank=0, cp_tot_seqused_k=torch.zeros(3, dtype=torch.int64)),
+     TypeError, r"cp_tot_seqused_k: must have dtype torch.int32"),
+    ("cp_total_shape", dict(cp_world_size=2, cp_rank=0, cp_tot_seqused_k=i32(9, 33)), ValueError,
+     r"cp_tot_seqused_k: must have shape \(3,\)"),
+    ("cp_total_list", dict(cp_world_size=2, cp_rank=0, cp_tot_seqused_k=[9, 33, 127]), TypeError,
+     r"cp_tot_seqused_k: expected a torch.Tensor"),
+    ("cp_window", dict(cp_world_size=2, cp_rank=0, cp_tot_seqused_k=i32(9, 33, 127), window_size=(8, 0)),
+     NotImplementedError, r"cp_world_size > 1 with window_size"),
+    ("cp_window_past_local_keys", dict(cp_world_size=2, cp_rank=0, cp_tot_seqused_k=i32(9, 33, 127),
+                                       window_size=(100, 0)), NotImplementedError, r"cp_world_size > 1 with window_size"),
     ("q_v_and_qv", dict(q_v=torch.zeros(3, 4, 64).half(), qv=torch.zeros(3, 4, 64).half()), ValueError, r"q_v, qv"),
     ("q_v", dict(q_v=torch.zeros(3, 4, 64).half()), NotImplementedError, r"qv"),
     ("block_table_int64", dict(block_table=torch.zeros(3, 4, dtype=torch.int64)), TypeError, r"block_table"),
