@@ -70,6 +70,14 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   // the gather variant keeps 128-key blocks (as split-KV): its consumers have 232 registers, not 240.
   using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask != MaskKind::kNone, int(sizeof(Element)), kSplit, kNarrow,
                                 kMask == MaskKind::kLocal, kGather>;
+  // The shorter causal calls and all paged ones run on the 128-key sibling (tile_config.h causal_narrow); this
+  // comes before the gather test, so that paged calls test their pages against the 128-key blocks, as before
+  // the causal tile was widened.
+  if constexpr (kMask == MaskKind::kCausal && !kNarrow && Config::kBlockN > 128) {
+    if (causal_narrow(int(sizeof(Element)), kHeadDim, max_seqlen_q(p), max_seqlen_k(p), is_paged(p))) {
+      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true, kGather>(p, stream);
+    }
+  }
   if constexpr (!kGather) {
     // Paged K/V that TMA cannot load block by block runs on the gather variant, which needs dv == d
     // (api.cu refuses such calls for dv != d kernels: paged_needs_gather).

@@ -17,6 +17,24 @@ struct TileShape {
 
 constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split);
 
+// 16-bit d 128 causal calls that run on the 128-key sibling of the 128 x 176 causal tile (the softcap one).
+// The wide tile hides more of the softmax under the other warpgroup's GEMMs (a 128-key step spends ~1700
+// cycles of CUDA-core work against 1024 of its own GEMMs: NOTES session 12), but its diagonal masks more
+// keys. Measured twice against FA3 in the same call (H200, bf16, h 16, NOTES session 12): the 176-key tile
+// gains 2-8% at s 8k and 16k and on 4k queries x 16k keys, loses 3-5% at s 4k and is mixed below. So it
+// runs where the mean query row sees >= 4096 keys and there are >= 4096 queries (s_k - s_q / 2 is the
+// mean for bottom-right causal), and never paged (page sizes that are multiples of 128 but not of 176 keep
+// TMA's page-sized boxes instead of the gather variant). Decode and chunked prefill stay on 128 keys.
+constexpr bool causal_narrow(int elem_bytes, int head_dim, long long seqlen_q, long long seqlen_k, bool paged) {
+  return elem_bytes == 2 && head_dim == 128 && (paged || seqlen_q < 4096 || seqlen_k - seqlen_q / 2 < 4096);
+}
+// The measured rows, on the side each was measured to win on.
+static_assert(!causal_narrow(2, 128, 8192, 8192, false) && !causal_narrow(2, 128, 16384, 16384, false) &&
+              !causal_narrow(2, 128, 4096, 16384, false), "long causal rows: the 176-key tile");
+static_assert(causal_narrow(2, 128, 4096, 4096, false) && causal_narrow(2, 128, 2048, 2048, false) &&
+              causal_narrow(2, 128, 1, 8192, false) && causal_narrow(2, 128, 8192, 8192, true),
+              "s 4k and shorter, decode and paged calls: the 128-key sibling");
+
 // The tile of a kernel key (head dims, element bytes) and mask. `narrow`: calls with a softcap keep 128-key
 // blocks: the wider blocks' S (88-96 registers) leaves no room for the softcap's loop (32-44 bytes of spills,
 // 2026-12-01), so those kernels have a 128-key sibling that softcap calls run on.
@@ -80,9 +98,10 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // together while the overlapped GEMMs run; that fits the 240-register consumer budget only because the
   // kernel re-derives the tile's coordinates after the mainloop instead of keeping them live (48 bytes of
   // spills otherwise). Needs CuTe's extended WGMMA shapes (N = 176 is not a multiple of 32).
+  // Causal too, but only on long tiles (causal_narrow below); the rest of causal runs on the 128-key sibling.
   // Split-KV kernels (decode, long keys per tile) keep 128: their float32 epilogue does not fit next to the
   // 176-key tile's registers (356 bytes of spills, 2026-12-01), and their tiles are short anyway.
-  if (head_dim == 128 && head_dim_v == 128 && !causal && !split) { return {128, 176, 2}; }
+  if (head_dim == 128 && head_dim_v == 128 && !split) { return {128, 176, 2}; }
   // hdim 256 (Gemma): 128x80, 2 stages = 64 + 2 x (40 + 40) KB = 224 KB, the widest key block that fits (96
   // would need 256 KB). O alone is 128 registers per thread, S 40 and P 20 more; causal too (FA3's tile) once
   // the thread index is re-read after the mainloop (it spilled 8 bytes kept live, 2026-12-01). Split-KV: 64

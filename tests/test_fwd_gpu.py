@@ -296,6 +296,33 @@ def test_varlen(dtype, d, causal, pattern, heads, layout):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Long causal calls: 16-bit d 128 causal runs on a 128 x 176 tile only when >= 4096 queries see >= 4096 keys
+# on average (hopper/tile_config.h causal_narrow); the grids above are all shorter, so these cases are the
+# ones that run that kernel (its diagonal spans two 176-key blocks of a 128-row tile).
+
+LONG_CAUSAL = [  # (lengths_q, lengths_k) per batch entry; a single entry runs dense
+    ([4111], [8209]),                      # s_q < s_k, odd lengths past tile multiples
+    ([4096], [16384]),                     # the diag benchmark's shape, exact multiples of 128
+    ([4500, 4099, 0, 23], [9001, 8200, 5, 23]),  # varlen: max 4500 x 9001, with short and empty entries
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("lengths", LONG_CAUSAL, ids=lambda c: "x".join(map(str, c[0])) + "-" + "x".join(map(str, c[1])))
+def test_long_causal_wide_tile(dtype, lengths):
+    lq, lk = lengths
+    h, h_k, d = 4, 2, 128
+    if len(lq) == 1:
+        q, k, v = _dense_qkv("contig", 1, lq[0], lk[0], h, h_k, d, dtype)
+        _check_all_paths(q, k, v, causal=True, layout="contig", what=f"long causal dense s_q={lq[0]} s_k={lk[0]}")
+    else:
+        q, k, v = _packed_qkv("contig", sum(lq), sum(lk), h, h_k, d, dtype, same_lengths=False)
+        varlen = (_cu_seqlens(lq), _cu_seqlens(lk), max(lq), max(lk))
+        _check_all_paths(q, k, v, causal=True, layout="contig", varlen=varlen,
+                         what=f"long causal varlen lengths_q={lq} lengths_k={lk}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # seqused: only the first seqused[i] rows of each sequence take part; the rest must not matter, even as NaN
 
 
