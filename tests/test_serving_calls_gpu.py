@@ -5,10 +5,14 @@ block_table of page size 16 or 1, seqused_k, out=, scheduler_metadata from get_s
 list, softcap, fa_version, num_splits=0, s_aux sinks; FP8 with per-tensor scales expanded to (B, Hkv)), the
 same call captured in a CUDA graph and replayed with new lengths, and SGLang's flash_attn_with_kvcache call
 (packed q with cu_seqlens_q, page_table, cache_seqlens, cu_seqlens_k_new=cu_seqlens_k, window tuple, softcap,
-return_softmax_lse, sinks), and vLLM's context-parallel decode (cp_world_size / cp_rank / cp_tot_seqused_k).
-Not replayed (not built yet): the MLA decode call (q_v / qv).
+return_softmax_lse, sinks), vLLM's context-parallel decode (cp_world_size / cp_rank / cp_tot_seqused_k), and
+the MLA prefills of both (d 192 / dv 128 unpadded: vLLM's causal varlen call with out= and the LSE, SGLang's
+chunked-prefix pair of calls merged with flash_attn_combine).
+Not replayed (not built): the MLA decode call (q_v / qv).
 """
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -211,4 +215,78 @@ def test_vllm_context_parallel_decode_call(world, page_size, num_splits):
     err = (merged - full_out).abs().max().item()
     pt_err = (merged_pt - full_out).abs().max().item()
     assert err <= 2 * pt_err + D.OUT_FLOOR, f"merged ranks: max error {err:.3e} > 2 x {pt_err:.3e} (totals={totals})"
+    torch.testing.assert_close(merged_lse.transpose(0, 1), full_lse, atol=D.LSE_ATOL, rtol=0)
+
+
+# DeepSeek-V3's MLA prefill: q and k are nope 128 + rope 64 = 192, v is 128, passed unpadded (section 1).
+MLA_D, MLA_DV, MLA_H = 192, 128, 8
+
+
+def _require_mla_prefill():
+    if _ops.BUILD.compiled_head_dims(BF16, MLA_D, MLA_DV) is None:
+        pytest.skip(f"no bfloat16 kernel serves (d, dv) = ({MLA_D}, {MLA_DV})")
+
+
+def _mla_qkv(q_lens, k_lens):
+    return (D._rand(BF16, sum(q_lens), MLA_H, MLA_D), D._rand(BF16, sum(k_lens), MLA_H, MLA_D),
+            D._rand(BF16, sum(k_lens), MLA_H, MLA_DV))
+
+
+def test_vllm_mla_prefill_call():
+    """vLLM's MLA prefill: one causal varlen call over the new tokens, d 192 / dv 128 without padding,
+    out= (NaN-poisoned) and return_softmax_lse, MHA heads, odd and empty sequences."""
+    _require_mla_prefill()
+    lens = [77, 1, 0, 300, 513]
+    cu = D._cu_seqlens(lens)
+    q, k, v = _mla_qkv(lens, lens)
+    scale = MLA_D ** -0.5
+    refs = D._references(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, softmax_scale=scale)
+    buf = D._nan_out((sum(lens), MLA_H, MLA_DV), BF16)
+    result = flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
+                                    max_seqlen_k=max(lens), softmax_scale=scale, causal=True,
+                                    return_softmax_lse=True, out=buf, fa_version=3)
+    out, lse = result[:2]
+    D._assert_wrote_into(out, buf, "vLLM MLA prefill")
+    D._check(out, lse, refs, f"vLLM MLA prefill lengths={lens}")
+
+
+def test_sglang_mla_chunked_prefix_prefill_call():
+    """SGLang's MLA prefill over a cached prefix: the new tokens attend to the prefix (causal=False) and to
+    themselves (causal=True) in two varlen calls that return the LSE; each against the reference, then their
+    (out, lse) merged by flash_attn_combine against causal attention over prefix + new tokens."""
+    _require_mla_prefill()
+    new, prefix = [5, 64, 1, 17], [100, 0, 37, 1024]
+    cu_new, cu_pre = D._cu_seqlens(new), D._cu_seqlens(prefix)
+    q, k_new, v_new = _mla_qkv(new, new)
+    _, k_pre, v_pre = _mla_qkv(new, prefix)
+    scale = MLA_D ** -0.5
+    parts = [(k_pre, v_pre, cu_pre, max(prefix), False), (k_new, v_new, cu_new, max(new), True)]
+    outs, lses, pts, ref_lses = [], [], [], []
+    for k, v, cu_k, max_k, causal in parts:
+        refs = D._references(q, k, v, cu_seqlens_q=cu_new, cu_seqlens_k=cu_k, causal=causal, softmax_scale=scale)
+        out, lse = flash_attn_varlen_func(q, k, v, cu_new, cu_k, max(new), max_k, softmax_scale=scale,
+                                          causal=causal, return_softmax_lse=True)[:2]
+        D._check(out, lse, refs, f"SGLang MLA prefix prefill causal={causal} new={new} prefix={prefix}")
+        outs.append(out.float())
+        lses.append(lse.transpose(0, 1))
+        pts.append(refs.pt.float())
+        ref_lses.append(refs.lse.transpose(0, 1))
+    merged, merged_lse = flash_attn_combine(torch.stack(outs), torch.stack(lses))  # (total_q, h, dv), (total_q, h)
+    # The whole sequences: each one's prefix keys, then its new keys; bottom-right causal over all of them.
+    starts_pre, starts_new = [0, *itertools.accumulate(prefix)], [0, *itertools.accumulate(new)]
+
+    def whole(pre, cur):
+        pieces = []
+        for b in range(len(new)):
+            pieces += [pre[starts_pre[b]:starts_pre[b + 1]], cur[starts_new[b]:starts_new[b + 1]]]
+        return torch.cat(pieces)
+
+    k_all, v_all = whole(k_pre, k_new), whole(v_pre, v_new)
+    cu_all = D._cu_seqlens([p + n for p, n in zip(prefix, new)])
+    full_out, full_lse = D.attention_ref(q, k_all, v_all, cu_seqlens_q=cu_new, cu_seqlens_k=cu_all, causal=True,
+                                         softmax_scale=scale)
+    merged_pt, _ = D.combine_ref(torch.stack(pts), torch.stack(ref_lses))
+    err = (merged - full_out).abs().max().item()
+    pt_err = (merged_pt - full_out).abs().max().item()
+    assert err <= 2 * pt_err + D.OUT_FLOOR, f"merged prefix + new: max error {err:.3e} > 2 x {pt_err:.3e}"
     torch.testing.assert_close(merged_lse.transpose(0, 1), full_lse, atol=D.LSE_ATOL, rtol=0)
