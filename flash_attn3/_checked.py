@@ -17,7 +17,10 @@ usual argument checks and before anything is launched, and checks:
     given), so that max_seqlen_q = 0 with a non-empty sequence is an error;
   * cache_batch_idx lies within [0, the number of cache rows); cache_leftpad within [0, cache_seqlens[b]];
   * the page_table entries each batch entry reads (its first ceil(cache_seqlens[b] / page_size)) lie within
-    [0, num_pages); the entries past them are never read, so they may hold anything.
+    [0, num_pages); the entries past them are never read, so they may hold anything;
+  * with context parallelism (cp_world_size > 1), cp_tot_seqused_k[b] >= 0, and the keys this rank holds
+    (seqused_k, else the sequence's length) are at most its round-robin share of them, ceil((total - cp_rank) /
+    cp_world_size): more local keys than that cannot all be keys of the whole sequence.
 A broken rule raises ValueError naming the argument (under the caller's name, e.g. cache_seqlens), the entry
 and the values. The mode cannot be used during CUDA-graph capture, where a host sync is not allowed: such a call
 raises RuntimeError. The library never prints.
@@ -77,7 +80,7 @@ def _capturing(t: torch.Tensor) -> bool:
 
 def check_metadata(q, k, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
                    max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None, leftpad_k=None,
-                   names=None) -> None:
+                   names=None, cp_world_size=1, cp_rank=0, cp_tot_seqused_k=None) -> None:
     """Checks the values of one call's metadata tensors (see the module docstring) with one host sync.
 
     The arguments are those of the op; their dtypes, shapes and devices must already have passed
@@ -93,7 +96,9 @@ def check_metadata(q, k, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None
             f"for the capture with flash_attn3.set_checked_mode(False) or by unsetting {ENV_VAR}")
     given = {a: t for a, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
                                 ("seqused_q", seqused_q), ("seqused_k", seqused_k), ("page_table", page_table),
-                                ("kv_batch_idx", kv_batch_idx), ("leftpad_k", leftpad_k)) if t is not None}
+                                ("kv_batch_idx", kv_batch_idx), ("leftpad_k", leftpad_k),
+                                ("cp_tot_seqused_k", cp_tot_seqused_k if cp_world_size > 1 else None))
+             if t is not None}
     if not given:
         return
     flat = torch.cat([t.reshape(-1) for t in given.values()]).tolist()  # the one host sync
@@ -155,6 +160,16 @@ def check_metadata(q, k, *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None
     if page_table is not None:
         _check_pages(n, host["page_table"], page_table.shape[1], k.shape[0], k.shape[1], used["k"], row_of,
                      used_text["k"])
+
+    totals = host.get("cp_tot_seqused_k")
+    if totals is not None:
+        for b, (total, local) in enumerate(zip(totals, used["k"])):
+            share = max(0, -(-(total - cp_rank) // cp_world_size))
+            if total < 0 or local > share:
+                raise ValueError(
+                    f"cp_tot_seqused_k: entry {b} (= {total}) must be >= 0 and hold this rank's {local} keys "
+                    f"({used_text['k'](b)}): rank {cp_rank} of {cp_world_size} holds ceil(({total} - {cp_rank}) / "
+                    f"{cp_world_size}) = {share} of them")
 
     pads = host.get("leftpad_k")
     if pads is not None:

@@ -34,7 +34,8 @@ def _run_fwd(call):
             call.q, call.k, cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k,
             seqused_q=call.seqused_q, seqused_k=call.seqused_k, max_seqlen_q=call.max_seqlen_q,
             max_seqlen_k=call.max_seqlen_k, page_table=call.page_table, kv_batch_idx=call.kv_batch_idx,
-            leftpad_k=call.leftpad_k, names=call.names)
+            leftpad_k=call.leftpad_k, names=call.names, cp_world_size=call.cp_world_size, cp_rank=call.cp_rank,
+            cp_tot_seqused_k=call.cp_tot_seqused_k)
     args, out, softmax_lse = call.op_args_with_outputs()
     _ops.fwd(*args)
     return out, softmax_lse

@@ -175,10 +175,24 @@ LIES = [
     ("cache_leftpad_negative", paged_args(leftpad_k=i32(0, -2)), r"cache_leftpad: entry 1 \(= -2\)"),
     ("leftpad_beyond_capacity", dense_args(leftpad_k=i32(0, 7, 0)),
      r"leftpad_k: entry 1 \(= 7\) must be within \[0, 6\], .*\(k.shape\[1\]\)"),
+    # Context parallelism: rank 1 of 3 holds ceil((total - 1) / 3) keys of a sequence of `total` keys: 6 local
+    # keys need total >= 17, and 15 (paged_args' second entry) need total >= 44.
+    ("cp_total_too_small", varlen_args(cp_world_size=3, cp_rank=1, cp_tot_seqused_k=i32(15, 7, 13)),
+     r"cp_tot_seqused_k: entry 2 \(= 13\) must be >= 0 and hold this rank's 6 keys \(cu_seqlens_k\[3\] - "
+     r"cu_seqlens_k\[2\]\): rank 1 of 3 holds ceil\(\(13 - 1\) / 3\) = 4 of them"),
+    ("cp_total_negative", paged_args(cp_world_size=2, cp_rank=0, cp_tot_seqused_k=i32(-1, 40)),
+     r"cp_tot_seqused_k: entry 0 \(= -1\) must be >= 0"),
+    ("cp_paged_share", paged_args(cp_world_size=3, cp_rank=1, cp_tot_seqused_k=i32(8, 43)),
+     r"cp_tot_seqused_k: entry 1 \(= 43\).*this rank's 15 keys \(cache_seqlens\[1\]\).* = 14 of them"),
 ]
 
 VALID = [
     ("varlen", varlen_args()),
+    ("cp_exact_shares", varlen_args(cp_world_size=3, cp_rank=1, cp_tot_seqused_k=i32(16, 7, 19))),
+    ("cp_paged_exact", paged_args(cp_world_size=3, cp_rank=1, cp_tot_seqused_k=i32(10, 44))),
+    ("cp_rank_without_keys", paged_args(cp_world_size=4, cp_rank=3, cp_tot_seqused_k=i32(15, 63), seqused_k=i32(3, 15))),
+    # World size 1: the totals are not read (the call ignores them).
+    ("cp_world_one_ignores_totals", varlen_args(cp_world_size=1, cp_tot_seqused_k=i32(-5, -5, -5))),
     ("varlen_empty_sequences", ((torch.zeros(4, 2, 8), torch.zeros(5, 2, 8)),
                                 dict(cu_seqlens_q=i32(0, 0, 4, 4), cu_seqlens_k=i32(0, 0, 0, 5), max_seqlen_q=4,
                                      max_seqlen_k=5))),
