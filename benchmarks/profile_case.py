@@ -6,7 +6,10 @@ Cases (bf16 d128): prefill (b2 s8192 h16 non-causal), prefill_causal (b1 s16384 
 0.71 / 0.68 in session 7, per-tile fixed costs), causal4k (b4 s4096 h16 causal: 0.75), decode1 (1 x 8192: split kernel + combine, 24 us against cuDNN's 16.6), decode (64 x 8192 h32/8 contiguous cache), page16 / page256 (the same cache
 paged, pages in random order), page16seq (pages of 16 in order: the memory system's share of page16's gap),
 diag_causal / diag (b2 h16, 4096 queries against 16384 keys, bottom-right causal or none: tiles of near-equal
-length, so the block loop itself against FA3's, bench_fwd.py's diag grid). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
+length, so the block loop itself against FA3's, bench_fwd.py's diag grid), case1 / case2 / case4 (the standalone
+guide's production cases through flash_attn_varlen_func: FP8 b3 s1680 h16 d80, FP8 b84 s64 h16 d80, whose
+calls are two kernels, the V transpose and the attention (NCU_KERNELS="transpose_v_fp8|fwd_kernel|device_kernel"
+NCU_COUNT=2), and fp16 1 query x 2048 keys h16/2 d80 causal). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
 import sys
 
 import torch
@@ -54,6 +57,17 @@ elif case in ("decode", "decode1", "page16", "page256", "page16seq"):
 
     def call():
         return lib.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, page_table=table, causal=True)
+elif case in ("case1", "case2", "case4"):
+    b, sq, sk, h, hk = {"case1": (3, 1680, 1680, 16, 16), "case2": (84, 64, 64, 16, 16),
+                        "case4": (1, 1, 2048, 16, 2)}[case]
+    dtype = torch.float16 if case == "case4" else torch.float8_e4m3fn
+    q = torch.randn(b * sq, h, 80, device="cuda").to(dtype)
+    k, v = (torch.randn(b * sk, hk, 80, device="cuda").to(dtype) for _ in range(2))
+    cu_q = torch.arange(0, b + 1, device="cuda", dtype=torch.int32) * sq
+    cu_k = torch.arange(0, b + 1, device="cuda", dtype=torch.int32) * sk
+
+    def call():
+        return lib.flash_attn_varlen_func(q, k, v, cu_q, cu_k, sq, sk, causal=case == "case4")
 else:
     raise SystemExit(f"unknown case {case!r}")
 
