@@ -388,11 +388,7 @@ struct MainloopFwdSm90 {
     Tensor tQsQ = cta_q.partition_D(sQ);  // (TMA, TMA_M, TMA_D)
     Tensor tKgK = cta_k.partition_S(gK);  // (TMA, TMA_N, TMA_D, n)
     Tensor tKsK = cta_k.partition_D(sK);  // (TMA, TMA_N, TMA_D, PIPE)
-    // Named references rather than a structured binding: the loaders below capture them, which C++17 does
-    // not allow for structured bindings (nvcc warns, #3357-D).
-    auto v_views = v_tma_views(p, smem, tile, seqlen, head_k);
-    auto& tVgV = cute::get<0>(v_views);
-    auto& tVsV = cute::get<1>(v_views);
+    auto [tVgV, tVsV] = v_tma_views(p, smem, tile, seqlen, head_k);
 
     bool const leader = cute::elect_one_sync();
     if (p.pack == 1) {  // a packed Q is gathered by the Q warp instead (load_q_packed)
