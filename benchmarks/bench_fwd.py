@@ -172,6 +172,9 @@ def build_cases(grid: str, dtype: str, quick: bool) -> list[Case]:
         # the tiles cost nearly the same and the schedule hardly matters; ours / FA3 here is the causal
         # block loop's own ratio, to set beside the square rows' (where tile lengths vary 1..s/128).
         cases += [Case("diag", "bf16", 2, 4096, 16384, 16, 16, 128, causal) for causal in (True, False)]
+        # Chunked prefill (a chunk of new queries against a long cached context, h 32/8): the causal length
+        # rule's (tile_config.h causal_narrow) other side.
+        cases += [Case("diag", "bf16", b, sq, 8192, 32, 8, 128, True) for b, sq in ((8, 256), (4, 512), (2, 1024))]
     if grid in ("decode", "all"):
         cases += [Case("decode", "bf16", b, 1, s, 32, 8, 128, True, kvcache=True)
                   for b, s in ((1, 8192), (8, 8192), (64, 8192), (128, 2048), (16, 32768))]

@@ -22,15 +22,17 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 // cycles of CUDA-core work against 1024 of its own GEMMs: NOTES session 12), but its diagonal masks more
 // keys. Measured twice against FA3 in the same call (H200, bf16, h 16, NOTES session 12): the 176-key tile
 // gains 2-8% at s 8k and 16k and on 4k queries x 16k keys, loses 3-5% at s 4k and is mixed below. So it
-// runs where the mean query row sees >= 4096 keys and there are >= 4096 queries (s_k - s_q / 2 is the
-// mean for bottom-right causal), and never paged (page sizes that are multiples of 128 but not of 176 keep
-// TMA's page-sized boxes instead of the gather variant). Decode and chunked prefill stay on 128 keys.
+// runs where the mean query row sees >= 4096 keys (s_k - s_q / 2 is the mean for bottom-right causal) and
+// there is at least one full query tile (chunked prefill: 512 queries against 8k cached keys, whose tiles
+// all see 60+ key blocks, as the long rows' do), and never paged (page sizes that are multiples of 128 but
+// not of 176 keep TMA's page-sized boxes instead of the gather variant). Decode stays on 128 keys.
 constexpr bool causal_narrow(int elem_bytes, int head_dim, long long seqlen_q, long long seqlen_k, bool paged) {
-  return elem_bytes == 2 && head_dim == 128 && (paged || seqlen_q < 4096 || seqlen_k - seqlen_q / 2 < 4096);
+  return elem_bytes == 2 && head_dim == 128 && (paged || seqlen_q < 128 || seqlen_k - seqlen_q / 2 < 4096);
 }
 // The measured rows, on the side each was measured to win on.
 static_assert(!causal_narrow(2, 128, 8192, 8192, false) && !causal_narrow(2, 128, 16384, 16384, false) &&
-              !causal_narrow(2, 128, 4096, 16384, false), "long causal rows: the 176-key tile");
+              !causal_narrow(2, 128, 4096, 16384, false) && !causal_narrow(2, 128, 512, 8192, false),
+              "long causal rows and chunked prefill: the 176-key tile");
 static_assert(causal_narrow(2, 128, 4096, 4096, false) && causal_narrow(2, 128, 2048, 2048, false) &&
               causal_narrow(2, 128, 1, 8192, false) && causal_narrow(2, 128, 8192, 8192, true),
               "s 4k and shorter, decode and paged calls: the 128-key sibling");

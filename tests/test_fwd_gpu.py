@@ -296,14 +296,17 @@ def test_varlen(dtype, d, causal, pattern, heads, layout):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Long causal calls: 16-bit d 128 causal runs on a 128 x 176 tile only when >= 4096 queries see >= 4096 keys
+# Long causal calls: 16-bit d 128 causal runs on a 128 x 176 tile only when >= 128 queries see >= 4096 keys
 # on average (hopper/tile_config.h causal_narrow); the grids above are all shorter, so these cases are the
-# ones that run that kernel (its diagonal spans two 176-key blocks of a 128-row tile).
+# ones that run that kernel (its diagonal spans two 176-key blocks of a 128-row tile), chunked prefill among
+# them (a few hundred new queries against a long context).
 
 LONG_CAUSAL = [  # (lengths_q, lengths_k) per batch entry; a single entry runs dense
     ([4111], [8209]),                      # s_q < s_k, odd lengths past tile multiples
     ([4096], [16384]),                     # the diag benchmark's shape, exact multiples of 128
     ([4500, 4099, 0, 23], [9001, 8200, 5, 23]),  # varlen: max 4500 x 9001, with short and empty entries
+    ([133], [8211]),                       # chunked prefill: one partial query tile, odd lengths
+    ([512, 129, 0, 1], [8192, 4300, 7, 9000]),  # varlen chunked prefill: max 512 x 9000, empty and 1-query entries
 ]
 
 

@@ -128,6 +128,7 @@ standalone() {
       "--fp8 --batch_size 84 --max_seqlen_q 64 --max_seqlen_k 64 --num_heads 16 --num_heads_k 16 --head_size 80 --verify" \
       "--fp16 --batch_size 1 --max_seqlen_q 1285 --max_seqlen_k 1285 --num_heads 16 --num_heads_k 2 --head_size 80 --causal --verify" \
       "--fp16 --batch_size 1 --max_seqlen_q 1 --max_seqlen_k 2048 --num_heads 16 --num_heads_k 2 --head_size 80 --causal --verify" \
+      "--fp16 --batch_size 1 --max_seqlen_q 1 --max_seqlen_k 2048 --num_heads 16 --num_heads_k 2 --head_size 80 --causal --num_splits 1 --verify" \
       "--fp16 --batch_size 2 --max_seqlen_q 512 --max_seqlen_k 512 --verify" \
       "--bf16 --batch_size 2 --max_seqlen_q 8192 --max_seqlen_k 8192 --head_size 128 --verify"; do
       echo

@@ -60,6 +60,7 @@ struct Options {
   bool edge_lengths = false;
   bool verify = false;
   int iters = 20;
+  int num_splits = 0;  // split-KV: 0 = the library's heuristic (flash3_schedule), 1 = never split
   uint32_t seed = 0;
 };
 
@@ -81,6 +82,8 @@ void print_help() {
       "  --edge_lengths       Sequence 0 is empty and sequence 1 has one query (needs --batch_size >= 2)\n"
       "  --dense              Dense (batch, seqlen, head, dim) layout (implies --equal_lengths)\n"
       "  --verify             Compare every element of out and LSE with an fp32 reference; exit 1 on mismatch\n"
+      "  --num_splits N       Split-KV: 0 = heuristic (splits decode-shaped calls), 1 = no split, N <= 256\n"
+      "                       (default: 0)\n"
       "  --iters N            Timed calls; the median is reported (default: 20)\n"
       "  --seed N             Seed of the lengths and the random inputs (default: 0)\n"
       "  --help               Show this help message\n\n"
@@ -112,6 +115,7 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--num_heads_k") o.num_heads_k = parse_int(argv[i], next());
     else if (a == "--head_size") o.head_size = parse_int(argv[i], next());
     else if (a == "--iters") o.iters = parse_int(argv[i], next());
+    else if (a == "--num_splits") o.num_splits = parse_int(argv[i], next());
     else if (a == "--seed") o.seed = static_cast<uint32_t>(parse_int(argv[i], next()));
     else if (a == "--causal") o.causal = true;
     else if (a == "--fp16") o.dtype = FLASH3_FLOAT16;
@@ -134,6 +138,7 @@ Options parse_args(int argc, char** argv) {
   else if (o.head_size < 8 || o.head_size > kMaxHeadDim || o.head_size % 8 != 0)
     bad = "--head_size must be a multiple of 8 in [8, 256]";
   else if (o.iters < 1) bad = "--iters must be >= 1";
+  else if (o.num_splits > 256) bad = "--num_splits must be in [0, 256]";
   else if (o.dense && o.edge_lengths) bad = "--edge_lengths needs the packed layout (drop --dense)";
   else if (o.edge_lengths && o.batch_size < 2) bad = "--edge_lengths needs --batch_size >= 2";
   if (bad) {
@@ -377,12 +382,30 @@ int run(Options const& o) {
   int32_t* tile_counter = device_alloc<int32_t>(1);
   bool const use_counter = o.causal || !o.dense;
   if (use_counter) p.tile_counter = tile_counter;
+  p.schedule.num_splits = o.num_splits;
+  // The call's scratch memory (FP8's transposed V, split-KV's partials), allocated once: without it every
+  // call takes and returns it through the stream-ordered allocator, which the timing would include. A plan
+  // that fails leaves it unset; run_fwd then reports the same failure.
+  flash3::FwdPlan plan;
+  void* workspace = nullptr;
+  bool const planned = flash3::plan_fwd(p, &plan) == FLASH3_SUCCESS;
+  if (planned && plan.workspace_bytes > 0) {
+    CHECK_CUDA(cudaMalloc(&workspace, size_t(plan.workspace_bytes)));  // cudaMalloc aligns to >= 256 bytes
+    p.workspace = workspace;
+    p.workspace_bytes = plan.workspace_bytes;
+  }
 
   std::printf("%s | %s %s | b=%d max_sq=%d max_sk=%d h=%d hk=%d d=%d (kernel hdim %d)%s | seed %u\n", prop.name,
               dtype_name(o.dtype), o.dense ? "dense" : "varlen", b, o.max_seqlen_q, o.max_seqlen_k, h, hk, d,
               flash3::compiled_head_dim(o.dtype, d), o.causal ? " causal" : "", o.seed);
   print_lengths("q", L.q);
   print_lengths("k", L.k);
+  if (planned) {
+    std::printf("plan: tile %dx%d, %d split%s, PackGQA %s, %lld tiles on %d CTAs, workspace %lld bytes\n",
+                plan.block_m, plan.block_n, plan.num_splits, plan.num_splits == 1 ? "" : "s",
+                plan.pack_gqa ? "on" : "off", static_cast<long long>(plan.num_tiles), plan.grid,
+                static_cast<long long>(plan.workspace_bytes));
+  }
 
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
@@ -489,7 +512,7 @@ int run(Options const& o) {
   CHECK_CUDA(cudaStreamDestroy(stream));
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(out),
                     static_cast<void*>(lse), static_cast<void*>(cu_q), static_cast<void*>(cu_k),
-                    static_cast<void*>(tile_counter)})
+                    static_cast<void*>(tile_counter), workspace})
     CHECK_CUDA(cudaFree(ptr));
   return rc;
 }
