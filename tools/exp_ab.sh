@@ -7,7 +7,8 @@
 # Usage (device): AB_PATCHES="benchmarks/experiments/x.patch ..." AB_BENCH="--grid paper --hdim 128" \
 #                 AB_TESTS="tests" OUT=... bash tools/exp_ab.sh
 # AB_AFTER_A: a command run on side A's build before B is built; AB_AFTER_B: one run on side B's build.
-# AB_TESTS_A / AB_TESTS_B: the tests of one side (default AB_TESTS). AB_SIDES="A B" (default) or "B" alone (the
+# AB_TESTS_A / AB_TESTS_B: the tests of one side (default AB_TESTS, else the other side's, else all of tests/:
+# session 14 lost a call to side A running the whole suite when only AB_TESTS_B was given). AB_SIDES="A B" (default) or "B" alone (the
 # patched tree only). Never for a product build: the patches are applied to the device's copy only.
 set -uo pipefail
 t0=$SECONDS
@@ -24,8 +25,8 @@ side() {
   echo "build: $((SECONDS - s0)) s; spills: $(grep -c 'bytes spill stores' "$OUT/build_$name.log") reports," \
     "$(grep 'bytes spill stores' "$OUT/build_$name.log" | grep -vc ' 0 bytes spill stores') nonzero"
   # shellcheck disable=SC2086  # word lists on purpose
-  local tests_var="AB_TESTS_$name"
-  pytest -q -rf -p no:cacheprovider ${!tests_var:-${AB_TESTS:-tests}} >"$OUT/tests_$name.log" 2>&1
+  local tests_var="AB_TESTS_$name" other_var="AB_TESTS_$([[ $name == A ]] && echo B || echo A)"
+  pytest -q -rf -p no:cacheprovider ${!tests_var:-${AB_TESTS:-${!other_var:-tests}}} >"$OUT/tests_$name.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_$name.log" | head -n 30
   # shellcheck disable=SC2086
   python benchmarks/bench_fwd.py ${AB_BENCH:---grid paper --hdim 128} --backends "${AB_BACKENDS:-flash_attn3,fa3}" \
