@@ -9,7 +9,7 @@ diag_causal / diag (b2 h16, 4096 queries against 16384 keys, bottom-right causal
 length, so the block loop itself against FA3's, bench_fwd.py's diag grid), case1 / case2 / case4 (the standalone
 guide's production cases through flash_attn_varlen_func: FP8 b3 s1680 h16 d80, FP8 b84 s64 h16 d80, whose
 calls are two kernels, the V transpose and the attention (NCU_KERNELS="transpose_v_fp8|fwd_kernel|device_kernel"
-NCU_COUNT=2), and fp16 1 query x 2048 keys h16/2 d80 causal). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
+NCU_COUNT=2), and fp16 1 query x 2048 keys h16/2 d80 causal, split by the heuristic). fa3 = FlashAttention-3 from the fa3-fwd wheel (PYTHONPATH as tools/gpu_check.sh sets it)."""
 import sys
 
 import torch
@@ -66,8 +66,11 @@ elif case in ("case1", "case2", "case4"):
     cu_q = torch.arange(0, b + 1, device="cuda", dtype=torch.int32) * sq
     cu_k = torch.arange(0, b + 1, device="cuda", dtype=torch.int32) * sk
 
+    # case 4 by the split-KV heuristic (num_splits=0), as the standalone runner runs it; FA3's own default
+    # (num_splits=1) is the unsplit 2-CTA call (session 14: 34 us against 20 split).
     def call():
-        return lib.flash_attn_varlen_func(q, k, v, cu_q, cu_k, sq, sk, causal=case == "case4")
+        return lib.flash_attn_varlen_func(q, k, v, cu_q, cu_k, sq, sk, causal=case == "case4",
+                                          num_splits=0 if case == "case4" else 1)
 else:
     raise SystemExit(f"unknown case {case!r}")
 
