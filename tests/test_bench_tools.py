@@ -74,10 +74,15 @@ def test_decode_grid_and_bandwidth():
 
 
 def test_diag_grid():
-    """The diag rows: not in "all", causal and full at s_q < s_k, FLOPs counted per visible key."""
+    """The diag rows: not in "all", causal and full at s_q < s_k, FLOPs counted per visible key; and the
+    three chunked-prefill rows (h 32/8, causal, 8192 keys) on the other side of the causal length rule."""
     bench = _load_bench()
-    diag = bench.build_cases("diag", "bf16", False)
+    all_diag = bench.build_cases("diag", "bf16", False)
     assert not [c for c in bench.build_cases("all", "bf16", False) if c.group == "diag"]
+    diag = [c for c in all_diag if c.heads_k == c.heads]
+    chunked = [c for c in all_diag if c.heads_k != c.heads]
+    assert sorted((c.batch, c.seqlen_q, c.seqlen_k, c.heads, c.heads_k, c.causal) for c in chunked) == [
+        (2, 1024, 8192, 32, 8, True), (4, 512, 8192, 32, 8, True), (8, 256, 8192, 32, 8, True)]
     assert sorted(c.causal for c in diag) == [False, True]
     assert all((c.batch, c.seqlen_q, c.seqlen_k, c.heads, c.head_dim) == (2, 4096, 16384, 16, 128) for c in diag)
     (causal,) = [c for c in diag if c.causal]
