@@ -364,9 +364,11 @@ double tile_fill(int64_t rows, int block_m) {
 // p has passed validate() and check_supported() and is not empty.
 FwdPlan make_plan(FwdParams const& p, int num_sms) {
   KernelEntry const* e = find_kernel(p.dtype, p.head_dim, p.head_dim_v);
-  // The tile the launch will pick (launch_fwd_sm90.h): softcap calls and the shorter causal ones run narrow.
-  bool const narrow = p.softcap > 0.f || (is_causal(p.mask) && causal_narrow(element_size(p.dtype), e->head_dim,
-                                                                             max_seqlen_q(p), max_seqlen_k(p), is_paged(p)));
+  // The tile the launch will pick (launch_fwd_sm90.h): softcap calls, calls whose keys fit one 128-key block
+  // and the shorter causal ones run narrow.
+  bool const narrow = p.softcap > 0.f || keys_fit_narrow(max_seqlen_k(p)) ||
+                      (is_causal(p.mask) && causal_narrow(element_size(p.dtype), e->head_dim, max_seqlen_q(p),
+                                                          max_seqlen_k(p), is_paged(p)));
   TileShape const t = tile_shape_sm90(e->head_dim, e->head_dim_v, is_causal(p.mask) || is_local(p.mask),
                                       element_size(p.dtype), false, narrow, is_local(p.mask));
   FwdPlan plan;

@@ -70,13 +70,56 @@ __host__ __device__ constexpr int key_of_position(int pos) {
   return 8 * ((pos & 3) >> 1) + 2 * (pos >> 2) + (pos & 1);
 }
 
+// Byte i of the result is byte (s >> 4i) & 7 of the pair (y:x), as PRMT (CUDA's __byte_perm) picks it; the
+// host version serves the host check (tools/check_vt_transpose.cu).
+__host__ __device__ inline uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, s);
+#else
+  uint64_t const pair = (uint64_t(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) { r |= uint32_t((pair >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i); }
+  return r;
+#endif
+}
+
+// One group of 16 keys by 4 dims, transposed with byte permutes: key_words[k] holds the 4 dims of key k (byte
+// j = dim j); out[j] gets dim j's 16 columns in the permuted order, as 4 words (byte b of word w = column
+// 4w + b, which holds key key_of_position(4w + b) = 2w, 2w + 1, 8 + 2w, 9 + 2w for b = 0..3). 8 PRMT per
+// output word pair of dims: 32 for the 64 bytes, where reading bytes one by one took 64 loads and 64 shifts.
+__host__ __device__ inline void transpose_group_quad(uint32_t const (&key_words)[16], uint32_t (&out)[4][4]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t const a = key_words[2 * w], b = key_words[2 * w + 1];
+    uint32_t const c = key_words[8 + 2 * w], d = key_words[9 + 2 * w];
+    uint32_t const ab_lo = byte_perm(a, b, 0x5140), ab_hi = byte_perm(a, b, 0x7362);  // a0 b0 a1 b1, a2 b2 a3 b3
+    uint32_t const cd_lo = byte_perm(c, d, 0x5140), cd_hi = byte_perm(c, d, 0x7362);
+    out[0][w] = byte_perm(ab_lo, cd_lo, 0x5410);  // a0 b0 c0 d0
+    out[1][w] = byte_perm(ab_lo, cd_lo, 0x7632);  // a1 b1 c1 d1
+    out[2][w] = byte_perm(ab_hi, cd_hi, 0x5410);
+    out[3][w] = byte_perm(ab_hi, cd_hi, 0x7632);
+  }
+}
+
 #if defined(__CUDACC__)
 // One CTA per (64-key block, sequence) along x (x = block + blocks_per_sequence * sequence, so any batch
 // fits the grid) and kv head along y; 128 threads. Reads the block's V rows in 16-byte chunks
-// into shared memory (zeros past the sequence), then writes each dim's 64 columns as four 16-byte chunks in
-// the permuted order. Every read is inside [0, k.rows) of V and every write inside the sequence's region.
-// A template (kKeys: keys per CTA) so that every TU that includes this header may instantiate it.
+// into shared memory (zeros past the sequence), then each thread turns 16 keys by 4 dims into 4 dims' 16-byte
+// chunks in the permuted order (transpose_group_quad). Every read is inside [0, k.rows) of V and every write
+// inside the sequence's region. A template (kKeys: keys per CTA) so that every TU that includes this header
+// may instantiate it.
 constexpr int kVtThreads = 128;
+
+// The staging tile: kVtKeys rows of up to 256 bytes. Rows are 272 bytes apart (16-byte aligned for the
+// stores of stage 1), and each group of 16 rows 32 bytes further on: the 4 groups a warp's threads read at
+// once then start on banks 8 apart, so the 32 words a warp reads (8 dim quads x 4 groups) hit 32 banks.
+template <int kVtKeys>
+struct VtTile {
+  static constexpr int kRowBytes = 256 + 16;
+  static constexpr int kGroupSkew = 32;
+  alignas(16) uint8_t bytes[kVtKeys * kRowBytes + kVtKeys / 16 * kGroupSkew];
+  __device__ uint8_t* row(int key) { return bytes + key * kRowBytes + key / 16 * kGroupSkew; }
+};
 
 // One block of kVtKeys keys starting at key0 of a sequence: its V rows into shared memory (zeros from the
 // sequence's end on), then each dim's columns as 16-byte chunks in the permuted order, into `out` (the region's
@@ -86,8 +129,7 @@ constexpr int kVtThreads = 128;
 template <int kVtKeys>
 __device__ __forceinline__ void copy_block(FwdParams const& p, int seqlen_k, int64_t slots, int chunks_per_row,
                                            uint8_t const* v, uint8_t* out, int64_t key0, int64_t cols,
-                                           uint8_t (&tile)[kVtKeys][256 + 16], int32_t const* table,
-                                           int first_key) {
+                                           VtTile<kVtKeys>& tile, int32_t const* table, int first_key) {
   for (int i = threadIdx.x; i < kVtKeys * chunks_per_row; i += kVtThreads) {
     int const key = i / chunks_per_row;
     int const chunk = i % chunks_per_row;
@@ -104,26 +146,27 @@ __device__ __forceinline__ void copy_block(FwdParams const& p, int seqlen_k, int
         value = *reinterpret_cast<uint4 const*>(v + (key0 + key) * p.v.row_stride + chunk * 16);
       }
     }
-    *reinterpret_cast<uint4*>(&tile[key][chunk * 16]) = value;
+    *reinterpret_cast<uint4*>(tile.row(key) + chunk * 16) = value;
   }
   __syncthreads();
-  int const dims = chunks_per_row * 16;
+  int const quads = chunks_per_row * 4;                                   // groups of 4 dims
   int const groups = int(min(int64_t(kVtKeys), slots - key0)) / 16;  // whole groups of 16 in this block
-  for (int i = threadIdx.x; i < dims * groups; i += kVtThreads) {
-    int const dim = i / groups;
+  // Group fastest: the 16-byte stores of one dim's consecutive groups are adjacent in global memory.
+  for (int i = threadIdx.x; i < quads * groups; i += kVtThreads) {
+    int const quad = i / groups;
     int const group = i % groups;
-    uint32_t words[4];
+    uint32_t key_words[16];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      uint32_t word = 0;
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        word |= uint32_t(tile[group * 16 + key_of_position(4 * w + b)][dim]) << (8 * b);
-      }
-      words[w] = word;
+    for (int k = 0; k < 16; ++k) {
+      key_words[k] = *reinterpret_cast<uint32_t const*>(tile.row(group * 16 + k) + quad * 4);
     }
-    *reinterpret_cast<uint4*>(out + int64_t(dim) * cols + group * 16) =
-        make_uint4(words[0], words[1], words[2], words[3]);
+    uint32_t dims[4][4];
+    transpose_group_quad(key_words, dims);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<uint4*>(out + int64_t(quad * 4 + j) * cols + group * 16) =
+          make_uint4(dims[j][0], dims[j][1], dims[j][2], dims[j][3]);
+    }
   }
   __syncthreads();
 }
@@ -131,7 +174,7 @@ __device__ __forceinline__ void copy_block(FwdParams const& p, int seqlen_k, int
 template <int kVtKeys>
 __global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, SeqlenArgs seqlen_args, VtLayout l,
                                                               uint8_t* vt, int blocks_per_sequence) {
-  __shared__ alignas(16) uint8_t tile[kVtKeys][256 + 16];  // +16: rows start on different banks
+  __shared__ VtTile<kVtKeys> tile;
   int const batch = blockIdx.x / blocks_per_sequence;
   int const head = blockIdx.y;
   SeqlenInfo const seqlen(seqlen_args, batch);

@@ -263,8 +263,26 @@ struct FwdKernelSm90 {
         typename Mainloop::TiledMmaPV mma_pv;
         Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Mainloop::TileShapePV{}));
         float lse[Mainloop::kRowsPerThread];
-        mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, q_phase, pipe_k, pipe_v, state, tOrO, lse,
-                     w.mask, w.range, w.tile, thread_idx);
+        // A warpgroup whose rows all lie past the tile's real rows walks the blocks' barriers without
+        // computing (Mainloop::idle_walk). Both of what made the test free for the loop were needed (compile
+        // checks, 16-bit d 96 loop, session 14): the warpgroup index broadcast by a shuffle, so that the
+        // compiler knows the branch warp-uniform, and each branch working on a copy of the pipeline state,
+        // which moves on by the tile's block count after them. Without either, the stage index left the
+        // uniform registers and every WGMMA descriptor of the loop was rebuilt by R2UR moves (28-40 a step).
+        int const warp_group = __shfl_sync(0xffffffff, thread_idx / kWarpGroupThreads, 0);
+        if (Mainloop::warpgroup_idle(w.mask, warp_group)) {
+          auto walk_state = state;
+          mainloop.idle_walk(params.mainloop, smem.mainloop, pipe_k, pipe_v, walk_state, w.mask, w.range,
+                             thread_idx);
+          clear(tOrO);
+          CUTLASS_PRAGMA_UNROLL
+          for (int m = 0; m < Mainloop::kRowsPerThread; ++m) { lse[m] = -INFINITY; }
+        } else {
+          auto mma_state = state;
+          mainloop.mma(params.mainloop, smem.mainloop, smem.barrier_q, q_phase, pipe_k, pipe_v, mma_state, tOrO,
+                       lse, w.mask, w.range, w.tile, thread_idx);
+        }
+        state.advance_by(Mainloop::blocks_of(w.range));
         q_phase ^= 1;
         FLASH3_MARK_WG(kMmaDone);
         // Re-derived rather than kept live across the mainloop, whose registers are all taken by S, P and O.

@@ -89,8 +89,11 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
       }
     }
   }
-  if constexpr (!kNarrow && Config::kBlockN > 128) {  // a softcap runs on the 128-key sibling (tile_config.h)
-    if (p.softcap > 0.f) { return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true, kGather>(p, stream); }
+  // A softcap and keys that fit one 128-key block run on the 128-key sibling (tile_config.h).
+  if constexpr (!kNarrow && Config::kBlockN > 128) {
+    if (p.softcap > 0.f || keys_fit_narrow(max_seqlen_k(p))) {
+      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, true, kGather>(p, stream);
+    }
   }
   using Mainloop = MainloopFwdSm90<Element, kHeadDim, kHeadDimV, Config::kBlockM, Config::kBlockN, Config::kStages, kMask,
                                    ScaledScores<kFp8, (Config::kBlockN <= 128)>, kGather>;

@@ -776,6 +776,59 @@ struct MainloopFwdSm90 {
     }
   }
 
+  // Whether all rows of `warp_group`'s slice of the tile lie past the tile's real rows (short sequences;
+  // decode with PackGQA, 4-8 real rows in 128). Such a warpgroup runs idle_walk instead of mma.
+  __device__ static bool warpgroup_idle(Mask const& mask, int warp_group) {
+    return mask.m_block * kBlockM + warp_group * (kBlockM / kNumConsumerWarpGroups) >= mask.seqlen_q * mask.pack;
+  }
+
+  // The key blocks of a tile, each one K and one V stage: the producer loads end - 1 down to begin (load),
+  // and mma and idle_walk consume the same blocks (masks without a lower edge have unmasked_begin == begin,
+  // split ranges included, so mma's loops end at begin too).
+  __device__ static int blocks_of(BlockRange const& range) { return range.end - range.begin; }
+
+  // The idle warpgroup's part of a tile: no GEMM and no softmax, only the barriers of mma's blocks in mma's
+  // order (K and V full / empty, the ping-pong turns, the V tail's meeting, Q's release), so that the other
+  // warpgroup and the producer see the usual protocol while the tensor cores and issue slots go to the
+  // warpgroup with real rows. Its O and LSE rows are never stored (the epilogue predicates every row).
+  // Called by the kernel instead of mma, not tested inside it: tests around the GEMMs inside `step` grew the
+  // 16-bit d 96 loop from 806 to 1064 instructions (the fp16 guide cases ~30% slower than in session 13's
+  // run), and a walk at the top of mma moved the pipeline's stage index out of the uniform registers.
+  __device__ void idle_walk(Params const& p, SharedStorage& smem, Pipeline const& pipe_k, Pipeline const& pipe_v,
+                            typename Pipeline::State& state_k, Mask const& mask, BlockRange const& range,
+                            int thread_idx) const {
+    int const thread_in_wg = thread_idx % kWarpGroupThreads;
+    int const warp_group = thread_idx / kWarpGroupThreads;
+    int const seqlen_k = mask.seqlen_k;
+    typename Pipeline::State state_v = state_k;
+    int n = range.end - 1;
+    pipe_k.consumer_wait(state_k);  // the first block: Q K^T only
+    wait_turn(warp_group);
+    pass_turn(warp_group);
+    pipe_k.consumer_release(state_k, thread_in_wg);
+    state_k.advance();
+    bool const tail_outside = !kFp8 && !p.paged() && seqlen_k >= get<0>(p.shape_v);  // as in mma
+    if ((n + 1) * kBlockN > seqlen_k && !tail_outside) {
+      pipe_v.consumer_wait(state_v);
+      zero_v_tail(smem, state_v.index, seqlen_k - n * kBlockN, thread_idx);
+    }
+    for (--n; n >= range.begin; --n) {  // both GEMMs
+      pipe_k.consumer_wait(state_k);
+      wait_turn(warp_group);
+      pipe_v.consumer_wait(state_v);
+      pass_turn(warp_group);
+      pipe_k.consumer_release(state_k, thread_in_wg);
+      state_k.advance();
+      pipe_v.consumer_release(state_v, thread_in_wg);
+      state_v.advance();
+    }
+    named_barrier_arrive<kNumMmaThreads + 32>(FwdBarrier::QueryEmpty);
+    pipe_v.consumer_wait(state_v);  // the last block: P V only
+    wait_turn(warp_group);
+    pass_turn(warp_group);
+    pipe_v.consumer_release(state_v, thread_in_wg);
+  }
+
   // Consumer: thread_idx in [0, kNumMmaThreads). Accumulates the normalised O of this thread's rows into
   // tOrO and returns their LSE.
   //

@@ -28,6 +28,12 @@ struct TmaPipeline {
         phase ^= 1;
       }
     }
+    // n blocks at once (n >= 0): where n calls of advance() would leave the state.
+    __device__ void advance_by(int n) {
+      int const t = index + n;
+      index = t % kStages;
+      phase ^= uint32_t(t / kStages) & 1;
+    }
   };
 
   Storage* storage;

@@ -29,6 +29,11 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 constexpr bool causal_narrow(int elem_bytes, int head_dim, long long seqlen_q, long long seqlen_k, bool paged) {
   return elem_bytes == 2 && head_dim == 128 && (paged || seqlen_q < 128 || seqlen_k - seqlen_q / 2 < 4096);
 }
+// Calls whose every sequence fits one 128-key block (max_seqlen_k <= 128: short prefill, FP8 guide case 2's
+// 64-token sequences, decode against short caches) also run on the 128-key sibling of a wider tile: a 176-,
+// 192- or 224-key block would multiply and exponentiate columns past the sequence, and its TMA box would read
+// that many rows of K and V (the next sequences' rows, for packed varlen K), all masked away.
+constexpr bool keys_fit_narrow(long long max_seqlen_k) { return max_seqlen_k <= 128; }
 // The measured rows, on the side each was measured to win on.
 static_assert(!causal_narrow(2, 128, 8192, 8192, false) && !causal_narrow(2, 128, 16384, 16384, false) &&
               !causal_narrow(2, 128, 4096, 16384, false) && !causal_narrow(2, 128, 512, 8192, false),

@@ -3,7 +3,8 @@ the scheduler's multiply-shift tile mapping against plain division over random g
 hopper/tile_scheduler.h), and the epilogue's quad transpose for 16-byte O stores simulated on four lanes
 (tools/check_quad_transpose.cpp, the two shfl.xor stages of hopper/epilogue_fwd_sm90.h), and that the consumers'
 shared-memory operand views depend on the warpgroup only (tools/check_wg_slice.cu: the premise of building the
-WGMMA descriptors from the warpgroup index)."""
+WGMMA descriptors from the warpgroup index), and the FP8 V copy's byte-permute transpose against the key order
+it must produce (tools/check_vt_transpose.cu, hopper/fp8_vt.h)."""
 from __future__ import annotations
 
 import os
@@ -43,6 +44,18 @@ def test_tile_mapping_matches_plain_division(tmp_path):
     subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "hopper"), "-I", cutlass,
                     str(ROOT / "tools" / "check_tile_mapping.cu"), "-o", str(exe)], check=True, timeout=300)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("ok: ") and "MISMATCH" not in out.stdout
+
+
+def test_fp8_v_copy_transpose_matches_the_key_order(tmp_path):
+    nvcc, cutlass = _nvcc(), _cutlass()
+    if nvcc is None or cutlass is None:
+        pytest.skip("needs nvcc and the CUTLASS headers")
+    exe = tmp_path / "check_vt_transpose"
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "hopper"), "-I", cutlass,
+                    str(ROOT / "tools" / "check_vt_transpose.cu"), "-o", str(exe)], check=True, timeout=300)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("ok: ") and "MISMATCH" not in out.stdout
 
