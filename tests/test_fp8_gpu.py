@@ -579,7 +579,11 @@ def test_op_rejects_bad_fp8_arguments(case):
 
 # ---------------------------------------------------------------------------------------------------------
 # An understated max_seqlen_k (a host bound below the longest sequence) must not leave part of the transposed
-# V copy unwritten: the result equals the call with the true bound, and nothing non-finite appears.
+# V copy unwritten: nothing non-finite appears, the result meets FA3's rule against the references, and where
+# both bounds pick the same kernel it equals the call with the true bound bit for bit. A bound <= 128 picks the
+# 128-key tile (tile_config.h keys_fit_narrow), whose blocks round P to FP8 against other running maxima, so
+# there the true bound's call is not bitwise the same computation (session 15: torch.equal failed at 0, 1, 64
+# with every output finite).
 
 @needs_fp8
 @pytest.mark.parametrize("max_k", [0, 1, 64, 200])
@@ -590,10 +594,13 @@ def test_varlen_understated_max_seqlen_k(max_k):
     cu_q, cu_k = _cu_seqlens(lq), _cu_seqlens(lk)
     q, k, v = _packed_qkv("contig", sum(lq), sum(lk), 8, 2, d)
     kw = dict(causal=False, **_descales("random", len(lq), 2))
+    out_ref, _, out_pt, _ = _references(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
     want = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), **kw)
     # Fill the caching allocator's free blocks with fp8 NaN bytes, so stale workspace memory would show.
     junk = torch.full((64 << 20,), 0x7F, dtype=torch.uint8, device=DEVICE)
     del junk
     got = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max_k, **kw)
     assert torch.isfinite(got).all(), f"max_seqlen_k={max_k}: non-finite output (unwritten workspace read)"
-    assert torch.equal(got, want), f"max_seqlen_k={max_k}: result differs from the true bound's"
+    _assert_out_close(got, out_ref, out_pt, what=f"max_seqlen_k={max_k}")
+    if max_k > 128:  # the same tile as the true bound's (max(lk) > 128)
+        assert torch.equal(got, want), f"max_seqlen_k={max_k}: result differs from the true bound's"
