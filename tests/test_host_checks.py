@@ -36,26 +36,27 @@ def _cutlass() -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
-def test_tile_mapping_matches_plain_division(tmp_path):
+def _run_host_check(tmp_path, name: str, timeout: int, flags=(),
+                    build_timeout: int = 300) -> subprocess.CompletedProcess:
+    """Builds tools/NAME.cu for the host (hopper/ and CUTLASS on the include path) and runs it; skips without
+    nvcc or the CUTLASS headers."""
     nvcc, cutlass = _nvcc(), _cutlass()
     if nvcc is None or cutlass is None:
         pytest.skip("needs nvcc and the CUTLASS headers")
-    exe = tmp_path / "check_tile_mapping"
-    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "hopper"), "-I", cutlass,
-                    str(ROOT / "tools" / "check_tile_mapping.cu"), "-o", str(exe)], check=True, timeout=300)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    exe = tmp_path / name
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", *flags, "-I", str(ROOT / "hopper"), "-I",
+                    cutlass, str(ROOT / "tools" / f"{name}.cu"), "-o", str(exe)], check=True, timeout=build_timeout)
+    return subprocess.run([str(exe)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_tile_mapping_matches_plain_division(tmp_path):
+    out = _run_host_check(tmp_path, "check_tile_mapping", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("ok: ") and "MISMATCH" not in out.stdout
 
 
 def test_fp8_v_copy_transpose_matches_the_key_order(tmp_path):
-    nvcc, cutlass = _nvcc(), _cutlass()
-    if nvcc is None or cutlass is None:
-        pytest.skip("needs nvcc and the CUTLASS headers")
-    exe = tmp_path / "check_vt_transpose"
-    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "hopper"), "-I", cutlass,
-                    str(ROOT / "tools" / "check_vt_transpose.cu"), "-o", str(exe)], check=True, timeout=300)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    out = _run_host_check(tmp_path, "check_vt_transpose", timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("ok: ") and "MISMATCH" not in out.stdout
 
@@ -72,14 +73,8 @@ def test_quad_transpose_gives_each_lane_its_columns(tmp_path):
 
 
 def test_operand_views_depend_on_the_warpgroup_only(tmp_path):
-    nvcc, cutlass = _nvcc(), _cutlass()
-    if nvcc is None or cutlass is None:
-        pytest.skip("needs nvcc and the CUTLASS headers")
-    exe = tmp_path / "check_wg_slice"
-    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
-                    "-diag-suppress", "3357", "-I", str(ROOT / "hopper"), "-I", cutlass,
-                    str(ROOT / "tools" / "check_wg_slice.cu"), "-o", str(exe)], check=True, timeout=600)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    out = _run_host_check(tmp_path, "check_wg_slice", timeout=120, build_timeout=600,
+                          flags=("-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED", "-diag-suppress", "3357"))
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[-1] == "OK" and len(lines) == 9
