@@ -87,8 +87,9 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
   // non-causal 723 -> 739 TFLOPS, causal 625 -> 636; FA3 899 / 810 and 897 / 826 in those runs.
   if (elem_bytes == 1) {
     if (head_dim > 128) { return {128, 96, 2}; }
-    // d 64: 192 x 128, three consumer warpgroups (FA3: 192 x 160); 8-bit P leaves room in 160 registers.
-    if (head_dim <= 64 && !split) { return {192, 128, 2}; }
+    // d 64 and d 96: 192 x 128, three consumer warpgroups (FA3: 192 x 160 at d 64, 192 x 128 at d 96); 8-bit P
+    // leaves room in 160 registers (d 96: S 64 + P 16 + O 48; 0 spills in all 16 d 96 kernels, 2026-12-03).
+    if (head_dim <= 96 && !split) { return {192, 128, 2}; }
     // d 128 non-causal: FA3's tile, 128x224; 3 stages = 16 + 3 x 56 KB. Kept live after the mainloop, the
     // thread index had made it spill 4 bytes; re-read, it fits (2026-12-01, compile-checked). FA3 runs causal
     // at 224 too; ours spilled 16 bytes there (4 at 192), so causal keeps 128. Split-KV keeps 192.
