@@ -210,8 +210,11 @@ def make_backends(torch):
         """k=, v= of one new token per sequence at position seqlen_k - 1, with rotary tables for every position;
         the call's cache_seqlens is then seqlen_k - 1, so it attends over seqlen_k keys like the plain row."""
         d = case.head_dim
-        angle = torch.rand(case.seqlen_k, d // 2, device=q.device) * 6.28
-        new = torch.randn(case.batch, 1, case.heads_k, d, device=q.device, dtype=q.dtype)
+        # One seed for every backend: each builds its own tables and new token, and the max|diff| column
+        # compares their outputs, so the inputs must be the same.
+        gen = torch.Generator(device=q.device).manual_seed(1234)
+        angle = torch.rand(case.seqlen_k, d // 2, device=q.device, generator=gen) * 6.28
+        new = torch.randn(case.batch, 1, case.heads_k, d, device=q.device, generator=gen).to(q.dtype)
         seqlens = torch.full((case.batch,), case.seqlen_k - 1, dtype=torch.int32, device=q.device)
         return seqlens, dict(k=new, v=new.clone(), rotary_cos=angle.cos().to(q.dtype),
                              rotary_sin=angle.sin().to(q.dtype), rotary_interleaved=False)

@@ -87,7 +87,7 @@ def main() -> int:
         t = {s: timed(torch, run(s), n_sets, args.rounds) for s in splits}
         t_nopack = timed(torch, run(0, False), n_sets, args.rounds)
         t_heur = timed(torch, run(0), n_sets, args.rounds)
-        plan = _ops.plan(b, sq, sk, h, hk, d, d, dtype, False, -1, 0 if causal else -1, 0.0, 0, -1, 0, dev)
+        plan = _ops.plan(b, sq, sk, h, hk, d, d, dtype, False, -1, 0 if causal else -1, 0, 0.0, 0, -1, 0, dev)
         best = min(t, key=t.get)
         print(f"{label:44} | " + " | ".join(f"{t[s]:5.1f}" for s in splits) +
               f" | s={best:<3} | ({plan[0]}, {plan[1]}, {t_heur:.1f}); no pack {t_nopack:.1f}")
