@@ -171,6 +171,7 @@ struct FwdKernelSm90 {
   }
 
   __device__ void operator()(Params const& params, char* smem_raw) const {
+    FLASH3_MARK_ENTRY();
     SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
     int const warp_idx = cutlass::canonical_warp_idx_sync();
     int const warp_group = warp_idx / 4;

@@ -25,6 +25,7 @@ enum TraceEvent : int {
   kProducerTile = 12,  // producer: the tile posted to the consumers
   kProducerQ = 13,     // producer: Q issued (after QueryEmpty)
   kProducerDone = 14,  // producer: every load of the tile issued
+  kKernelEntry = 15,   // thread 0 at the kernel's entry (recorded in tile slot 0): the prologue is tile 0's start minus it
   kTraceEvents = 16,
 };
 constexpr int kTraceTiles = 64;  // tiles per CTA that are recorded (the rest are not)
@@ -54,10 +55,19 @@ __device__ __forceinline__ int trace_role() { return threadIdx.x < 128 ? 2 : int
   (::flash3::trace_leader() && threadIdx.x >= 128 \
        ? ::flash3::trace_mark(::flash3::trace_role(), ::flash3::trace_role() * ::flash3::kWgEvents + (offset)) : void())
 #define FLASH3_MARK_PRODUCER(event) (threadIdx.x == 0 ? ::flash3::trace_mark(2, (event)) : void())
+// Before any round is set, so written straight to tile slot 0.
+__device__ __forceinline__ void trace_entry() {
+  unsigned long long* const buf = *const_cast<unsigned long long* volatile*>(&g_trace_buf);
+  if (buf != nullptr && threadIdx.x == 0) {
+    buf[int64_t(blockIdx.x) * kTraceTiles * kTraceEvents + kKernelEntry] = clock64();
+  }
+}
+#define FLASH3_MARK_ENTRY() ::flash3::trace_entry()
 #else
 #define FLASH3_TRACE_ROUND(r) ((void)0)
 #define FLASH3_MARK_WG(offset) ((void)0)
 #define FLASH3_MARK_PRODUCER(event) ((void)0)
+#define FLASH3_MARK_ENTRY() ((void)0)
 #endif
 
 }  // namespace flash3

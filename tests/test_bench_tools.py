@@ -125,6 +125,7 @@ def test_trace_tiles_reads_records_and_phases(tmp_path):
             stamps[0, t, wg * tt.WG_EVENTS:wg * tt.WG_EVENTS + 6] = marks
         stamps[0, t, tt.P_TILE] = 1000 * t + 500
         stamps[0, t, tt.P_Q] = 1000 * t + 700
+    stamps[0, 0, tt.ENTRY] = 400  # kernel entry, in tile slot 0; CTA 1 has no stamps at all
     path = tmp_path / "t.trace"
     with open(path, "wb") as f:
         f.write(struct.pack("<6i", 0x46335452, grid, tiles, events, 128, 176))
@@ -135,3 +136,4 @@ def test_trace_tiles_reads_records_and_phases(tmp_path):
     assert [ph[k] for k in ("q_wait", "first", "loop", "last_pv", "store")] == [10, 20, 30, 40, 50]
     assert ph["tile"] == 1000 and ph["gap"] == 1000 - 150 and ph["p_q"] == 200
     assert ph["q_lat"] == 1000 + 10 - 700  # tile 0's Q landed at 1010, issued at 700
+    assert ph["entry"] == 1000 - 400  # entry -> warpgroup 0's first tile start
