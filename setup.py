@@ -17,6 +17,7 @@ Environment:
 from __future__ import annotations
 
 import importlib.util
+import importlib.util
 import os
 import shlex
 import shutil
@@ -28,8 +29,21 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "tools"))
-import kernels  # noqa: E402  (tools/kernels.py: the one list of compiled kernels)
+
+
+def _load_kernel_table():
+    """tools/kernels.py, the one list of compiled kernels, under a module name of its own. Imported as plain
+    `kernels` (tools/ on sys.path) it shadowed the Hugging Face package of that name, which transformers
+    installs: setuptools then loaded that package's egg_info entry point from this file and the install failed
+    ("No module named 'kernels._internals'; 'kernels' is not a package")."""
+    spec = importlib.util.spec_from_file_location("flash_attn3_kernel_table", ROOT / "tools" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+kernels = _load_kernel_table()
 
 SKIP_CUDA = os.environ.get("FLASH_ATTN3_SKIP_CUDA_BUILD", "0") == "1"
 
