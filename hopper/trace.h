@@ -25,7 +25,7 @@ enum TraceEvent : int {
   kProducerTile = 12,  // producer: the tile posted to the consumers
   kProducerQ = 13,     // producer: Q issued (after QueryEmpty)
   kProducerDone = 14,  // producer: every load of the tile issued
-  kKernelEntry = 15,   // thread 0 at the kernel's entry (recorded in tile slot 0): the prologue is tile 0's start minus it
+  kKernelEntry = 15,   // thread 0 at the kernel's entry, in tile slot 0 (the prologue: tile 0's start minus it)
   kTraceEvents = 16,
 };
 constexpr int kTraceTiles = 64;  // tiles per CTA that are recorded (the rest are not)

@@ -45,7 +45,7 @@ FP8_VARLEN_CASES = {
 }
 WG_EVENTS = 6
 START, QREADY, FIRST, LOOP, MMA, STORED = range(6)
-P_TILE, P_Q, P_DONE, ENTRY = 12, 13, 14, 15  # trace.h kProducerTile, kProducerQ, kProducerDone, kKernelEntry
+P_TILE, P_Q, ENTRY = 12, 13, 15  # trace.h kProducerTile, kProducerQ, kKernelEntry (kProducerDone is not read)
 
 
 def read_records(path):
