@@ -111,6 +111,11 @@ __device__ uint4 rotated_chunk(AppendKvParams const& p, T const* x, int col, int
 // rotated. One 16-byte chunk per thread and step of a grid-stride loop.
 template <class T>
 __global__ void __launch_bounds__(kThreads) append_kv_kernel(AppendKvParams p) {
+  // The attention kernel after this one is a programmatic dependent (launch_fwd_sm90.h): let it launch now,
+  // so that its CTAs' set-up (barriers, descriptor prefetch) overlaps this kernel; its griddepcontrol.wait
+  // still waits for this grid's completion and writes before it touches memory. The trigger takes effect
+  // once every CTA of this grid has run it or exited, so every CTA of this grid is resident by then.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   constexpr int kElems = 16 / int(sizeof(T));
   int64_t const stride = int64_t(gridDim.x) * kThreads;
   int64_t const first = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -261,14 +266,17 @@ Status run_append_kv(AppendKvParams const& p, cudaStream_t stream, cudaError_t* 
   int64_t blocks = (most + kThreads - 1) / kThreads;
   blocks = blocks < 1 ? 1 : (blocks > 8192 ? 8192 : blocks);  // grid-stride beyond that
   dim3 const grid(unsigned(blocks), p.rotary_dim != 0 ? 2u : 1u);
-  if (p.dtype == FLASH3_FLOAT16) {
-    append_kv_kernel<__half><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.dtype == FLASH3_BFLOAT16) {
-    append_kv_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    append_kv_kernel<uint8_t><<<grid, kThreads, 0, stream>>>(p);
+  auto const kernel = p.dtype == FLASH3_FLOAT16    ? append_kv_kernel<__half>
+                      : p.dtype == FLASH3_BFLOAT16 ? append_kv_kernel<__nv_bfloat16>
+                                                   : append_kv_kernel<uint8_t>;
+  // The attention kernel after this one takes nearly all of an SM's shared memory; the same carveout here
+  // spares each SM a change of its L1 / shared-memory split between the two kernels.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared));
+  if (err == cudaSuccess) {
+    kernel<<<grid, kThreads, 0, stream>>>(p);
+    err = cudaGetLastError();
   }
-  cudaError_t const err = cudaGetLastError();
   if (err != cudaSuccess) {
     if (cuda_error != nullptr) { *cuda_error = err; }
     return report_failure(FLASH3_CUDA_ERROR, cudaGetErrorString(err));

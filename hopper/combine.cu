@@ -1,9 +1,10 @@
-// The split-KV combine kernel (combine.h). One warp per (batch entry, row, head): the lanes first reduce the
-// row's partial LSEs (max, then the sum of exponentials), then walk the splits in order, each lane
-// accumulating its columns of sum_i w_i out_i, with the weights w_i computed by the lanes 32 splits at a time
-// and broadcast by shuffles. Splits whose weight is 0 are skipped without reading their partial output. The
-// partial outputs are read once, coalesced (a warp reads a row's columns of one split together); the
-// kernel is memory-bound, and with the heuristic's split counts its data is a few MB.
+// The split-KV combine kernel (combine.h). One warp per (batch entry, row, head): each lane reads its splits'
+// partial LSEs into registers (lane l: splits l, l + 32, ...; at most 256 splits), the warp reduces them
+// (max, then the sum of exponentials) and each lane turns its own into weights; then the lanes walk the
+// splits kBatch at a time, each lane accumulating its columns of sum_i w_i out_i with the weights read from
+// shared memory, the batch's loads issued before its FMAs. Splits whose weight is 0 are skipped without reading
+// their partial output. The partial outputs are read once, coalesced (a warp reads a row's columns of one
+// split together); the kernel's data is a few MB, so its time is memory latency more than bandwidth.
 #include "combine.h"
 
 #include <cuda_bf16.h>
@@ -17,6 +18,10 @@ namespace {
 
 constexpr int kCombineThreads = 128;
 constexpr int kWarps = kCombineThreads / 32;
+constexpr int kMaxSplits = 256;                // CombineParams::num_splits is 1..256
+constexpr int kLseRegs = kMaxSplits / 32;      // partial LSEs per lane
+constexpr int kBatch = 8;                      // partial outputs in flight per lane
+static_assert(kMaxSplits % 32 == 0 && kMaxSplits % kBatch == 0, "whole LSE registers and batches");
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
@@ -46,12 +51,13 @@ struct alignas(sizeof(T) * kVec) Pack {
 
 // kVec: columns per lane and access (4 when every address and stride allows 16-byte float loads).
 template <class Out, int kVec>
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(CombineParams const p) {
+__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(CombineParams const p) {
   // Launched as a programmatic dependent of the kernel before it (launch_typed). That kernel issues no
   // early trigger, so this grid starts once its last CTA has exited, without waiting for the grid's
   // completion to be signalled through the stream; this wait then orders the reads after all of its writes
   // (a no-op without a primary grid).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  __shared__ float weights_smem[kWarps][kMaxSplits];
   int const lane = int(threadIdx.x) % 32;
   int64_t const total = int64_t(p.batch) * p.rows * p.heads;
   int64_t const stride = int64_t(gridDim.x) * kWarps;
@@ -70,16 +76,25 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(CombineParams 
     }
     float const* lse_in = p.lse_partial + int64_t(batch_entry) * p.lse_batch_stride + row_index * p.lse_row_stride +
                           int64_t(head) * p.lse_head_stride;
+    // The row's partial LSEs, read once: lane l holds splits l, l + 32, ... in registers (all loads in
+    // flight together), and the max, the sum and the weights are computed from them.
+    float l[kLseRegs];
+#pragma unroll
+    for (int r = 0; r < kLseRegs; ++r) {
+      int const s = r * 32 + lane;
+      l[r] = s < p.num_splits ? lse_in[s * p.lse_split_stride] : -INFINITY;
+    }
     float m = -INFINITY;
-    for (int s = lane; s < p.num_splits; s += 32) { m = fmaxf(m, lse_in[s * p.lse_split_stride]); }
+#pragma unroll
+    for (int r = 0; r < kLseRegs; ++r) { m = fmaxf(m, l[r]); }
     m = warp_max(m);
     float const sink = p.sinks != nullptr ? p.sinks[head] : -INFINITY;
     m = fmaxf(m, sink);
     float sum = 0.f;
     if (m > -INFINITY) {
-      for (int s = lane; s < p.num_splits; s += 32) {
-        float const l = lse_in[s * p.lse_split_stride];
-        if (l > -INFINITY) { sum += expf(l - m); }
+#pragma unroll
+      for (int r = 0; r < kLseRegs; ++r) {
+        if (l[r] > -INFINITY) { sum += expf(l[r] - m); }
       }
     }
     sum = warp_sum(sum);
@@ -89,41 +104,59 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(CombineParams 
       p.lse[int64_t(batch_entry) * p.lse_out_batch_stride + row_index * p.lse_out_row_stride +
             int64_t(head) * p.lse_out_head_stride] = lse;
     }
+    // The weights go to this warp's slice of shared memory, where every lane reads them (broadcasts).
+    float* const weights = weights_smem[threadIdx.x / 32];
+    __syncwarp();  // the previous item's reads of `weights` are done
+#pragma unroll
+    for (int r = 0; r < kLseRegs; ++r) {
+      float const w = expf(l[r] - lse);
+      weights[r * 32 + lane] = (w > 0.f && w <= 1.f + 1e-3f) ? w : 0.f;  // NaN (lse = -inf rows), -inf splits: 0
+    }
+    __syncwarp();
 
     float const* o_in = p.o_partial + int64_t(batch_entry) * p.o_batch_stride + row_index * p.o_row_stride +
                         int64_t(head) * p.o_head_stride;
     Out* out = static_cast<Out*>(p.out) + int64_t(batch_entry) * p.out_batch_stride + row_index * p.out_row_stride +
                int64_t(head) * p.out_head_stride;
-    // Column chunks of 32 lanes x kVec; the shuffles need every lane, so lanes past the head dim stay in the
-    // loop and only skip their loads and stores.
+    // Column chunks of 32 lanes x kVec; lanes past the head dim skip their loads and stores.
     for (int c_base = 0; c_base < p.head_dim; c_base += 32 * kVec) {
       int const c0 = c_base + lane * kVec;
       bool const active = c0 < p.head_dim;
       float acc[kVec];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) { acc[e] = 0.f; }
-      for (int s0 = 0; s0 < p.num_splits; s0 += 32) {
-        float w_lane = 0.f;
-        if (s0 + lane < p.num_splits) {
-          float const w = expf(lse_in[(s0 + lane) * p.lse_split_stride] - lse);
-          w_lane = (w > 0.f && w <= 1.f + 1e-3f) ? w : 0.f;  // NaN (lse = -inf rows) and -inf splits give 0
-        }
-        int const n = p.num_splits - s0 < 32 ? p.num_splits - s0 : 32;
-        for (int j = 0; j < n; ++j) {
-          float const w = __shfl_sync(0xffffffffu, w_lane, j);
-          if (w > 0.f && active) {
-            float const* src = o_in + int64_t(s0 + j) * p.o_split_stride + c0;
-            if constexpr (kVec == 4) {
-              float4 const v = *reinterpret_cast<float4 const*>(src);
-              acc[0] += w * v.x;
-              acc[1] += w * v.y;
-              acc[2] += w * v.z;
-              acc[3] += w * v.w;
-            } else {
+      // kBatch splits at a time: their loads are issued before any of their FMAs, so a warp waits for memory
+      // once per batch rather than once per split (the combine of a 1 x 8192 decode with 16 splits took 17k
+      // cycles in Nsight Compute, session 16, waiting on one split's load after another).
+      for (int s0 = 0; s0 < p.num_splits; s0 += kBatch) {
+        float w[kBatch];
+        float v[kBatch][kVec];
 #pragma unroll
-              for (int e = 0; e < kVec; ++e) { acc[e] += w * src[e]; }
-            }
+        for (int u = 0; u < kBatch; ++u) {
+          // Slots past num_splits hold 0 (their LSE registers were -inf), and kMaxSplits % kBatch == 0.
+          w[u] = weights[s0 + u];
+        }
+        // A split of weight 0 is not read: its partial output may never have been written. Predicated loads
+        // into registers of their own, so that all kBatch are in flight before the first FMA waits.
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          bool const load = w[u] > 0.f && active;
+          float const* src = o_in + int64_t(s0 + u) * p.o_split_stride + c0;
+          if constexpr (kVec == 4) {
+            float4 const x = load ? *reinterpret_cast<float4 const*>(src) : make_float4(0.f, 0.f, 0.f, 0.f);
+            v[u][0] = x.x;
+            v[u][1] = x.y;
+            v[u][2] = x.z;
+            v[u][3] = x.w;
+          } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) { v[u][e] = load ? src[e] : 0.f; }
           }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) { acc[e] += w[u] * v[u][e]; }
         }
       }
       if (active) {
@@ -160,7 +193,13 @@ cudaError_t launch_typed(CombineParams const& p, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  return vec ? cudaLaunchKernelEx(&config, combine_kernel<Out, 4>, p) : cudaLaunchKernelEx(&config, combine_kernel<Out, 1>, p);
+  auto const kernel = vec ? combine_kernel<Out, 4> : combine_kernel<Out, 1>;
+  // The attention kernel before this one takes nearly all of an SM's shared memory; the same carveout here
+  // spares each SM a change of its L1 / shared-memory split between the two kernels.
+  cudaError_t const err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                               int(cudaSharedmemCarveoutMaxShared));
+  if (err != cudaSuccess) { return err; }
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 }  // namespace

@@ -127,7 +127,10 @@ struct EpilogueFwdSm90 {
     // lanes (4-byte stores write half sectors: Nsight Compute counted 50% of the kernel's sectors excessive).
     constexpr int kPairs = decltype(size<1>(rO_rc))::value / 2;
     if constexpr (!std::is_same_v<T, float> && sizeof(T) == 2 && kPairs % 4 == 0) {
-      if (all_columns && p.out_aligned16) {
+      // Also when the real head dim is a multiple of 8 below the compiled one (d 80 on the d 96 kernel: the
+      // guide's four cases): each 16-byte chunk is then wholly inside it or wholly past it, one predicate
+      // per chunk instead of the per-pair tests below.
+      if (p.head_dim_v % 8 == 0 && p.out_aligned16) {
         constexpr int kRows = decltype(size<0>(rO_rc))::value;
         uint32_t words[kRows][kPairs / 4][4];
         int const q = get<1>(tOcO_rc(0, 0)) / 2;  // the lane's place in its quad
@@ -144,6 +147,13 @@ struct EpilogueFwdSm90 {
           CUTLASS_PRAGMA_UNROLL
           for (int g = 0; g < kPairs / 4; ++g) { quad_transpose(words[m][g], q); }
         }
+        // Chunk g of this lane holds columns 32 g + 8 q ..+7: stored when 32 g < lane_cols. One bit per chunk,
+        // set before the row loop, so that each store is predicated on a bit rather than on arithmetic the
+        // compiler could sink next to it.
+        int const lane_cols = p.head_dim_v - 8 * q;
+        uint32_t chunk_bits = 0;
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < kPairs / 4; ++g) { chunk_bits |= uint32_t(32 * g < lane_cols) << g; }
         CUTLASS_PRAGMA_UNROLL
         for (int m = 0; m < kRows; ++m) {
           int const packed_row = tile.m_block * kBlockM + get<0>(tOcO_rc(m, 0));
@@ -155,7 +165,7 @@ struct EpilogueFwdSm90 {
           CUTLASS_PRAGMA_UNROLL
           for (int g = 0; g < kPairs / 4; ++g) {
             uint4 const v = make_uint4(words[m][g][0], words[m][g][1], words[m][g][2], words[m][g][3]);
-            *reinterpret_cast<uint4*>(row_at_chunk + 32 * g) = v;
+            if (chunk_bits & (1u << g)) { *reinterpret_cast<uint4*>(row_at_chunk + 32 * g) = v; }
           }
           if (q == 0) { lse_out[int64_t(head) * lse_head_stride + q_row] = lse[m]; }
         }

@@ -174,6 +174,12 @@ __device__ __forceinline__ void copy_block(FwdParams const& p, int seqlen_k, int
 template <int kVtKeys>
 __global__ void __launch_bounds__(kVtThreads) transpose_v_fp8(FwdParams p, SeqlenArgs seqlen_args, VtLayout l,
                                                               uint8_t* vt, int blocks_per_sequence) {
+  // The attention kernel after this one is a programmatic dependent (launch_fwd_sm90.h): let it launch now,
+  // so that its set-up overlaps this copy; its griddepcontrol.wait still waits for this grid's completion.
+  // Guarded: tools/check_*.cu include this header in host checks compiled for nvcc's default (pre-SM90) target.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   __shared__ VtTile<kVtKeys> tile;
   int const batch = blockIdx.x / blocks_per_sequence;
   int const head = blockIdx.y;
@@ -210,6 +216,11 @@ inline cudaError_t launch_transpose_v_fp8(FwdParams const& p, SeqlenArgs const& 
   int64_t const blocks_per_sequence = longest > 0 ? (longest + kVtKeys - 1) / kVtKeys : 1;
   if (blocks_per_sequence * p.batch > INT32_MAX || p.num_heads_k > 65535) { return cudaErrorInvalidConfiguration; }
   dim3 const grid(unsigned(blocks_per_sequence * p.batch), unsigned(p.num_heads_k));
+  // The attention kernel after this one takes nearly all of an SM's shared memory; the same carveout here
+  // spares each SM a change of its L1 / shared-memory split between the two kernels.
+  cudaError_t const err = cudaFuncSetAttribute(transpose_v_fp8<kVtKeys>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                               int(cudaSharedmemCarveoutMaxShared));
+  if (err != cudaSuccess) { return err; }
   transpose_v_fp8<kVtKeys><<<grid, kVtThreads, 0, stream>>>(p, seqlen_args, l, static_cast<uint8_t*>(vt),
                                                             int(blocks_per_sequence));
   return cudaGetLastError();

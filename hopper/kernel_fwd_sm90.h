@@ -124,6 +124,12 @@ struct FwdKernelSm90 {
       __syncwarp();
       if (current >= num_tiles) { break; }
       current = params.scheduler.claim_next_tile(current);
+      // This CTA's last tile is under way: the grid launched after this one in the stream (the split-KV
+      // combine, the next call's attention) may start launching; its griddepcontrol.wait still waits for
+      // this grid's completion. Once per CTA is enough (later ones have no effect). Every CTA of this
+      // grid is resident already (a persistent grid of at most one wave), so the dependent's CTAs never
+      // hold an SM this grid still needs.
+      if (current >= num_tiles) { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
     }
   }
 
@@ -194,6 +200,10 @@ struct FwdKernelSm90 {
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
+    // Launched as a programmatic dependent of the kernel before it (launch_fwd_sm90.h): the set-up above
+    // overlapped that kernel's tail; every global read and write comes after this wait, which returns once
+    // that kernel has completed and its writes are visible (at once without a prerequisite grid).
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
     Mainloop mainloop;
     Pipeline const pipe_k{&smem.pipeline_k};

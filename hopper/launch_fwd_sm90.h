@@ -209,8 +209,20 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
 #ifdef FLASH3_TRACE
   unsigned long long* const trace_buf = trace_begin(grid.x);
 #endif
-  kernel<<<grid, Kernel::kNumThreads, smem_size, stream>>>(kernel_params);
-  err = cudaGetLastError();
+  // Programmatic dependent launch (as the combine): this grid's launch and set-up overlap the tail of the
+  // kernel before it in the stream, which the kernel's griddepcontrol.wait orders its memory accesses after;
+  // the kernel lets its own dependents launch once each CTA holds its last tile. Capturable in CUDA graphs.
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(Kernel::kNumThreads);
+  config.dynamicSmemBytes = size_t(smem_size);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, kernel, kernel_params);
 #ifdef FLASH3_TRACE
   if (err == cudaSuccess) { err = trace_end(trace_buf, grid.x, Config::kBlockM, Config::kBlockN, stream); }
 #endif
