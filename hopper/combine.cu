@@ -52,10 +52,10 @@ struct alignas(sizeof(T) * kVec) Pack {
 // kVec: columns per lane and access (4 when every address and stride allows 16-byte float loads).
 template <class Out, int kVec>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(CombineParams const p) {
-  // Launched as a programmatic dependent of the kernel before it (launch_typed). That kernel issues no
-  // early trigger, so this grid starts once its last CTA has exited, without waiting for the grid's
-  // completion to be signalled through the stream; this wait then orders the reads after all of its writes
-  // (a no-op without a primary grid).
+  // Launched as a programmatic dependent of the kernel before it (launch_typed). The split attention kernel
+  // triggers its dependents once each of its CTAs holds its last tile (kernel_fwd_sm90.h), so this grid's
+  // launch overlaps those last tiles; this wait orders every read after all of that kernel's writes (a
+  // no-op without a primary grid).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   __shared__ float weights_smem[kWarps][kMaxSplits];
   int const lane = int(threadIdx.x) % 32;
