@@ -17,7 +17,6 @@ Environment:
 from __future__ import annotations
 
 import importlib.util
-import importlib.util
 import os
 import shlex
 import shutil
