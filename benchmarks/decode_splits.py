@@ -24,6 +24,10 @@ CASES = (  # (dtype, batch, seqlen_q, cache, heads, heads_k, head_dim, causal)
     ("bf16", 4, 1, 4096, 32, 8, 128, True),
     ("bf16", 32, 1, 1024, 32, 8, 128, True),
     ("fp16", 1, 1, 2048, 16, 2, 80, True),   # the standalone guide's case 4
+    ("bf16", 1, 1, 512, 32, 8, 128, True),   # short caches: where one-block splits start to apply
+    ("bf16", 1, 1, 1024, 32, 8, 128, True),
+    ("bf16", 2, 1, 2048, 32, 8, 128, True),
+    ("fp16", 1, 1, 1024, 16, 2, 80, True),
     ("bf16", 4, 512, 8192, 32, 8, 128, True),  # chunked prefill
     ("bf16", 2, 16, 16384, 32, 8, 128, True),  # speculative decode
 )

@@ -342,13 +342,16 @@ namespace {
 // Split-KV heuristic, for `tiles` work tiles without splitting and `n_blocks` key blocks in the longest
 // sequence. Splitting pays when the tiles leave SMs idle: decode (one query tile per sequence and head) on a
 // small batch reads its K/V through a few SMs only. It costs the combine kernel and fp32 partials, so it is
-// used only below 0.8 of a wave, and every split keeps at least kMinBlocksPerSplit key blocks, so that its
-// pipeline has loads to overlap. Splits fill one wave: floor(num_sms / tiles). Measured on the H200
-// (benchmarks/NOTES.md, "split-KV heuristic").
-constexpr int kMinBlocksPerSplit = 2;
+// used only below 0.8 of a wave and for at least kMinBlocksToSplit key blocks (below that, the combine's launch
+// costs more than the blocks it parallelises). Splits fill one wave, floor(num_sms / tiles), down to one key
+// block per split: since the combine keeps its loads in flight (session 17), 16 one-block splits beat 8
+// two-block ones on the guide's case 4 (10.0 against 10.9 us). Measured on the H200 (benchmarks/NOTES.md,
+// "split-KV heuristic" and "Session 17").
+constexpr int kMinBlocksPerSplit = 1;
+constexpr int kMinBlocksToSplit = 4;
 
 int split_heuristic(int64_t tiles, int n_blocks, int num_sms) {
-  if (tiles <= 0 || n_blocks < 2 * kMinBlocksPerSplit || tiles * 5 >= int64_t(num_sms) * 4) { return 1; }
+  if (tiles <= 0 || n_blocks < kMinBlocksToSplit || tiles * 5 >= int64_t(num_sms) * 4) { return 1; }
   int64_t splits = num_sms / tiles;
   splits = splits < n_blocks / kMinBlocksPerSplit ? splits : n_blocks / kMinBlocksPerSplit;
   splits = splits < kMaxSplits ? splits : kMaxSplits;
