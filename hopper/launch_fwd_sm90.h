@@ -31,11 +31,11 @@ namespace flash3 {
 
 #ifdef FLASH3_TRACE
 // Diagnostic builds only (trace.h): when FLASH3_TRACE_FILE names a file, a cleared buffer for the kernel's
-// tile timeline (null otherwise).
+// tile timeline (null otherwise): the stamps, then each CTA's kTraceRoles tile counters (trace.h).
 static inline unsigned long long* trace_begin(unsigned grid) {
   unsigned long long* buf = nullptr;
   if (std::getenv("FLASH3_TRACE_FILE") != nullptr) {
-    size_t const bytes = size_t(grid) * kTraceTiles * kTraceEvents * sizeof(unsigned long long);
+    size_t const bytes = size_t(grid) * (kTraceTiles * kTraceEvents * sizeof(unsigned long long) + kTraceRoles * sizeof(int));
     if (cudaMalloc(&buf, bytes) == cudaSuccess) { cudaMemset(buf, 0, bytes); } else { buf = nullptr; }
   }
   cudaMemcpyToSymbol(g_trace_buf, &buf, sizeof(buf));

@@ -35,29 +35,38 @@ constexpr int kTraceRoles = 3;   // consumer warpgroups 0 and 1, the producer wa
 // One of each per translation unit: the launch that sets them lives in the same one as its kernels.
 static __device__ unsigned long long* g_trace_buf;
 
-__device__ __forceinline__ int& trace_round(int role) {
-  __shared__ int round[kTraceRoles];
-  return round[role];
+// The buffer, or null when this launch is not traced. A volatile read, re-made at each mark, so that the
+// pointer does not stay live in a register.
+__device__ __forceinline__ unsigned long long* trace_buf() {
+  return *const_cast<unsigned long long* volatile*>(&g_trace_buf);
 }
-// A volatile read, re-made at each mark, so that the pointer does not stay live in a register.
+// Each role's current tile lives in the buffer too, after the stamps (gridDim.x x kTraceRoles ints), not in
+// shared memory: a static __shared__ array pushes the dynamic shared memory of the kernels that use nearly all
+// 227 KB (the 3-stage decode tiles) past the limit, and their launch fails (session 18).
+__device__ __forceinline__ int* trace_round_slot(unsigned long long* buf, int role) {
+  return reinterpret_cast<int*>(buf + int64_t(gridDim.x) * kTraceTiles * kTraceEvents) +
+         int64_t(blockIdx.x) * kTraceRoles + role;
+}
+__device__ __forceinline__ void trace_set_round(int role, int round) {
+  if (unsigned long long* const buf = trace_buf()) { *trace_round_slot(buf, role) = round; }
+}
 __device__ __forceinline__ void trace_mark(int role, int event) {
-  unsigned long long* const buf = *const_cast<unsigned long long* volatile*>(&g_trace_buf);
-  int const tile = trace_round(role);
-  if (buf != nullptr && tile < kTraceTiles) {
-    buf[(int64_t(blockIdx.x) * kTraceTiles + tile) * kTraceEvents + event] = clock64();
-  }
+  unsigned long long* const buf = trace_buf();
+  if (buf == nullptr) { return; }
+  int const tile = *trace_round_slot(buf, role);  // written by this same thread
+  if (tile < kTraceTiles) { buf[(int64_t(blockIdx.x) * kTraceTiles + tile) * kTraceEvents + event] = clock64(); }
 }
 // Consumer marks: the first thread of warpgroups 0 and 1 (a third one is not traced); producer marks: lane 0.
 __device__ __forceinline__ bool trace_leader() { return threadIdx.x % 128 == 0 && threadIdx.x < 3 * 128; }
 __device__ __forceinline__ int trace_role() { return threadIdx.x < 128 ? 2 : int(threadIdx.x / 128) - 1; }
-#define FLASH3_TRACE_ROUND(r) (::flash3::trace_leader() ? void(::flash3::trace_round(::flash3::trace_role()) = (r)) : void())
+#define FLASH3_TRACE_ROUND(r) (::flash3::trace_leader() ? ::flash3::trace_set_round(::flash3::trace_role(), (r)) : void())
 #define FLASH3_MARK_WG(offset) \
   (::flash3::trace_leader() && threadIdx.x >= 128 \
        ? ::flash3::trace_mark(::flash3::trace_role(), ::flash3::trace_role() * ::flash3::kWgEvents + (offset)) : void())
 #define FLASH3_MARK_PRODUCER(event) (threadIdx.x == 0 ? ::flash3::trace_mark(2, (event)) : void())
 // Before any round is set, so written straight to tile slot 0.
 __device__ __forceinline__ void trace_entry() {
-  unsigned long long* const buf = *const_cast<unsigned long long* volatile*>(&g_trace_buf);
+  unsigned long long* const buf = trace_buf();
   if (buf != nullptr && threadIdx.x == 0) {
     buf[int64_t(blockIdx.x) * kTraceTiles * kTraceEvents + kKernelEntry] = clock64();
   }
