@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "api.h"
+#include "launch_utils.h"
 
 namespace flash3 {
 namespace {
@@ -269,10 +270,7 @@ Status run_append_kv(AppendKvParams const& p, cudaStream_t stream, cudaError_t* 
   auto const kernel = p.dtype == FLASH3_FLOAT16    ? append_kv_kernel<__half>
                       : p.dtype == FLASH3_BFLOAT16 ? append_kv_kernel<__nv_bfloat16>
                                                    : append_kv_kernel<uint8_t>;
-  // The attention kernel after this one takes nearly all of an SM's shared memory; the same carveout here
-  // spares each SM a change of its L1 / shared-memory split between the two kernels.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         int(cudaSharedmemCarveoutMaxShared));
+  cudaError_t err = prefer_max_shared_carveout(kernel);
   if (err == cudaSuccess) {
     kernel<<<grid, kThreads, 0, stream>>>(p);
     err = cudaGetLastError();

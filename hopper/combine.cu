@@ -6,6 +6,7 @@
 // their partial output. The partial outputs are read once, coalesced (a warp reads a row's columns of one
 // split together); the kernel's data is a few MB, so its time is memory latency more than bandwidth.
 #include "combine.h"
+#include "launch_utils.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -194,10 +195,7 @@ cudaError_t launch_typed(CombineParams const& p, cudaStream_t stream) {
   config.attrs = &attribute;
   config.numAttrs = 1;
   auto const kernel = vec ? combine_kernel<Out, 4> : combine_kernel<Out, 1>;
-  // The attention kernel before this one takes nearly all of an SM's shared memory; the same carveout here
-  // spares each SM a change of its L1 / shared-memory split between the two kernels.
-  cudaError_t const err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               int(cudaSharedmemCarveoutMaxShared));
+  cudaError_t const err = prefer_max_shared_carveout(kernel);
   if (err != cudaSuccess) { return err; }
   return cudaLaunchKernelEx(&config, kernel, p);
 }

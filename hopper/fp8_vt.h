@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "launch_utils.h"
 #include "params.h"
 #include "seqlen.h"
 
@@ -216,10 +217,7 @@ inline cudaError_t launch_transpose_v_fp8(FwdParams const& p, SeqlenArgs const& 
   int64_t const blocks_per_sequence = longest > 0 ? (longest + kVtKeys - 1) / kVtKeys : 1;
   if (blocks_per_sequence * p.batch > INT32_MAX || p.num_heads_k > 65535) { return cudaErrorInvalidConfiguration; }
   dim3 const grid(unsigned(blocks_per_sequence * p.batch), unsigned(p.num_heads_k));
-  // The attention kernel after this one takes nearly all of an SM's shared memory; the same carveout here
-  // spares each SM a change of its L1 / shared-memory split between the two kernels.
-  cudaError_t const err = cudaFuncSetAttribute(transpose_v_fp8<kVtKeys>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               int(cudaSharedmemCarveoutMaxShared));
+  cudaError_t const err = prefer_max_shared_carveout(transpose_v_fp8<kVtKeys>);
   if (err != cudaSuccess) { return err; }
   transpose_v_fp8<kVtKeys><<<grid, kVtThreads, 0, stream>>>(p, seqlen_args, l, static_cast<uint8_t*>(vt),
                                                             int(blocks_per_sequence));
