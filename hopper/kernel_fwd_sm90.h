@@ -144,9 +144,11 @@ struct FwdKernelSm90 {
       int const idx = smem.tile_index;
       mailbox_arrive(&smem.mailbox_empty);  // each lane, after its read
       if (idx < 0) { break; }
+      FLASH3_TRACE_ROUND_QWARP(int(round));
       TileWork const w = work_of(params, idx);
       if (w.has_rows() && !w.range.empty()) {
         mainloop.load_q_packed(params.mainloop, smem.mainloop, smem.barrier_q, w.tile, w.seqlen, q_loaded);
+        FLASH3_MARK_QWARP(kProducerQ);
         q_loaded = true;
       }
     }

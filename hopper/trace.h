@@ -23,13 +23,13 @@ enum TraceEvent : int {
   kStored = 5,      // consumer: the epilogue's stores issued
   kWgEvents = 6,
   kProducerTile = 12,  // producer: the tile posted to the consumers
-  kProducerQ = 13,     // producer: Q issued (after QueryEmpty)
+  kProducerQ = 13,     // producer: Q issued (after QueryEmpty); with PackGQA the Q warp's gather issued
   kProducerDone = 14,  // producer: every load of the tile issued
   kKernelEntry = 15,   // thread 0 at the kernel's entry, in tile slot 0 (the prologue: tile 0's start minus it)
   kTraceEvents = 16,
 };
 constexpr int kTraceTiles = 64;  // tiles per CTA that are recorded (the rest are not)
-constexpr int kTraceRoles = 3;   // consumer warpgroups 0 and 1, the producer warp
+constexpr int kTraceRoles = 4;   // consumer warpgroups 0 and 1, the producer warp, the Q warp (PackGQA)
 
 #ifdef FLASH3_TRACE
 // One of each per translation unit: the launch that sets them lives in the same one as its kernels.
@@ -64,6 +64,9 @@ __device__ __forceinline__ int trace_role() { return threadIdx.x < 128 ? 2 : int
   (::flash3::trace_leader() && threadIdx.x >= 128 \
        ? ::flash3::trace_mark(::flash3::trace_role(), ::flash3::trace_role() * ::flash3::kWgEvents + (offset)) : void())
 #define FLASH3_MARK_PRODUCER(event) (threadIdx.x == 0 ? ::flash3::trace_mark(2, (event)) : void())
+// The Q warp (warp 2, PackGQA's gather): lane 0, with a tile count of its own (role 3).
+#define FLASH3_TRACE_ROUND_QWARP(r) (threadIdx.x == 64 ? ::flash3::trace_set_round(3, (r)) : void())
+#define FLASH3_MARK_QWARP(event) (threadIdx.x == 64 ? ::flash3::trace_mark(3, (event)) : void())
 // Before any round is set, so written straight to tile slot 0.
 __device__ __forceinline__ void trace_entry() {
   unsigned long long* const buf = trace_buf();
@@ -76,6 +79,8 @@ __device__ __forceinline__ void trace_entry() {
 #define FLASH3_TRACE_ROUND(r) ((void)0)
 #define FLASH3_MARK_WG(offset) ((void)0)
 #define FLASH3_MARK_PRODUCER(event) ((void)0)
+#define FLASH3_TRACE_ROUND_QWARP(r) ((void)0)
+#define FLASH3_MARK_QWARP(event) ((void)0)
 #define FLASH3_MARK_ENTRY() ((void)0)
 #endif
 

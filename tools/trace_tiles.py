@@ -12,6 +12,8 @@ warpgroups and the producer (one SM's clock; phases as trace.h names them):
     store      -> epilogue stores issued         gap       -> next tile's start
     tile       tile start -> next tile start     p_q       producer: tile posted -> Q issued
     q_lat      producer's Q issue -> consumer's Q landed
+With PackGQA (the decode cases) the Q warp gathers Q and stamps "Q issued" instead: p_q is then the Q warp's
+delay after the producer posted the tile (its mailbox wait and tile derivation), q_lat its copies' latency.
 A diagnostic, never a benchmark: the product's numbers come from benchmarks/bench_fwd.py.
 """
 from __future__ import annotations
