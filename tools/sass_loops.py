@@ -56,6 +56,13 @@ def main() -> int:
         guarded = sum(x.startswith("@") and opcode(x) not in ("BRA", "NANOSLEEP") for _, x in body)
         print(f"loop {hex(body[0][0])}-{hex(body[-1][0])}: {n} instructions, {gmma} GMMA, {guarded} predicated; "
               + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+        # Where the loop waits for all its GEMMs (P V): exponentials after that wait no longer overlap P V
+        # (benchmarks/NOTES.md, session 18). Static counts, both paths of a branch included.
+        waits = [k for k, (_, x) in enumerate(body) if "DEPBAR.LE gsb0, 0x0" in x]
+        if waits:
+            before = sum(opcode(x) == "MUFU" for _, x in body[:waits[-1]])
+            after = sum(opcode(x) == "MUFU" for _, x in body[waits[-1]:])
+            print(f"    MUFU before the last WARPGROUP.DEPBAR.LE gsb0, 0x0: {before}, after it: {after}")
     return 0
 
 
