@@ -38,16 +38,11 @@ static inline unsigned long long* trace_begin(unsigned grid) {
     size_t const bytes = size_t(grid) * (kTraceTiles * kTraceEvents * sizeof(unsigned long long) + kTraceRoles * sizeof(int));
     if (cudaMalloc(&buf, bytes) == cudaSuccess) { cudaMemset(buf, 0, bytes); } else { buf = nullptr; }
   }
-  // The copy to the symbol synchronises the host with the device, so it is made only when the pointer
-  // changes: untraced calls of a trace build then stay asynchronous, and their times (trace_tiles.py's `us`)
-  // are the kernel's (session 18's decode rows read 156 us where the product takes 21).
-  static unsigned long long* current = nullptr;
-  static bool known = false;
-  if (!known || buf != current) {
-    cudaMemcpyToSymbol(g_trace_buf, &buf, sizeof(buf));
-    current = buf;
-    known = true;
-  }
+  // The symbol starts null on every device and trace_end puts it back to null, so only a traced call copies
+  // to it: the copy synchronises the host with the device, and untraced calls of a trace build then stay
+  // asynchronous, their times (trace_tiles.py's `us`) the kernel's (session 18's decode rows read 156 us
+  // where the product takes 21).
+  if (buf != nullptr) { cudaMemcpyToSymbol(g_trace_buf, &buf, sizeof(buf)); }
   return buf;
 }
 // Appends one record: int32 {magic, grid, tiles, events, block_m, block_n}, then the uint64 stamps.
@@ -58,6 +53,8 @@ static inline cudaError_t trace_end(unsigned long long* buf, unsigned grid, int 
   size_t const count = size_t(grid) * kTraceTiles * kTraceEvents;
   std::vector<unsigned long long> host(count);
   if (err == cudaSuccess) { err = cudaMemcpy(host.data(), buf, count * sizeof(host[0]), cudaMemcpyDeviceToHost); }
+  unsigned long long* const none = nullptr;  // later (untraced) launches must not write to the freed buffer
+  cudaMemcpyToSymbol(g_trace_buf, &none, sizeof(none));
   cudaFree(buf);
   if (err != cudaSuccess) { return err; }
   if (FILE* f = std::fopen(std::getenv("FLASH3_TRACE_FILE"), "ab")) {
@@ -233,7 +230,10 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   config.numAttrs = 1;
   err = cudaLaunchKernelEx(&config, kernel, kernel_params);
 #ifdef FLASH3_TRACE
-  if (err == cudaSuccess) { err = trace_end(trace_buf, grid.x, Config::kBlockM, Config::kBlockN, stream); }
+  {  // also after a failed launch: the buffer is freed and the symbol reset either way
+    cudaError_t const trace_err = trace_end(trace_buf, grid.x, Config::kBlockM, Config::kBlockN, stream);
+    if (err == cudaSuccess) { err = trace_err; }
+  }
 #endif
   if (err != cudaSuccess || !kSplit) { return err; }
 
