@@ -406,11 +406,21 @@ FwdPlan make_plan(FwdParams const& p, int num_sms) {
     int const blocks = int((int64_t(max_seqlen_k(p)) + ts.block_n - 1) / ts.block_n);
     splits = splits < blocks ? splits : (blocks > 1 ? blocks : 1);
   }
+  int ctas_per_sm = 1;
+  if (splits == 1 && short_tiles(element_size(p.dtype), e->head_dim, e->head_dim_v, sq * (pack ? group : 1),
+                                 max_seqlen_k(p), p.softcap > 0.f, is_local(p.mask), is_paged(p))) {
+    TileShape const ts = tile_shape_sm90(e->head_dim, e->head_dim_v, false, element_size(p.dtype), false, false,
+                                         false, false, /*short_=*/true);
+    plan.block_m = ts.block_m;  // the short tile (launch_fwd_sm90.h)
+    plan.block_n = ts.block_n;
+    ctas_per_sm = ts.ctas_per_sm;
+  }
   plan.num_splits = splits;
   plan.pack_gqa = pack;
   plan.num_m_blocks = int(m_blocks(pack));
   plan.num_tiles = tiles(pack) * splits;
-  plan.grid = int(plan.num_tiles < num_sms ? plan.num_tiles : num_sms);
+  int64_t const ctas = int64_t(num_sms) * ctas_per_sm;
+  plan.grid = int(plan.num_tiles < ctas ? plan.num_tiles : ctas);
   FwdParams resolved = p;
   resolved.schedule.num_splits = splits;
   resolved.schedule.pack_gqa = pack ? 1 : 0;

@@ -20,7 +20,7 @@ struct FwdPlan {
   bool pack_gqa = false;
   int num_m_blocks = 0;   // query tiles per (sequence, tile head), of packed rows with PackGQA
   int64_t num_tiles = 0;  // work tiles of the attention kernel
-  int grid = 0;           // its CTAs (at most one per SM)
+  int grid = 0;           // its CTAs (at most one per SM; two on the short FP8 tile)
   int num_sms = 0;
   int64_t workspace_bytes = 0;
 };

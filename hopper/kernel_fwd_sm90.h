@@ -21,7 +21,9 @@ namespace flash3 {
 
 using namespace cute;
 
-template <class Mainloop_, class Epilogue_>
+// kCtasPerSm: CTAs resident per SM (tile_config.h's ctas_per_sm): the persistent grid, __launch_bounds__ and
+// the register budget follow it.
+template <class Mainloop_, class Epilogue_, int kCtasPerSm_ = 1>
 struct FwdKernelSm90 {
   using Mainloop = Mainloop_;
   using Epilogue = Epilogue_;
@@ -29,8 +31,9 @@ struct FwdKernelSm90 {
   static constexpr int kBlockM = Mainloop::kBlockM;
   static constexpr int kNumConsumerWarpGroups = Mainloop::kNumConsumerWarpGroups;
   static constexpr int kNumThreads = kWarpGroupThreads * (1 + kNumConsumerWarpGroups);
-  static constexpr int kMinBlocksPerSm = 1;  // one CTA fills an SM's shared memory and registers
-  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kProducerRegisters>;
+  static constexpr int kCtasPerSm = kCtasPerSm_;
+  static constexpr int kMinBlocksPerSm = kCtasPerSm;  // ptxas then keeps the entry's registers to their share
+  using Registers = RegisterBudget<kNumConsumerWarpGroups, Mainloop::kProducerRegisters, kCtasPerSm>;
 
   enum class Role : int { Producer = 0 };  // warpgroup 0; warpgroups 1.. are consumers
 
@@ -63,6 +66,9 @@ struct FwdKernelSm90 {
   };
   static constexpr int kSharedStorageSize = sizeof(SharedStorage);
   static_assert(kSharedStorageSize <= kMaxSharedBytes, "the tile's shared storage exceeds what a CTA may use");
+  // An SM has 228 KB of shared memory, of which each resident CTA takes 1 KB for the system.
+  static_assert(kCtasPerSm == 1 || kCtasPerSm * (kSharedStorageSize + 1024) <= 228 * 1024,
+                "kCtasPerSm CTAs' shared storage does not fit one SM");
 
   using Scheduler = PersistentScheduler</*kHeaviestFirst=*/Mainloop::kUnequalTiles>;
   // The producer warp decides each CTA's next tile and posts it in a one-slot shared-memory mailbox guarded
@@ -79,9 +85,10 @@ struct FwdKernelSm90 {
     flash3_context_parallel cp;  // the causal mask's key positions (params.h), world_size 1 without
   };
 
-  // Persistent grid: one CTA per SM (shared memory allows no more), never more CTAs than tiles.
-  static dim3 grid(Scheduler const& scheduler, int num_sms) {
-    return dim3(unsigned(scheduler.num_tiles() < num_sms ? scheduler.num_tiles() : num_sms));
+  // Persistent grid: `ctas` resident CTAs (one per SM, where a CTA's shared memory allows no more; the launch
+  // multiplies by what the driver reports for kCtasPerSm > 1), never more CTAs than tiles.
+  static dim3 grid(Scheduler const& scheduler, int ctas) {
+    return dim3(unsigned(scheduler.num_tiles() < ctas ? scheduler.num_tiles() : ctas));
   }
 
   // Split-KV: the tile's key blocks are cut into num_splits near-equal shares, by the device-side length, so

@@ -68,14 +68,23 @@ static inline cudaError_t trace_end(unsigned long long* buf, unsigned grid, int 
 #endif
 
 template <class Element, int kHeadDim, int kHeadDimV, MaskKind kMask, bool kSplit, bool kNarrow = false,
-          bool kGather = false>
+          bool kGather = false, bool kShort = false>
 cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
   constexpr bool kFp8 = sizeof(Element) == 1;
   using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element>;  // FP8 in, BF16 out (FA3)
+  // Short FP8 calls run on the 64-row tile, two CTAs per SM (tile_config.h short_tiles); the checks below
+  // never apply to them (one 128-key block, no pages), so their recursions leave kShort at its default.
+  if constexpr (kFp8 && !kShort && !kSplit && !kNarrow && !kGather && kMask != MaskKind::kLocal && kHeadDim <= 128 &&
+                kHeadDimV <= 128) {
+    int64_t const rows_q = int64_t(max_seqlen_q(p)) * (p.schedule.pack_gqa == 1 ? p.num_heads / p.num_heads_k : 1);
+    if (short_tiles(1, kHeadDim, kHeadDimV, rows_q, max_seqlen_k(p), p.softcap > 0.f, false, is_paged(p))) {
+      return launch_fwd_sm90<Element, kHeadDim, kHeadDimV, kMask, kSplit, kNarrow, kGather, true>(p, stream);
+    }
+  }
   // A window takes the causal tiles (its diagonal blocks are as in causal, and it skips blocks the same way);
   // the gather variant keeps 128-key blocks (as split-KV): its consumers have 232 registers, not 240.
   using Config = TileConfigSm90<kHeadDim, kHeadDimV, kMask != MaskKind::kNone, int(sizeof(Element)), kSplit, kNarrow,
-                                kMask == MaskKind::kLocal, kGather>;
+                                kMask == MaskKind::kLocal, kGather, kShort>;
   // The shorter causal calls and all paged ones run on the 128-key sibling (tile_config.h causal_narrow); this
   // comes before the gather test, so that paged calls test their pages against the 128-key blocks, as before
   // the causal tile was widened.
@@ -105,7 +114,7 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
                                    ScaledScores<kFp8, (Config::kBlockN <= 128)>, kGather>;
   using Epilogue = EpilogueFwdSm90<ElementOut, Config::kBlockM, kHeadDimV, Mainloop::kRowsPerThread,
                                    typename Mainloop::TiledMmaPV, kSplit>;
-  using Kernel = FwdKernelSm90<Mainloop, Epilogue>;
+  using Kernel = FwdKernelSm90<Mainloop, Epilogue, Config::kCtasPerSm>;
 
   bool const varlen_q = is_varlen_q(p);
   bool const varlen_k = is_varlen_k(p);
@@ -207,11 +216,28 @@ cudaError_t launch_fwd_sm90(FwdParams const& p, cudaStream_t stream) {
     if (err == cudaSuccess) { err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device); }
     if (err != cudaSuccess) { return err; }
   }
-  dim3 const grid = Kernel::grid(scheduler, num_sms);
   int const smem_size = Kernel::kSharedStorageSize;
   auto kernel = &fwd_kernel_sm90_entry<Kernel>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   if (err != cudaSuccess) { return err; }
+  int ctas_per_sm = 1;
+  if constexpr (Kernel::kCtasPerSm > 1) {
+    // Several CTAs per SM: shared memory at its largest carveout, and the grid sized by the residency the
+    // driver reports (asked once per kernel), since the persistent grid must fit one wave: claim_tiles lets
+    // the next grid launch early, and that grid's waiting CTAs must not take an SM this grid still needs.
+    static int const resident = [&] {
+      int n = 1;
+      if (prefer_max_shared_carveout(kernel) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Kernel::kNumThreads, size_t(smem_size)) !=
+              cudaSuccess) {
+        (void)cudaGetLastError();  // a refused query leaves one CTA per SM, not a sticky error
+        n = 1;
+      }
+      return n < 1 ? 1 : (n > Kernel::kCtasPerSm ? Kernel::kCtasPerSm : n);
+    }();
+    ctas_per_sm = resident;
+  }
+  dim3 const grid = Kernel::grid(scheduler, num_sms * ctas_per_sm);
 #ifdef FLASH3_TRACE
   unsigned long long* const trace_buf = trace_begin(grid.x);
 #endif

@@ -61,10 +61,12 @@ __device__ inline int consumer_thread_index() {
 // the smallest setmaxnreg value), rounded down to setmaxnreg's multiple of 8 and capped at 240 (a thread
 // addresses at most 255); the producer, which issues TMA from one thread, gets what they leave.
 // 2 consumers: 168 x 3 = 504 = 24 + 2 x 240; 3 consumers (192-row tiles): 128 x 4 = 512 = 32 + 3 x 160.
-template <int kConsumers, int kProducerMin_ = 24>
+// kCtasPerSm CTAs resident on one SM share its 65536 registers: 1 consumer, 2 CTAs (the short tile): 128 x 2 =
+// 256 = 24 + 232.
+template <int kConsumers, int kProducerMin_ = 24, int kCtasPerSm = 1>
 struct RegisterBudget {
   static_assert(kConsumers >= 1 && kConsumers <= 3, "one producer plus 1-3 consumer warpgroups");
-  static constexpr int kEntry = 65536 / (kWarpGroupThreads * (1 + kConsumers)) / 8 * 8;
+  static constexpr int kEntry = 65536 / kCtasPerSm / (kWarpGroupThreads * (1 + kConsumers)) / 8 * 8;
   static constexpr int kPerSlot = (kEntry < 248 ? kEntry : 248) * (1 + kConsumers);  // per thread of a warpgroup
   static constexpr int kProducerMin = kProducerMin_;  // 40: the paged gather (FA3's budget for its cp.async KV)
   static constexpr int kShare = (kPerSlot - kProducerMin) / kConsumers / 8 * 8;
@@ -76,5 +78,6 @@ struct RegisterBudget {
 static_assert(RegisterBudget<2>::kProducer == 24 && RegisterBudget<2>::kConsumer == 240);
 static_assert(RegisterBudget<3>::kProducer == 32 && RegisterBudget<3>::kConsumer == 160);
 static_assert(RegisterBudget<2, 40>::kProducer == 40 && RegisterBudget<2, 40>::kConsumer == 232);
+static_assert(RegisterBudget<1, 24, 2>::kProducer == 24 && RegisterBudget<1, 24, 2>::kConsumer == 232);
 
 }  // namespace flash3

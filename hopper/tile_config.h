@@ -13,6 +13,7 @@ struct TileShape {
   int block_m;
   int block_n;
   int stages;
+  int ctas_per_sm = 1;  // resident CTAs per SM: their shared memory and registers share it
 };
 
 constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split);
@@ -34,6 +35,18 @@ constexpr bool causal_narrow(int elem_bytes, int head_dim, long long seqlen_q, l
 // 192- or 224-key block would multiply and exponentiate columns past the sequence, and its TMA box would read
 // that many rows of K and V (the next sequences' rows, for packed varlen K), all masked away.
 constexpr bool keys_fit_narrow(long long max_seqlen_k) { return max_seqlen_k <= 128; }
+// Short FP8 calls: every sequence's query rows (times the PackGQA group) fit one 64-row tile and its keys one
+// 128-key block, no softcap, window or pages: FP8 guide case 2 (84 sequences of 64 tokens, h 16, d 80: 1344
+// tiles of one block each). On the 192 x 128 tile two of its three consumer warpgroups have no rows, and a
+// tile is one serial chain (Q and K land, S, softmax, P V, store: ~12.8k cycles in session 18's trace, against
+// 1.2k for the block's loop) that the persistent CTA's next tile overlaps only through its K/V stages. The
+// short tile is 64 x 128 with two CTAs per SM (54-72 KB of shared memory and 128 x (232 + 24) registers each),
+// so two tiles' chains overlap on every SM and no warpgroup idles.
+constexpr bool short_tiles(int elem_bytes, int head_dim, int head_dim_v, long long rows_q, long long seqlen_k,
+                           bool softcap, bool local, bool paged) {
+  return elem_bytes == 1 && head_dim <= 128 && head_dim_v <= 128 && rows_q <= 64 && seqlen_k <= 128 && !softcap &&
+         !local && !paged;
+}
 // The measured rows, on the side each was measured to win on.
 static_assert(!causal_narrow(2, 128, 8192, 8192, false) && !causal_narrow(2, 128, 16384, 16384, false) &&
               !causal_narrow(2, 128, 4096, 16384, false) && !causal_narrow(2, 128, 512, 8192, false),
@@ -53,8 +66,10 @@ static_assert(causal_narrow(2, 128, 4096, 4096, false) && causal_narrow(2, 128, 
 // 192: there it runs one consumer warpgroup of 64 rows, whose 240 registers hold O (128 per thread) beside
 // 80-key S / P; two of them at 232 spilled 40-96 bytes even with 64 keys, and at 24 producer registers the
 // gather loops spilled instead (2026-12-01). Its calls are decode and paged chunked prefill.
+// `short_`: the short FP8 tile (short_tiles above).
 constexpr TileShape tile_shape_sm90(int head_dim, int head_dim_v, bool causal, int elem_bytes, bool split = false,
-                                    bool narrow = false, bool local = false, bool gather = false) {
+                                    bool narrow = false, bool local = false, bool gather = false, bool short_ = false) {
+  if (short_ && elem_bytes == 1 && head_dim <= 128 && head_dim_v <= 128) { return {64, 128, 2, 2}; }
   if (gather && elem_bytes == 2 && head_dim > 192) { return {64, local ? 64 : 80, 2}; }
   TileShape t = tile_shape_wide(head_dim, head_dim_v, causal, elem_bytes, split || gather);
   // Decode (split-KV and the gather variant), 16-bit d <= 128 with 128-key blocks: 3 stages (d 128: 32 + 3 x 64
@@ -139,13 +154,14 @@ constexpr TileShape tile_shape_wide(int head_dim, int head_dim_v, bool causal, i
 }
 
 template <int kHeadDim, int kHeadDimV, bool kCausal, int kElemBytes = 2, bool kSplit = false, bool kNarrow = false,
-          bool kLocal = false, bool kGather = false>
+          bool kLocal = false, bool kGather = false, bool kShort = false>
 struct TileConfigSm90 {
   static constexpr TileShape kShape =
-      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal, kGather);
+      tile_shape_sm90(kHeadDim, kHeadDimV, kCausal, kElemBytes, kSplit, kNarrow, kLocal, kGather, kShort);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
   static constexpr int kStages = kShape.stages;
+  static constexpr int kCtasPerSm = kShape.ctas_per_sm;
 };
 
 }  // namespace flash3

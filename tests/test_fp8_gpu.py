@@ -321,6 +321,30 @@ def test_varlen(d, causal, pattern, heads, descale, layout):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Short calls: every sequence's query rows (times the PackGQA group) fit one 64-row tile and its keys one
+# 128-key block; they run on the short tile, two CTAs per SM (hopper/tile_config.h short_tiles)
+
+SHORT_CASES = [  # (name, lengths_q, lengths_k, (h, h_k), causal)
+    ("guide_case2", [64] * 84, [64] * 84, (16, 16), False),  # 1344 tiles: several per CTA
+    ("odd", [0, 1, 17, 64, 63, 33], [128, 0, 113, 64, 1, 127], (8, 8), True),
+    ("gqa", [16, 1, 9, 0], [100, 128, 9, 77], (8, 2), False),  # 4 heads x 16 rows fill one packed tile
+    ("mqa_decode", [1] * 40, list(range(3, 123, 3)), (8, 1), True),
+]
+SHORT_GRID = [(d, *c) for d in (64, 80, 128) for c in SHORT_CASES]
+
+
+@needs_fp8
+@pytest.mark.parametrize("d,name,lq,lk,heads,causal", SHORT_GRID, ids=[f"d{c[0]}-{c[1]}" for c in SHORT_GRID])
+def test_short_sequences(d, name, lq, lk, heads, causal):
+    _require_head_dim(d)
+    h, h_k = heads
+    q, k, v = _packed_qkv("contig", sum(lq), sum(lk), h, h_k, d)
+    varlen = (_cu_seqlens(lq), _cu_seqlens(lk), max(lq), max(lk))
+    _check_paths(q, k, v, causal=causal, descale=_descales("random", len(lq), h_k), varlen=varlen,
+                 what=f"short {name} d={d} h={h} h_k={h_k} causal={causal}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # seqused and the kv cache: NaN past the used rows must not leak in, and out rows past seqused_q stay unwritten
 
 
