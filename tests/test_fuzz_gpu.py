@@ -496,6 +496,10 @@ VALID_SPECS = [
     ("kvcache_int_seqlens", dict(kind="kvcache", sq=4, sk=96, cache_seqlens=60, causal=True)),
     ("kvcache_int_zero", dict(kind="kvcache", sq=2, sk=96, cache_seqlens=0)),
     ("kvcache_varlen_q", dict(kind="kvcache", lq=[1, 3], sk=64, cache_seqlens=[10, 64], scale=-0.3)),
+    # A negative scale over several key blocks of every tile width: the running minimum, its rescale of O
+    # and the negative path's own weight formula (softmax.h), unmasked blocks included.
+    ("dense_scale_negative_blocks", dict(sq=130, sk=1000, scale=-0.2)),
+    ("dense_scale_negative_blocks_causal", dict(sq=300, sk=1000, scale=-0.2, causal=True)),
 ]
 VALID_CASES = [(dt, *spec) for dt in BUILT_DTYPES for spec in VALID_SPECS]
 
