@@ -212,7 +212,12 @@ struct FwdKernelSm90 {
     // Launched as a programmatic dependent of the kernel before it (launch_fwd_sm90.h): the set-up above
     // overlapped that kernel's tail; every global read and write comes after this wait, which returns once
     // that kernel has completed and its writes are visible (at once without a prerequisite grid).
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    // FP8: the kernel before this one is always the V transpose (fp8_vt.h), itself launched without
+    // programmatic serialisation, so all earlier work in the stream had completed before this grid could
+    // launch; of this kernel's memory only the transposed V is the copy's, and the producer waits for the
+    // copy just before its first V load (Mainloop::load). Q, K, the metadata and the first tile's Q K^T
+    // go ahead of the copy's tail.
+    if constexpr (!Mainloop::kFp8) { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
     Mainloop mainloop;
     Pipeline const pipe_k{&smem.pipeline_k};

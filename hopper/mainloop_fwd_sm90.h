@@ -421,6 +421,11 @@ struct MainloopFwdSm90 {
     };
     auto load_v = [&](int n) {
       if (leader) {
+        // FP8 reads V from the copy the kernel before this one writes (kernel_fwd_sm90.h): wait for that
+        // grid before the first tile's V loads (at once after the first of them).
+        if constexpr (kFp8) {
+          if (!wait_q_free) { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+        }
         pipe_v.producer_acquire(state_v, kTxBytesV);
         copy(p.tma_v.with(*pipe_v.full_barrier(state_v), 0), tVgV(_, _, _, n), tVsV(_, _, _, state_v.index));
       }
